@@ -1,0 +1,1 @@
+"""Delivery: scheduler, back-off, router, DSN."""

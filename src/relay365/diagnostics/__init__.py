@@ -1,0 +1,1 @@
+"""The admin's setup tools: reply-code catalogue, explain, SPF, advisor, doctor."""

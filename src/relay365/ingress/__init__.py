@@ -1,0 +1,1 @@
+"""Ingress: the device-facing SMTP server, device identity and policy."""

@@ -1,0 +1,1 @@
+"""A faithful local Exchange Online for devices, the relay and its tests."""

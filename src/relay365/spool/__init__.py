@@ -1,0 +1,1 @@
+"""The durable spool: a message is on stable storage before ingress answers 250."""

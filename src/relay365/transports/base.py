@@ -1,0 +1,59 @@
+"""The transport contract.
+
+A transport takes one queued message (an :class:`OutboundMessage`: queue id, envelope and the path of
+the spooled RFC 5322 bytes) and returns one :class:`RecipientResult` per recipient. It raises only the
+:class:`relay365.errors.DeliveryError` family, for failures that concern the whole message (connection
+refused, TLS failure, 4xx/5xx to MAIL FROM or DATA). The transient/permanent decision is made here, once,
+in the transport, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+
+class Outcome(enum.StrEnum):
+    DELIVERED = "delivered"
+    TRANSIENT = "transient"
+    PERMANENT = "permanent"
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundMessage:
+    """What a transport needs to send one message: never a live object of another stage."""
+
+    queue_id: str
+    mail_from: str  # "" for the null sender <>
+    rcpt_tos: tuple[str, ...]
+    body_path: Path
+    size: int
+    smtputf8: bool = False
+
+    def read_body(self) -> bytes:
+        return self.body_path.read_bytes()
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientResult:
+    rcpt: str
+    outcome: Outcome
+    reply: str  # the upstream's reply as text, e.g. "250 2.0.0 OK" or "550 5.1.1 unknown"
+    retry_after: float | None = None
+
+
+@runtime_checkable
+class Transport(Protocol):
+    """One upstream option. ``name`` is the transport's configured name (used in logs and routes)."""
+
+    name: str
+
+    async def deliver(self, message: OutboundMessage) -> list[RecipientResult]:
+        """Send ``message``; one result per recipient, or raise a ``DeliveryError``."""
+        ...
+
+    async def close(self) -> None:
+        """Close pooled upstream sessions."""
+        ...
