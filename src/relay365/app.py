@@ -1,0 +1,158 @@
+"""The composition root: the only place that wires the stages together.
+
+ingress (listeners) -> spool -> scheduler -> router -> transports
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import ssl
+import time
+from collections.abc import Callable
+
+from relay365.credentials import Redactor, load_secret
+from relay365.delivery.router import Router
+from relay365.delivery.scheduler import Scheduler
+from relay365.errors import ConfigError
+from relay365.ingress.identity import AuthGuard, ConnectionLimiter, DeviceDirectory
+from relay365.ingress.policy import RateLimiter
+from relay365.ingress.server import IngressContext, start_listener
+from relay365.ingress.tls import self_signed, server_context
+from relay365.settings import ListenerSettings, Settings, TransportSettings
+from relay365.spool.sqlite import SqliteSpool
+from relay365.transports.base import Transport
+from relay365.transports.smarthost import SmartHostTransport
+
+log = logging.getLogger(__name__)
+
+
+def explain_reply(reply: str) -> str | None:
+    """A one-line admin hint for a reply, from the reply-code catalogue when it knows the code."""
+    try:
+        from relay365.diagnostics.catalogue import classify
+    except ImportError:
+        return None
+    entry = classify(reply)
+    if entry is None:
+        return None
+    return f"{entry.meaning} Fix: {entry.fix}"
+
+
+def build_transport(settings: TransportSettings, *, hostname: str) -> Transport:
+    if settings.type == "smarthost":
+        return SmartHostTransport(settings, helo_name=hostname)
+    raise ConfigError(
+        f"transport {settings.name}.type",
+        settings.type,
+        "This transport type is not available in this build.",
+    )
+
+
+def secrets_of(settings: Settings) -> list[str]:
+    """Every upstream secret value, so the log redactor can mask it wherever it appears."""
+    values = []
+    for t in settings.transports:
+        if t.password is not None:
+            with contextlib.suppress(Exception):
+                values.append(load_secret(t.password))
+    return values
+
+
+class Relay:
+    def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.spool = SqliteSpool(settings.server.spool_dir, clock=clock)
+        self._clock = clock
+        self.transports: dict[str, Transport] = {}
+        self.scheduler: Scheduler | None = None
+        self.ingress: IngressContext | None = None
+        self._servers: list[asyncio.Server] = []
+        self._scheduler_task: asyncio.Task[None] | None = None
+        self.ports: dict[str, int] = {}
+
+    def _tls(self, listener: ListenerSettings) -> ssl.SSLContext | None:
+        if listener.tls == "none":
+            return None
+        if listener.cert_file and listener.key_file:
+            cert, key = listener.cert_file, listener.key_file
+        else:
+            cert, key = self_signed(self.settings.server.spool_dir / "tls", self.settings.server.hostname)
+        return server_context(listener, cert=cert, key=key)
+
+    async def start(self) -> None:
+        s = self.settings
+        for t in s.transports:
+            self.transports[t.name] = build_transport(t, hostname=s.server.hostname)
+        await self.spool.open(recover=True)
+        self.scheduler = Scheduler(
+            spool=self.spool,
+            router=Router(s.routes),
+            transports=self.transports,
+            settings=s.delivery,
+            hostname=s.server.hostname,
+            clock=self._clock,
+            explain=explain_reply,
+        )
+        self.ingress = IngressContext(
+            spool=self.spool,
+            devices=DeviceDirectory(s.devices),
+            limiter=ConnectionLimiter(total=s.server.max_connections, per_ip=s.server.max_connections_per_ip),
+            guard=AuthGuard(s.server),
+            rates=RateLimiter(),
+            hostname=s.server.hostname,
+            on_queued=self.scheduler.wake,
+        )
+        for listener in s.listeners:
+            server = await start_listener(self.ingress, listener, self._tls(listener))
+            self._servers.append(server)
+            self.ports[listener.name] = server.sockets[0].getsockname()[1]
+            log.info(
+                "listening on %s:%d (%s, tls=%s)",
+                listener.address,
+                self.ports[listener.name],
+                listener.name,
+                listener.tls,
+            )
+        self._scheduler_task = asyncio.create_task(self.scheduler.run(), name="scheduler")
+
+    async def stop(self, *, grace: float = 30.0) -> None:
+        """Stop accepting, let sessions finish their writes, then stop delivery and close the spool."""
+        for server in self._servers:
+            server.close()
+        for server in self._servers:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(server.wait_closed(), grace)
+        if self.ingress is not None and self.ingress.background:
+            await asyncio.gather(*self.ingress.background, return_exceptions=True)
+        if self.scheduler is not None:
+            await self.scheduler.stop(grace=grace)
+        if self._scheduler_task is not None:
+            self._scheduler_task.cancel()
+            await asyncio.gather(self._scheduler_task, return_exceptions=True)
+        for t in self.transports.values():
+            await t.close()
+        await self.spool.close()
+
+
+async def serve(settings: Settings, *, ready: Callable[[Relay], None] = lambda relay: None) -> None:
+    relay = Relay(settings)
+    await relay.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    ready(relay)
+    try:
+        await stop.wait()
+        log.info("shutting down: no new connections, finishing in-flight messages")
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await relay.stop()
+
+
+def make_redactor(settings: Settings) -> Redactor:
+    return Redactor(secrets_of(settings))

@@ -1,0 +1,229 @@
+"""The scheduler (Postfix's qmgr): picks due recipients, groups them per route, hands each group to
+its transport, and records the outcome per recipient: delivered, deferred with back-off, or bounced
+with exactly one DSN per failed attempt. It catches only the ``DeliveryError`` family from
+transports; anything else is a bug, logged, and the entry is retried after a cool-down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from relay365.delivery import backoff
+from relay365.delivery.dsn import Failure, build_dsn, original_headers
+from relay365.delivery.router import NoRoute, Router
+from relay365.errors import PermanentDeliveryError, TransientDeliveryError
+from relay365.settings import DeliverySettings
+from relay365.spool.model import Bounce, Envelope, QueueEntry, RcptState, RecipientUpdate, Spool
+from relay365.transports.base import OutboundMessage, Outcome, RecipientResult, Transport
+
+log = logging.getLogger(__name__)
+NO_ROUTE_REPLY = "554 5.4.4 No route configured for this recipient"
+
+
+class Scheduler:
+    def __init__(
+        self,
+        *,
+        spool: Spool,
+        router: Router,
+        transports: Mapping[str, Transport],
+        settings: DeliverySettings,
+        hostname: str,
+        clock: Callable[[], float] = time.time,
+        explain: Callable[[str], str | None] = lambda reply: None,
+    ) -> None:
+        self._spool = spool
+        self._router = router
+        self._transports = transports
+        self._settings = settings
+        self._hostname = hostname
+        self._clock = clock
+        self._explain = explain
+        self._wake = asyncio.Event()
+        self._inflight: set[str] = set()
+        self._cooldown: dict[str, float] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stopping = False
+
+    def wake(self, queue_id: str = "") -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        while not self._stopping:
+            try:
+                await self.run_once()
+                timeout = await self._sleep_time()
+            except Exception:
+                log.exception("scheduler pass failed; retrying after the poll interval")
+                timeout = self._settings.poll_interval
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            self._wake.clear()
+
+    async def _sleep_time(self) -> float:
+        poll = self._settings.poll_interval
+        if len(self._inflight) >= self._settings.concurrency:
+            return poll
+        nxt = await self._spool.next_due_time()
+        if nxt is None:
+            return poll
+        return max(0.05, min(poll, nxt - self._clock()))
+
+    def _excluded(self, now: float) -> frozenset[str]:
+        for qid, until in list(self._cooldown.items()):
+            if until <= now:
+                del self._cooldown[qid]
+        return frozenset(self._inflight | self._cooldown.keys())
+
+    async def run_once(self) -> int:
+        """Start delivery of every due entry that fits the concurrency; return how many started."""
+        free = self._settings.concurrency - len(self._inflight)
+        if free <= 0 or self._stopping:
+            return 0
+        now = self._clock()
+        entries = await self._spool.due(now, limit=free, exclude=self._excluded(now))
+        for entry in entries:
+            self._inflight.add(entry.queue_id)
+            task = asyncio.create_task(self._deliver(entry), name=f"deliver-{entry.queue_id}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return len(entries)
+
+    async def drain(self) -> None:
+        """Wait until every delivery started so far has finished (tests and shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def stop(self, *, grace: float = 30.0) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._tasks:
+            _done, pending = await asyncio.wait(list(self._tasks), timeout=grace)
+            for t in pending:
+                t.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _deliver(self, entry: QueueEntry) -> None:
+        ok = False
+        try:
+            await self._attempt(entry)
+            ok = True
+        except Exception:
+            log.exception("delivery of %s failed unexpectedly; retrying after cool-down", entry.queue_id)
+        finally:
+            self._inflight.discard(entry.queue_id)
+            if not ok:
+                self._cooldown[entry.queue_id] = self._clock() + self._settings.min_backoff
+            self._wake.set()
+
+    def _groups(self, entry: QueueEntry, now: float) -> tuple[dict[str, list[str]], list[str]]:
+        groups: dict[str, list[str]] = {}
+        unroutable: list[str] = []
+        for r in entry.recipients:
+            if r.state not in (RcptState.QUEUED, RcptState.DEFERRED) or r.next_attempt > now:
+                continue
+            try:
+                choice = self._router.choose(
+                    rcpt=r.rcpt,
+                    sender=entry.envelope.mail_from,
+                    device=entry.envelope.device,
+                    size=entry.size,
+                )
+            except NoRoute:
+                unroutable.append(r.rcpt)
+                continue
+            groups.setdefault(choice.transport, []).append(r.rcpt)
+        return groups, unroutable
+
+    async def _send(self, transport: Transport, entry: QueueEntry, rcpts: list[str]) -> list[RecipientResult]:
+        message = OutboundMessage(
+            queue_id=entry.queue_id,
+            mail_from=entry.envelope.mail_from,
+            rcpt_tos=tuple(rcpts),
+            body_path=entry.body_path,
+            size=entry.size,
+            smtputf8=entry.envelope.smtputf8,
+        )
+        try:
+            results = await transport.deliver(message)
+        except TransientDeliveryError as e:
+            return [RecipientResult(r, Outcome.TRANSIENT, e.reply, e.retry_after) for r in rcpts]
+        except PermanentDeliveryError as e:
+            return [RecipientResult(r, Outcome.PERMANENT, e.reply) for r in rcpts]
+        missing = set(rcpts) - {r.rcpt for r in results}
+        results += [
+            RecipientResult(r, Outcome.TRANSIENT, "451 4.3.0 no result from transport")
+            for r in sorted(missing)
+        ]
+        return results
+
+    async def _attempt(self, entry: QueueEntry) -> None:
+        now = self._clock()
+        groups, unroutable = self._groups(entry, now)
+        attempts = {r.rcpt: r.attempts for r in entry.recipients}
+        lifetime = self._settings.queue_lifetime
+        updates: list[RecipientUpdate] = []
+        failures: list[Failure] = [Failure(r, NO_ROUTE_REPLY) for r in unroutable]
+        updates += [RecipientUpdate(r, RcptState.BOUNCED, NO_ROUTE_REPLY) for r in unroutable]
+        for name, rcpts in groups.items():
+            for res in await self._send(self._transports[name], entry, rcpts):
+                log.info(
+                    "%s to=<%s> via=%s outcome=%s reply=%r",
+                    entry.queue_id,
+                    res.rcpt,
+                    name,
+                    res.outcome.value,
+                    res.reply,
+                )
+                if res.outcome is Outcome.DELIVERED:
+                    updates.append(RecipientUpdate(res.rcpt, RcptState.DELIVERED, res.reply))
+                elif res.outcome is Outcome.PERMANENT:
+                    updates.append(RecipientUpdate(res.rcpt, RcptState.BOUNCED, res.reply))
+                    failures.append(Failure(res.rcpt, res.reply))
+                elif backoff.expired(entry.received_at, self._clock(), lifetime=lifetime):
+                    updates.append(RecipientUpdate(res.rcpt, RcptState.BOUNCED, res.reply))
+                    failures.append(Failure(res.rcpt, res.reply, expired=True))
+                else:
+                    when = backoff.next_attempt(
+                        self._clock(),
+                        attempts.get(res.rcpt, 0) + 1,
+                        minimum=self._settings.min_backoff,
+                        maximum=self._settings.max_backoff,
+                        retry_after=res.retry_after,
+                    )
+                    updates.append(RecipientUpdate(res.rcpt, RcptState.DEFERRED, res.reply, when))
+        bounce = await self._bounce(entry, failures)
+        await self._spool.record(entry.queue_id, updates, bounce=bounce)
+
+    async def _bounce(self, entry: QueueEntry, failures: list[Failure]) -> Bounce | None:
+        if not failures:
+            return None
+        sender = entry.envelope.mail_from
+        if not sender or entry.envelope.is_dsn:
+            log.warning(
+                "%s: not bouncing a message from <> (%d failed recipient(s))", entry.queue_id, len(failures)
+            )
+            return None
+        head = await asyncio.to_thread(_read_head, entry)
+        body = build_dsn(
+            hostname=self._hostname,
+            queue_id=entry.queue_id,
+            original_sender=sender,
+            arrival=entry.received_at,
+            failures=failures,
+            headers=original_headers(head),
+            explain=self._explain,
+        )
+        log.info("%s: bounce to <%s> for %d recipient(s)", entry.queue_id, sender, len(failures))
+        return Bounce(body, Envelope(mail_from="", rcpt_tos=(sender,), device="relay365", is_dsn=True))
+
+
+def _read_head(entry: QueueEntry) -> bytes:
+    with entry.body_path.open("rb") as f:
+        return f.read(64 * 1024)

@@ -1,0 +1,467 @@
+"""relay365.toml, parsed once at the edge into frozen, typed settings.
+
+Every error names the key and the bad value (``ConfigError``). Secrets never need to sit in the file:
+device passwords are Argon2id hashes, upstream secrets come from ``*_env`` (an environment variable)
+or ``*_file`` (a file readable only by the service user, mode 0600).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, cast
+
+from relay365.errors import ConfigError
+
+TlsMode = Literal["none", "starttls", "starttls-required", "implicit"]
+UpstreamTls = Literal["none", "opportunistic", "required", "implicit"]
+TlsVersion = Literal["1.0", "1.1", "1.2", "1.3"]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+LISTENER_TLS_MODES: tuple[TlsMode, ...] = ("none", "starttls", "starttls-required", "implicit")
+UPSTREAM_TLS_MODES: tuple[UpstreamTls, ...] = ("none", "opportunistic", "required", "implicit")
+TLS_VERSIONS: tuple[TlsVersion, ...] = ("1.0", "1.1", "1.2", "1.3")
+# Exchange Online's default maximum send size is 35 MB (exchange-online.md, "Message size").
+DEFAULT_MAX_MESSAGE_SIZE = 35 * 1024 * 1024
+# Exchange Online's default recipients per message (exchange-online.md, "Message size").
+DEFAULT_MAX_RECIPIENTS = 500
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    hostname: str = "relay365.local"
+    spool_dir: Path = Path("var/spool")
+    log_level: str = "INFO"
+    max_connections: int = 1000
+    max_connections_per_ip: int = 50
+    auth_failures_before_block: int = 5
+    auth_block_seconds: float = 300.0
+    auth_failure_delay: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerSettings:
+    name: str
+    address: str = "127.0.0.1"
+    port: int = 2525
+    tls: TlsMode = "starttls"
+    min_tls_version: TlsVersion = "1.2"
+    legacy: bool = False
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    auth: bool = True
+    allow_plaintext_auth: bool = False
+    client_ca_file: Path | None = None
+    idle_timeout: float = 300.0
+    data_timeout: float = 600.0
+    bare_newlines: Literal["reject", "normalize"] = "reject"
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    max_recipients: int = DEFAULT_MAX_RECIPIENTS
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSettings:
+    name: str
+    ip_allow: tuple[Network, ...] = ()
+    username: str | None = None
+    password_hash: str | None = None
+    client_cert_fingerprints: tuple[str, ...] = ()
+    client_cert_subjects: tuple[str, ...] = ()
+    allowed_senders: tuple[str, ...] = ("*",)
+    rewrite_sender: str | None = None
+    allowed_recipient_domains: tuple[str, ...] = ()
+    max_message_size: int | None = None
+    max_recipients: int | None = None
+    max_messages_per_minute: int | None = None
+    listeners: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DeliverySettings:
+    concurrency: int = 10
+    min_backoff: float = 300.0  # Postfix minimal_backoff_time
+    max_backoff: float = 4000.0  # Postfix maximal_backoff_time
+    queue_lifetime: float = 5 * 86400.0  # Postfix maximal_queue_lifetime
+    poll_interval: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class SecretRef:
+    """Where a secret comes from; the value itself is only read by ``relay365.secrets``."""
+
+    key: str
+    env: str | None = None
+    file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TransportSettings:
+    name: str
+    type: str
+    host: str = "127.0.0.1"
+    port: int = 25
+    tls: UpstreamTls = "required"
+    verify: bool = True
+    ca_file: Path | None = None
+    username: str | None = None
+    password: SecretRef | None = None
+    client_cert_file: Path | None = None
+    client_key_file: Path | None = None
+    max_sessions: int = 3
+    timeout: float = 60.0
+    helo_name: str | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class RouteSettings:
+    name: str
+    transport: str
+    recipient_domains: tuple[str, ...] = ()
+    senders: tuple[str, ...] = ()
+    devices: tuple[str, ...] = ()
+    max_size: int | None = None
+    fallbacks: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    server: ServerSettings
+    listeners: tuple[ListenerSettings, ...]
+    devices: tuple[DeviceSettings, ...]
+    delivery: DeliverySettings
+    transports: tuple[TransportSettings, ...]
+    routes: tuple[RouteSettings, ...]
+    source: Path | None = None
+
+    def transport(self, name: str) -> TransportSettings:
+        for t in self.transports:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+
+T = TypeVar("T")
+
+
+class _Table:
+    """A TOML table that remembers its dotted path, so every error names the full key."""
+
+    def __init__(self, data: Mapping[str, Any], path: str, base: Path) -> None:
+        self._data = dict(data)
+        self._path = path
+        self._base = base
+        self._used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self._path}.{name}" if self._path else name
+
+    def get(self, name: str, typ: type[T], default: T) -> T:
+        self._used.add(name)
+        if name not in self._data:
+            return default
+        value = self._data[name]
+        if typ is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+            raise ConfigError(self.key(name), value, f"Not a valid {typ.__name__}.")
+        return value
+
+    def opt(self, name: str, typ: type[T]) -> T | None:
+        self._used.add(name)
+        if name not in self._data or self._data[name] in ("", None):
+            return None
+        return self.get(name, typ, cast(T, None))
+
+    def positive(self, name: str, typ: type[T], default: T) -> T:
+        value = self.get(name, typ, default)
+        if cast(float, value) <= 0:
+            raise ConfigError(self.key(name), value, "Must be greater than 0.")
+        return value
+
+    def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
+        value = self.get(name, str, default)
+        if value not in choices:
+            raise ConfigError(self.key(name), value, f"Must be one of: {', '.join(choices)}.")
+        return value
+
+    def strings(self, name: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
+        value = self.get(name, list, list(default))
+        for i, item in enumerate(value):
+            if not isinstance(item, str) or not item.strip():
+                raise ConfigError(f"{self.key(name)}[{i}]", item, "Not a non-empty string.")
+        return tuple(str(v).strip() for v in value)
+
+    def path(self, name: str) -> Path | None:
+        value = self.opt(name, str)
+        if value is None:
+            return None
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (self._base / p)
+
+    def existing_file(self, name: str) -> Path | None:
+        p = self.path(name)
+        if p is not None and not p.is_file():
+            raise ConfigError(self.key(name), str(p), "No such file.")
+        return p
+
+    def table(self, name: str) -> _Table:
+        value = self.get(name, dict, {})
+        return _Table(value, self.key(name), self._base)
+
+    def tables(self, name: str) -> list[_Table]:
+        value = self.get(name, list, [])
+        out = []
+        for i, item in enumerate(value):
+            if not isinstance(item, dict):
+                raise ConfigError(f"{self.key(name)}[{i}]", item, "Not a table.")
+            out.append(_Table(item, f"{self.key(name)}[{i}]", self._base))
+        return out
+
+    def secret(self, name: str) -> SecretRef | None:
+        """``name_env`` or ``name_file``; a clear-text ``name`` is refused."""
+        if name in self._data:
+            raise ConfigError(
+                self.key(name), "***", f"Put the secret in {name}_env or {name}_file, not the file."
+            )
+        env = self.opt(f"{name}_env", str)
+        file = self.path(f"{name}_file")
+        if env and file:
+            raise ConfigError(self.key(f"{name}_env"), env, f"Give {name}_env or {name}_file, not both.")
+        if env is None and file is None:
+            return None
+        return SecretRef(key=self.key(name), env=env, file=file)
+
+    def done(self, *, extra_ok: bool = False) -> dict[str, Any]:
+        unknown = {k: v for k, v in self._data.items() if k not in self._used}
+        if unknown and not extra_ok:
+            k = sorted(unknown)[0]
+            raise ConfigError(self.key(k), unknown[k], "Unknown key.")
+        return unknown
+
+
+def _network(key: str, value: str) -> Network:
+    try:
+        return ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ConfigError(key, value, "Not an IP address or CIDR network.") from None
+
+
+def _port(t: _Table, name: str, default: int) -> int:
+    port = t.get(name, int, default)
+    if not 0 <= port <= 65535:
+        raise ConfigError(t.key(name), port, "Not a TCP port (0-65535).")
+    return port
+
+
+def _sender_pattern(key: str, value: str) -> str:
+    v = value.lower()
+    if v == "*" or (v.startswith("@") and "." in v) or ("@" in v and not v.startswith("@")):
+        return v
+    raise ConfigError(key, value, "Use an address, '@domain' or '*'.")
+
+
+_SERVER = ServerSettings()
+
+
+def _server(t: _Table) -> ServerSettings:
+    s = ServerSettings(
+        hostname=t.get("hostname", str, _SERVER.hostname),
+        spool_dir=t.path("spool_dir") or (t._base / _SERVER.spool_dir),
+        log_level=t.choice("log_level", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO"),
+        max_connections=t.positive("max_connections", int, _SERVER.max_connections),
+        max_connections_per_ip=t.positive("max_connections_per_ip", int, _SERVER.max_connections_per_ip),
+        auth_failures_before_block=t.positive(
+            "auth_failures_before_block", int, _SERVER.auth_failures_before_block
+        ),
+        auth_block_seconds=t.positive("auth_block_seconds", float, 300.0),
+        auth_failure_delay=t.get("auth_failure_delay", float, 1.0),
+    )
+    t.done()
+    return s
+
+
+def _listener(t: _Table) -> ListenerSettings:
+    tls = cast(TlsMode, t.choice("tls", LISTENER_TLS_MODES, "starttls"))
+    legacy = t.get("legacy", bool, False)
+    min_tls = cast(TlsVersion, t.choice("min_tls_version", TLS_VERSIONS, "1.2"))
+    if min_tls in ("1.0", "1.1") and not legacy:
+        raise ConfigError(
+            t.key("min_tls_version"), min_tls, "TLS 1.0/1.1 needs 'legacy = true' on this listener."
+        )
+    cert, key = t.existing_file("cert_file"), t.existing_file("key_file")
+    if (cert is None) != (key is None):
+        raise ConfigError(t.key("cert_file"), str(cert), "Give both cert_file and key_file.")
+    s = ListenerSettings(
+        name=t.get("name", str, t.key("").rstrip(".")),
+        address=t.get("address", str, "127.0.0.1"),
+        port=_port(t, "port", 2525),
+        tls=tls,
+        min_tls_version=min_tls,
+        legacy=legacy,
+        cert_file=cert,
+        key_file=key,
+        auth=t.get("auth", bool, True),
+        allow_plaintext_auth=t.get("allow_plaintext_auth", bool, False),
+        client_ca_file=t.existing_file("client_ca_file"),
+        idle_timeout=t.positive("idle_timeout", float, 300.0),
+        data_timeout=t.positive("data_timeout", float, 600.0),
+        bare_newlines=cast(
+            Literal["reject", "normalize"],
+            t.choice("bare_newlines", ("reject", "normalize"), "reject"),
+        ),
+        max_message_size=t.positive("max_message_size", int, DEFAULT_MAX_MESSAGE_SIZE),
+        max_recipients=t.positive("max_recipients", int, DEFAULT_MAX_RECIPIENTS),
+    )
+    try:
+        ipaddress.ip_address(s.address)
+    except ValueError:
+        raise ConfigError(t.key("address"), s.address, "Not an IP address.") from None
+    t.done()
+    return s
+
+
+def _device(t: _Table) -> DeviceSettings:
+    name = t.get("name", str, "")
+    if not name:
+        raise ConfigError(t.key("name"), name, "Every device needs a name.")
+    pw = t.opt("password_hash", str)
+    if pw is not None and not pw.startswith("$argon2id$"):
+        raise ConfigError(
+            t.key("password_hash"),
+            "***",
+            "Not an Argon2id hash: run 'relay365 device passwd NAME'.",
+        )
+    s = DeviceSettings(
+        name=name,
+        ip_allow=tuple(_network(t.key("ip_allow"), v) for v in t.strings("ip_allow")),
+        username=t.opt("username", str) or (name if pw else None),
+        password_hash=pw,
+        client_cert_fingerprints=tuple(
+            v.lower().removeprefix("sha256:").replace(":", "") for v in t.strings("client_cert_fingerprints")
+        ),
+        client_cert_subjects=t.strings("client_cert_subjects"),
+        allowed_senders=tuple(
+            _sender_pattern(t.key("allowed_senders"), v) for v in t.strings("allowed_senders", ("*",))
+        ),
+        rewrite_sender=t.opt("rewrite_sender", str),
+        allowed_recipient_domains=tuple(
+            d.lower().lstrip("@") for d in t.strings("allowed_recipient_domains")
+        ),
+        max_message_size=t.opt("max_message_size", int),
+        max_recipients=t.opt("max_recipients", int),
+        max_messages_per_minute=t.opt("max_messages_per_minute", int),
+        listeners=t.strings("listeners"),
+    )
+    if s.rewrite_sender is not None and "@" not in s.rewrite_sender:
+        raise ConfigError(t.key("rewrite_sender"), s.rewrite_sender, "Not an email address.")
+    for k in ("max_message_size", "max_recipients", "max_messages_per_minute"):
+        v = getattr(s, k)
+        if v is not None and v <= 0:
+            raise ConfigError(t.key(k), v, "Must be greater than 0.")
+    t.done()
+    return s
+
+
+def _delivery(t: _Table) -> DeliverySettings:
+    s = DeliverySettings(
+        concurrency=t.positive("concurrency", int, 10),
+        min_backoff=t.positive("min_backoff", float, 300.0),
+        max_backoff=t.positive("max_backoff", float, 4000.0),
+        queue_lifetime=t.positive("queue_lifetime", float, 5 * 86400.0),
+        poll_interval=t.positive("poll_interval", float, 30.0),
+    )
+    if s.max_backoff < s.min_backoff:
+        raise ConfigError(t.key("max_backoff"), s.max_backoff, "Must be at least min_backoff.")
+    t.done()
+    return s
+
+
+def _transport(t: _Table) -> TransportSettings:
+    name = t.get("name", str, "")
+    if not name:
+        raise ConfigError(t.key("name"), name, "Every transport needs a name.")
+    s = TransportSettings(
+        name=name,
+        type=t.choice("type", ("smarthost", "submission", "direct_send", "connector", "graph"), "smarthost"),
+        host=t.get("host", str, "127.0.0.1"),
+        port=_port(t, "port", 25),
+        tls=cast(UpstreamTls, t.choice("tls", UPSTREAM_TLS_MODES, "required")),
+        verify=t.get("verify", bool, True),
+        ca_file=t.existing_file("ca_file"),
+        username=t.opt("username", str),
+        password=t.secret("password"),
+        client_cert_file=t.existing_file("client_cert_file"),
+        client_key_file=t.existing_file("client_key_file"),
+        max_sessions=t.positive("max_sessions", int, 3),
+        timeout=t.positive("timeout", float, 60.0),
+        helo_name=t.opt("helo_name", str),
+    )
+    if s.password is not None and s.username is None:
+        raise ConfigError(t.key("username"), None, "A password needs a username.")
+    extra = t.done(extra_ok=s.type != "smarthost")
+    return TransportSettings(**{**_asdict(s), "options": extra})
+
+
+def _asdict(s: TransportSettings) -> dict[str, Any]:
+    return {f: getattr(s, f) for f in TransportSettings.__slots__}
+
+
+def _route(t: _Table, transports: set[str]) -> RouteSettings:
+    s = RouteSettings(
+        name=t.get("name", str, t.key("")),
+        transport=t.get("transport", str, ""),
+        recipient_domains=tuple(d.lower().lstrip("@") for d in t.strings("recipient_domains")),
+        senders=tuple(_sender_pattern(t.key("senders"), v) for v in t.strings("senders")),
+        devices=t.strings("devices"),
+        max_size=t.opt("max_size", int),
+        fallbacks=t.strings("fallbacks"),
+    )
+    for key, name in [("transport", s.transport), *(("fallbacks", f) for f in s.fallbacks)]:
+        if name not in transports:
+            raise ConfigError(t.key(key), name, "No transport of that name.")
+    t.done()
+    return s
+
+
+def parse_settings(data: Mapping[str, Any], *, base: Path, source: Path | None = None) -> Settings:
+    root = _Table(data, "", base)
+    server = _server(root.table("server"))
+    listeners = tuple(_listener(t) for t in root.tables("listener"))
+    devices = tuple(_device(t) for t in root.tables("device"))
+    delivery = _delivery(root.table("delivery"))
+    transports = tuple(_transport(t) for t in root.tables("transport"))
+    names = {t.name for t in transports}
+    routes = tuple(_route(t, names) for t in root.tables("route"))
+    root.done()
+    _check_unique("listener", [(x.name, (x.address, x.port)) for x in listeners])
+    _check_unique("device", [(d.name, d.username or d.name) for d in devices])
+    _check_unique("transport", [(t.name, t.name) for t in transports])
+    if transports and not routes:
+        routes = (RouteSettings(name="default", transport=transports[0].name),)
+    return Settings(server, listeners, devices, delivery, transports, routes, source)
+
+
+def _check_unique(kind: str, items: list[tuple[str, object]]) -> None:
+    seen_names: set[str] = set()
+    seen_keys: set[object] = set()
+    for i, (name, key) in enumerate(items):
+        if name in seen_names or key in seen_keys:
+            raise ConfigError(f"{kind}[{i}]", name, f"Duplicate {kind} (name, address or username).")
+        seen_names.add(name)
+        seen_keys.add(key)
+
+
+def load_settings(path: Path) -> Settings:
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError("config file", str(path), f"Cannot read it: {e.strerror}.") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError("config file", str(path), f"Not valid TOML: {e}.") from None
+    return parse_settings(data, base=path.resolve().parent, source=path)

@@ -1,0 +1,121 @@
+"""What the spool stores and the contract every spool (SQLite, PostgreSQL) implements.
+
+A queue entry is a message (envelope + the spooled RFC 5322 bytes) and one row per recipient with its
+own state: Postfix's queue states mapped to recipients (queued = incoming/active, deferred, delivered,
+bounced) plus a message-level hold.
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+
+class RcptState(enum.StrEnum):
+    QUEUED = "queued"
+    DEFERRED = "deferred"
+    DELIVERED = "delivered"
+    BOUNCED = "bounced"
+
+
+FINAL_STATES = frozenset({RcptState.DELIVERED, RcptState.BOUNCED})
+
+
+def new_queue_id() -> str:
+    """Sortable by arrival (milliseconds) and unique (24 random bits): e.g. ``0193A4F2C81D7B3E9A1``."""
+    return f"{time.time_ns() // 1_000_000:011X}{secrets.token_hex(4).upper()}"
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    mail_from: str  # "" is the null sender <>
+    rcpt_tos: tuple[str, ...]
+    device: str = ""
+    peer: str = ""
+    listener: str = ""
+    smtputf8: bool = False
+    is_dsn: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Recipient:
+    rcpt: str
+    state: RcptState
+    attempts: int
+    next_attempt: float
+    last_reply: str
+
+
+@dataclass(frozen=True, slots=True)
+class QueueEntry:
+    queue_id: str
+    envelope: Envelope
+    size: int
+    received_at: float
+    held: bool
+    body_path: Path
+    recipients: tuple[Recipient, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientUpdate:
+    """The outcome of one delivery attempt for one recipient."""
+
+    rcpt: str
+    state: RcptState
+    reply: str
+    next_attempt: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Bounce:
+    """A DSN to queue in the same transaction as the updates that caused it."""
+
+    body: bytes
+    envelope: Envelope
+
+
+class IncomingMessage(Protocol):
+    """A message being received: bytes are streamed in, then committed (fsync) or aborted."""
+
+    queue_id: str
+    size: int
+
+    def write(self, data: bytes) -> None: ...
+
+    async def commit(self, envelope: Envelope) -> str: ...
+
+    async def abort(self) -> None: ...
+
+
+class Spool(Protocol):
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def incoming(self) -> IncomingMessage: ...
+
+    async def enqueue(self, envelope: Envelope, body: bytes) -> str: ...
+
+    async def due(self, now: float, *, limit: int, exclude: frozenset[str]) -> list[QueueEntry]: ...
+
+    async def record(
+        self, queue_id: str, updates: Sequence[RecipientUpdate], *, bounce: Bounce | None = None
+    ) -> None: ...
+
+    async def next_due_time(self) -> float | None: ...
+
+    async def get(self, queue_id: str) -> QueueEntry: ...
+
+    async def list(self) -> list[QueueEntry]: ...
+
+    async def hold(self, queue_id: str, held: bool) -> None: ...
+
+    async def retry(self, queue_id: str, now: float) -> None: ...
+
+    async def delete(self, queue_id: str) -> None: ...
