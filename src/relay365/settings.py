@@ -437,7 +437,7 @@ def parse_settings(data: Mapping[str, Any], *, base: Path, source: Path | None =
     names = {t.name for t in transports}
     routes = tuple(_route(t, names) for t in root.tables("route"))
     root.done()
-    _check_unique("listener", [(x.name, (x.address, x.port)) for x in listeners])
+    _check_unique("listener", [(x.name, (x.address, x.port or x.name)) for x in listeners])
     _check_unique("device", [(d.name, d.username or d.name) for d in devices])
     _check_unique("transport", [(t.name, t.name) for t in transports])
     if transports and not routes:

@@ -287,7 +287,7 @@ class RelaySMTP(SMTP):
     def on_mail(self, envelope: SmtpEnvelope, address: str, options: list[str]) -> str:
         device = self.device()
         if device is None:
-            if self.auth_offered:
+            if self.listener.auth:
                 return "530 5.7.0 Authentication required"
             return f"550 5.7.1 Client host [{self.peer_ip}] is not allowed to relay"
         reply = (

@@ -11,6 +11,7 @@ import datetime
 import ipaddress
 import os
 import ssl
+import warnings
 from pathlib import Path
 
 from cryptography import x509
@@ -67,9 +68,14 @@ def self_signed(directory: Path, hostname: str) -> tuple[Path, Path]:
 
 def server_context(listener: ListenerSettings, *, cert: Path, key: Path) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = _VERSIONS[listener.min_tls_version]
     if listener.legacy and listener.min_tls_version in ("1.0", "1.1"):
+        # Python deprecates TLS 1.0/1.1; a listener marked legacy asks for them on purpose.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ctx.minimum_version = _VERSIONS[listener.min_tls_version]
         ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
+    else:
+        ctx.minimum_version = _VERSIONS[listener.min_tls_version]
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     ctx.load_cert_chain(cert, key)
     if listener.client_ca_file is not None:
