@@ -96,6 +96,7 @@ class Relay:
             clock=self._clock,
             explain=explain_reply,
         )
+        await self.scheduler.load_pacing()
         self.ingress = IngressContext(
             spool=self.spool,
             devices=DeviceDirectory(s.devices),

@@ -15,11 +15,26 @@ from typing import Any
 
 from relay365.delivery import backoff
 from relay365.delivery.dsn import Failure, build_dsn, original_headers
+from relay365.delivery.pacing import Pacer, is_throttle_reply
 from relay365.delivery.router import NoRoute, Router
 from relay365.errors import PermanentDeliveryError, TransientDeliveryError
 from relay365.settings import DeliverySettings
-from relay365.spool.model import Bounce, Envelope, QueueEntry, RcptState, RecipientUpdate, Spool
-from relay365.transports.base import OutboundMessage, Outcome, RecipientResult, Transport
+from relay365.spool.model import (
+    Bounce,
+    Envelope,
+    PaceEvent,
+    QueueEntry,
+    RcptState,
+    RecipientUpdate,
+    Spool,
+)
+from relay365.transports.base import (
+    OutboundMessage,
+    Outcome,
+    PacedTransport,
+    RecipientResult,
+    Transport,
+)
 
 log = logging.getLogger(__name__)
 NO_ROUTE_REPLY = "554 5.4.4 No route configured for this recipient"
@@ -49,9 +64,14 @@ class Scheduler:
         self._cooldown: dict[str, float] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = False
+        self._pacer = Pacer(clock=clock)
 
     def wake(self, queue_id: str = "") -> None:
         self._wake.set()
+
+    async def load_pacing(self) -> None:
+        """Restore the pacing windows from the spool (they survive a restart)."""
+        self._pacer.load(await self._spool.pace_events(self._clock() - 86_400.0))
 
     async def run(self) -> None:
         while not self._stopping:
@@ -166,13 +186,39 @@ class Scheduler:
     async def _attempt(self, entry: QueueEntry) -> None:
         now = self._clock()
         groups, unroutable = self._groups(entry, now)
-        attempts = {r.rcpt: r.attempts for r in entry.recipients}
-        lifetime = self._settings.queue_lifetime
+        states = {r.rcpt: r for r in entry.recipients}
         updates: list[RecipientUpdate] = []
         failures: list[Failure] = [Failure(r, NO_ROUTE_REPLY) for r in unroutable]
         updates += [RecipientUpdate(r, RcptState.BOUNCED, NO_ROUTE_REPLY) for r in unroutable]
+        events: list[PaceEvent] = []
         for name, rcpts in groups.items():
-            for res in await self._send(self._transports[name], entry, rcpts):
+            transport = self._transports[name]
+            paced = transport if isinstance(transport, PacedTransport) else None
+            if paced is not None:
+                wait = self._pacer.wait_time(paced.pacing_key, paced.pacing, len(rcpts))
+                if wait > 0:
+                    # Not a failure: the recipients stay as they are and become due when allowed.
+                    reply = f"paced: {paced.pacing_key} is at its limit, next try in {wait:.1f}s"
+                    updates += [
+                        RecipientUpdate(
+                            r,
+                            states[r].state,
+                            states[r].last_reply or reply,
+                            now + wait,
+                            counts_attempt=False,
+                        )
+                        for r in rcpts
+                    ]
+                    continue
+                self._pacer.begin(paced.pacing_key)
+            try:
+                results = await self._send(transport, entry, rcpts)
+            finally:
+                if paced is not None:
+                    self._pacer.end(paced.pacing_key)
+            if paced is not None:
+                events += self._account(paced, results)
+            for res in results:
                 log.info(
                     "%s to=<%s> via=%s outcome=%s reply=%r",
                     entry.queue_id,
@@ -181,25 +227,41 @@ class Scheduler:
                     res.outcome.value,
                     res.reply,
                 )
-                if res.outcome is Outcome.DELIVERED:
-                    updates.append(RecipientUpdate(res.rcpt, RcptState.DELIVERED, res.reply))
-                elif res.outcome is Outcome.PERMANENT:
-                    updates.append(RecipientUpdate(res.rcpt, RcptState.BOUNCED, res.reply))
-                    failures.append(Failure(res.rcpt, res.reply))
-                elif backoff.expired(entry.received_at, self._clock(), lifetime=lifetime):
-                    updates.append(RecipientUpdate(res.rcpt, RcptState.BOUNCED, res.reply))
-                    failures.append(Failure(res.rcpt, res.reply, expired=True))
-                else:
-                    when = backoff.next_attempt(
-                        self._clock(),
-                        attempts.get(res.rcpt, 0) + 1,
-                        minimum=self._settings.min_backoff,
-                        maximum=self._settings.max_backoff,
-                        retry_after=res.retry_after,
-                    )
-                    updates.append(RecipientUpdate(res.rcpt, RcptState.DEFERRED, res.reply, when))
+                updates.append(self._update(entry, res, states[res.rcpt].attempts, failures))
         bounce = await self._bounce(entry, failures)
-        await self._spool.record(entry.queue_id, updates, bounce=bounce)
+        await self._spool.record(entry.queue_id, updates, bounce=bounce, pace_events=events)
+
+    def _account(self, paced: PacedTransport, results: list[RecipientResult]) -> list[PaceEvent]:
+        """Count a sent message against its mailbox; slow the mailbox down on throttling replies."""
+        key = paced.pacing_key
+        for res in results:
+            if is_throttle_reply(res.reply):
+                pause = res.retry_after or paced.pacing.window
+                log.warning("%s: upstream throttles (%s); pausing it %.0fs", key, res.reply, pause)
+                self._pacer.pause(key, pause)
+                break
+        delivered = sum(1 for r in results if r.outcome is Outcome.DELIVERED)
+        return [self._pacer.sent(key, delivered)] if delivered else []
+
+    def _update(
+        self, entry: QueueEntry, res: RecipientResult, attempts: int, failures: list[Failure]
+    ) -> RecipientUpdate:
+        if res.outcome is Outcome.DELIVERED:
+            return RecipientUpdate(res.rcpt, RcptState.DELIVERED, res.reply)
+        if res.outcome is Outcome.PERMANENT:
+            failures.append(Failure(res.rcpt, res.reply))
+            return RecipientUpdate(res.rcpt, RcptState.BOUNCED, res.reply)
+        if backoff.expired(entry.received_at, self._clock(), lifetime=self._settings.queue_lifetime):
+            failures.append(Failure(res.rcpt, res.reply, expired=True))
+            return RecipientUpdate(res.rcpt, RcptState.BOUNCED, res.reply)
+        when = backoff.next_attempt(
+            self._clock(),
+            attempts + 1,
+            minimum=self._settings.min_backoff,
+            maximum=self._settings.max_backoff,
+            retry_after=res.retry_after,
+        )
+        return RecipientUpdate(res.rcpt, RcptState.DEFERRED, res.reply, when)
 
     async def _bounce(self, entry: QueueEntry, failures: list[Failure]) -> Bounce | None:
         if not failures:

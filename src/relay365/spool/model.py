@@ -16,6 +16,15 @@ from pathlib import Path
 from typing import Protocol
 
 
+@dataclass(frozen=True, slots=True)
+class PaceEvent:
+    """One message sent as an upstream mailbox/app (for pacing windows that survive a restart)."""
+
+    key: str
+    at: float
+    recipients: int
+
+
 class RcptState(enum.StrEnum):
     QUEUED = "queued"
     DEFERRED = "deferred"
@@ -70,6 +79,7 @@ class RecipientUpdate:
     state: RcptState
     reply: str
     next_attempt: float = 0.0
+    counts_attempt: bool = True  # False when pacing (not a failure) postponed the recipient
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,8 +115,15 @@ class Spool(Protocol):
     async def due(self, now: float, *, limit: int, exclude: frozenset[str]) -> list[QueueEntry]: ...
 
     async def record(
-        self, queue_id: str, updates: Sequence[RecipientUpdate], *, bounce: Bounce | None = None
+        self,
+        queue_id: str,
+        updates: Sequence[RecipientUpdate],
+        *,
+        bounce: Bounce | None = None,
+        pace_events: Sequence[PaceEvent] = (),
     ) -> None: ...
+
+    async def pace_events(self, since: float) -> list[PaceEvent]: ...
 
     async def next_due_time(self) -> float | None: ...
 

@@ -28,6 +28,7 @@ from relay365.spool.model import (
     FINAL_STATES,
     Bounce,
     Envelope,
+    PaceEvent,
     QueueEntry,
     RcptState,
     Recipient,
@@ -62,7 +63,10 @@ CREATE TABLE IF NOT EXISTS recipients (
     PRIMARY KEY (queue_id, pos)
 );
 CREATE INDEX IF NOT EXISTS recipients_due ON recipients(state, next_attempt);
+CREATE TABLE IF NOT EXISTS pacing (key TEXT NOT NULL, at REAL NOT NULL, recipients INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS pacing_at ON pacing(at);
 """
+PACING_HISTORY = 86_400.0  # the longest pacing window: 24 hours (recipients per rolling day)
 _OPEN_STATES = (RcptState.QUEUED.value, RcptState.DEFERRED.value)
 
 
@@ -327,7 +331,12 @@ class SqliteSpool:
         return await self._db(query)
 
     async def record(
-        self, queue_id: str, updates: Sequence[RecipientUpdate], *, bounce: Bounce | None = None
+        self,
+        queue_id: str,
+        updates: Sequence[RecipientUpdate],
+        *,
+        bounce: Bounce | None = None,
+        pace_events: Sequence[PaceEvent] = (),
     ) -> None:
         dsn: SqliteIncoming | None = None
         if bounce is not None:
@@ -342,10 +351,11 @@ class SqliteSpool:
             try:
                 for u in updates:
                     conn.execute(
-                        "UPDATE recipients SET state=?, attempts=attempts+1, next_attempt=?,"
+                        "UPDATE recipients SET state=?, attempts=attempts+?, next_attempt=?,"
                         " last_reply=? WHERE queue_id=? AND rcpt=? AND state IN (?,?)",
                         (
                             u.state.value,
+                            int(u.counts_attempt),
                             u.next_attempt,
                             u.reply[:1000],
                             queue_id,
@@ -355,6 +365,12 @@ class SqliteSpool:
                     )
                 if dsn is not None and bounce is not None:
                     self._insert_rows(conn, [(dsn.queue_id, bounce.envelope, dsn.size)], self._clock())
+                if pace_events:
+                    conn.executemany(
+                        "INSERT INTO pacing VALUES (?,?,?)",
+                        [(e.key, e.at, e.recipients) for e in pace_events],
+                    )
+                    conn.execute("DELETE FROM pacing WHERE at < ?", (self._clock() - PACING_HISTORY,))
                 open_left = conn.execute(
                     "SELECT COUNT(*) FROM recipients WHERE queue_id=? AND state NOT IN (?,?)",
                     (queue_id, *(s.value for s in FINAL_STATES)),
@@ -375,6 +391,13 @@ class SqliteSpool:
             raise
         if finished:
             (self.messages_dir / queue_id).unlink(missing_ok=True)
+
+    async def pace_events(self, since: float) -> list[PaceEvent]:
+        def query(conn: sqlite3.Connection) -> list[PaceEvent]:
+            rows = conn.execute("SELECT key, at, recipients FROM pacing WHERE at >= ?", (since,))
+            return [PaceEvent(k, a, n) for k, a, n in rows]
+
+        return await self._db(query)
 
     # -- administration --------------------------------------------------------------------------
     async def get(self, queue_id: str) -> QueueEntry:

@@ -44,6 +44,15 @@ class RecipientResult:
     retry_after: float | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class PaceLimits:
+    messages_per_window: int = 30
+    window: float = 60.0
+    recipients_per_day: int = 10_000
+    day: float = 86_400.0
+    concurrency: int = 3
+
+
 @runtime_checkable
 class Transport(Protocol):
     """One upstream option. ``name`` is the transport's configured name (used in logs and routes)."""
@@ -57,3 +66,11 @@ class Transport(Protocol):
     async def close(self) -> None:
         """Close pooled upstream sessions."""
         ...
+
+
+@runtime_checkable
+class PacedTransport(Transport, Protocol):
+    """A transport that sends as one upstream mailbox or app, paced to that mailbox's limits."""
+
+    pacing_key: str
+    pacing: PaceLimits

@@ -1,0 +1,88 @@
+"""Pacing per upstream mailbox or app, so Microsoft never has to throttle us.
+
+Exchange Online's limits (exchange-online.md): SMTP AUTH 30 messages/minute, 10,000 recipients per
+rolling 24 hours and 3 concurrent connections per mailbox; Graph 4 concurrent requests per mailbox and
+10,000 requests per 10 minutes per app and mailbox. A message over a limit is not rejected and not
+counted as a failed attempt: it stays queued and becomes due exactly when the window allows it.
+Throttling replies (432 4.3.2, 451 4.7.5xx, 554 5.2.0, Graph 429) pause the mailbox further.
+The sent-message history is persisted with the delivery outcome, so the windows survive a restart.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+
+from relay365.spool.model import PaceEvent
+from relay365.transports.base import PaceLimits
+
+
+class Pacer:
+    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._events: dict[str, deque[tuple[float, int]]] = {}
+        self._active: dict[str, int] = {}
+        self._paused_until: dict[str, float] = {}
+
+    def load(self, events: Iterable[PaceEvent]) -> None:
+        for e in sorted(events, key=lambda e: e.at):
+            self._events.setdefault(e.key, deque()).append((e.at, e.recipients))
+
+    def _history(self, key: str, limits: PaceLimits, now: float) -> deque[tuple[float, int]]:
+        q = self._events.setdefault(key, deque())
+        while q and q[0][0] <= now - limits.day:
+            q.popleft()
+        return q
+
+    def wait_time(self, key: str, limits: PaceLimits, recipients: int) -> float:
+        """0 when a message with ``recipients`` recipients may go now, else seconds to wait."""
+        now = self._clock()
+        waits = [self._paused_until.get(key, 0.0) - now]
+        if self._active.get(key, 0) >= limits.concurrency:
+            waits.append(0.2)  # a session ends soon; the scheduler is woken when it does
+        q = self._history(key, limits, now)
+        in_window = [t for t, _ in q if t > now - limits.window]
+        if len(in_window) >= limits.messages_per_window:
+            # The oldest message of the window must leave it before another may go.
+            waits.append(in_window[-limits.messages_per_window] + limits.window - now)
+        total = sum(n for _, n in q)
+        if total + recipients > limits.recipients_per_day and q:
+            # Wait until enough of the oldest recipients have left the rolling day.
+            excess = total + recipients - limits.recipients_per_day
+            freed = 0
+            for t, n in q:
+                freed += n
+                if freed >= excess:
+                    waits.append(t + limits.day - now)
+                    break
+        return max(0.0, *waits)
+
+    def begin(self, key: str) -> None:
+        self._active[key] = self._active.get(key, 0) + 1
+
+    def end(self, key: str) -> None:
+        self._active[key] = max(0, self._active.get(key, 0) - 1)
+
+    def sent(self, key: str, recipients: int) -> PaceEvent:
+        event = PaceEvent(key, self._clock(), recipients)
+        self._events.setdefault(key, deque()).append((event.at, event.recipients))
+        return event
+
+    def pause(self, key: str, seconds: float) -> None:
+        until = self._clock() + seconds
+        self._paused_until[key] = max(until, self._paused_until.get(key, 0.0))
+
+    def active(self, key: str) -> int:
+        return self._active.get(key, 0)
+
+
+def is_throttle_reply(reply: str) -> bool:
+    """Replies that mean "slow down" rather than "this message is bad"."""
+    r = reply.strip()
+    return (
+        r.startswith(("432 4.3.2", "429"))
+        or (r.startswith("451 4.7.5") or r.startswith("451 4.7.6"))
+        or r.startswith("554 5.2.0")
+        or "SubmissionQuotaExceeded" in r
+    )

@@ -1,0 +1,62 @@
+"""The DATA parser: any chunking gives the same result; smuggling never ends data early."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from relay365.ingress.data import DataParser
+
+
+def run(stream: bytes, cuts: list[int], mode: str = "reject") -> tuple[bytes, bytes | None, str | None]:
+    parser = DataParser(bare_newlines=mode)  # type: ignore[arg-type]
+    out, pos = b"", 0
+    for cut in [*sorted(set(c % (len(stream) + 1) for c in cuts)), len(stream)]:
+        if cut <= pos:
+            continue
+        result = parser.feed(stream[pos:cut])
+        out += result.content
+        pos = cut
+        if result.leftover is not None:
+            return out, result.leftover + stream[pos:], parser.invalid
+    return out, None, parser.invalid
+
+
+lines = st.lists(st.binary(max_size=40).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")
+                                            .replace(b"\x00", b"")), max_size=12)
+
+
+@given(lines, st.lists(st.integers(min_value=0, max_value=10_000), max_size=8))
+@settings(max_examples=300, deadline=None)
+def test_clean_messages_round_trip_under_any_chunking(body_lines: list[bytes], cuts: list[int]) -> None:
+    stuffed = b"".join((b"." + ln if ln.startswith(b".") else ln) + b"\r\n" for ln in body_lines)
+    stream = stuffed + b".\r\nQUIT\r\n"
+    content, leftover, invalid = run(stream, cuts)
+    assert invalid is None
+    assert leftover == b"QUIT\r\n"
+    assert content == b"".join(ln + b"\r\n" for ln in body_lines)
+
+
+@given(st.sampled_from([b"\n.\n", b"\n.\r\n", b"\r.\r", b"\r.\n", b"\r\n\x00.\r\n", b"\r\n.\r\r\n"]),
+       st.lists(st.integers(min_value=0, max_value=200), max_size=6))
+@settings(max_examples=200, deadline=None)
+def test_smuggling_sequences_never_end_data(seq: bytes, cuts: list[int]) -> None:
+    stream = b"Subject: x\r\n\r\nhi" + seq + b"MAIL FROM:<evil@x>\r\n.\r\nNEXT\r\n"
+    content, leftover, invalid = run(stream, cuts)
+    assert invalid is not None and leftover == b"NEXT\r\n"  # the session discards the message
+    content, leftover, invalid = run(stream, cuts, "normalize")
+    assert invalid is None and leftover == b"NEXT\r\n"
+    assert content.count(b"\n") == content.count(b"\r\n") and b"\x00" not in content
+
+
+def test_empty_message_and_lone_dot_lines() -> None:
+    assert run(b".\r\n", []) == (b"", b"", None)
+    assert run(b"..\r\n.\r\n", [1, 2]) == (b".\r\n", b"", None)
+    assert run(b"a\r\n", [])[1] is None  # not finished without the terminator
+
+
+def test_memory_is_bounded_by_the_chunk() -> None:
+    parser = DataParser()
+    for _ in range(200):  # 200 x 64 KiB of one endless line
+        parser.feed(b"x" * 65536)
+        assert len(parser._buf) <= 8
