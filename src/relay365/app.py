@@ -24,7 +24,10 @@ from relay365.ingress.tls import self_signed, server_context
 from relay365.settings import ListenerSettings, Settings, TransportSettings
 from relay365.spool.sqlite import SqliteSpool
 from relay365.transports.base import Transport
+from relay365.transports.connector import ConnectorTransport
+from relay365.transports.direct_send import DirectSendTransport
 from relay365.transports.smarthost import SmartHostTransport
+from relay365.transports.submission import SubmissionTransport
 
 log = logging.getLogger(__name__)
 
@@ -42,22 +45,29 @@ def explain_reply(reply: str) -> str | None:
 
 
 def build_transport(settings: TransportSettings, *, hostname: str) -> Transport:
-    if settings.type == "smarthost":
-        return SmartHostTransport(settings, helo_name=hostname)
-    raise ConfigError(
-        f"transport {settings.name}.type",
-        settings.type,
-        "This transport type is not available in this build.",
-    )
+    kinds: dict[str, Callable[..., Transport]] = {
+        "smarthost": SmartHostTransport,
+        "submission": SubmissionTransport,
+        "direct_send": DirectSendTransport,
+        "connector": ConnectorTransport,
+    }
+    if settings.type not in kinds:
+        raise ConfigError(
+            f"transport {settings.name}.type",
+            settings.type,
+            "This transport type is not available in this build.",
+        )
+    return kinds[settings.type](settings, helo_name=hostname)
 
 
 def secrets_of(settings: Settings) -> list[str]:
     """Every upstream secret value, so the log redactor can mask it wherever it appears."""
     values = []
     for t in settings.transports:
-        if t.password is not None:
-            with contextlib.suppress(Exception):
-                values.append(load_secret(t.password))
+        for ref in (t.password, t.m365.client_secret):
+            if ref is not None:
+                with contextlib.suppress(Exception):
+                    values.append(load_secret(ref))
     return values
 
 
@@ -89,7 +99,10 @@ class Relay:
         await self.spool.open(recover=True)
         self.scheduler = Scheduler(
             spool=self.spool,
-            router=Router(s.routes),
+            router=Router(
+                s.routes,
+                accepts={n: t.accepts for n, t in self.transports.items() if hasattr(t, "accepts")},
+            ),
             transports=self.transports,
             settings=s.delivery,
             hostname=s.server.hostname,

@@ -14,6 +14,7 @@ into a transient failure, so mail waits and is never bounced, and an ALERT line 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import msal
+import requests
+import requests.adapters
 
 from relay365.errors import TokenError
 
@@ -62,11 +65,24 @@ def _raise_for(result: dict[str, Any] | None, what: str) -> dict[str, Any]:
     return result
 
 
+def _http_session(ca_file: Path | None) -> requests.Session:
+    """msal's HTTP client. With a private CA (the sandbox, an inspecting proxy's CA) the environment's
+    REQUESTS_CA_BUNDLE must not override it, so the session ignores the environment then."""
+    session = requests.Session()
+    if ca_file is not None:
+        session.verify = str(ca_file)
+        session.trust_env = False
+    session.mount("https://", requests.adapters.HTTPAdapter(max_retries=1))
+    session.request = functools.partial(session.request, timeout=30)  # type: ignore[method-assign]
+    return session
+
+
 class TokenSource:
     """``await source.token()`` returns a valid access token: ``Callable[[], Awaitable[str]]``."""
 
-    def __init__(self, settings: OAuthSettings, *, scopes: tuple[str, ...],
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, settings: OAuthSettings, *, scopes: tuple[str, ...], clock: Callable[[], float] = time.time
+    ) -> None:
         self._s = settings
         self._scopes = list(scopes)
         self._clock = clock
@@ -77,6 +93,11 @@ class TokenSource:
         if settings.token_cache is not None and settings.token_cache.exists():
             self._cache.deserialize(settings.token_cache.read_text(encoding="utf-8"))
         self._app: msal.ClientApplication | None = None
+        self._session = _http_session(settings.ca_file)
+
+    def close(self) -> None:
+        """Close msal's pooled HTTPS connections."""
+        self._session.close()
 
     def _client(self) -> msal.ClientApplication:
         if self._app is None:
@@ -85,15 +106,16 @@ class TokenSource:
                 "authority": s.authority,
                 "token_cache": self._cache,
                 "instance_discovery": s.authority_host == PUBLIC_AUTHORITY,
-                "verify": str(s.ca_file) if s.ca_file else True,
-                "timeout": 30,
+                "http_client": self._session,
             }
             if s.client_secret or s.certificate_pem:
                 credential: Any = s.client_secret or {
-                    "private_key": s.certificate_pem, "thumbprint": s.certificate_thumbprint,
+                    "private_key": s.certificate_pem,
+                    "thumbprint": s.certificate_thumbprint,
                 }
                 self._app = msal.ConfidentialClientApplication(
-                    s.client_id, client_credential=credential, **common)
+                    s.client_id, client_credential=credential, **common
+                )
             else:
                 self._app = msal.PublicClientApplication(s.client_id, **common)
         return self._app
@@ -111,10 +133,12 @@ class TokenSource:
                 return _raise_for(result, f"token for {self._s.client_id}")
             accounts = app.get_accounts(username=self._s.username)
             if not accounts:
-                raise TokenError(f"no signed-in account {self._s.username or ''} in the token cache;"
-                                 " run 'relay365 login'")
-            result = app.acquire_token_silent_with_error(self._scopes, account=accounts[0],
-                                                         force_refresh=True)
+                raise TokenError(
+                    f"no signed-in account {self._s.username or ''} in the token cache; run 'relay365 login'"
+                )
+            result = app.acquire_token_silent_with_error(
+                self._scopes, account=accounts[0], force_refresh=True
+            )
             out = _raise_for(result, f"refresh for {self._s.username}")
             self._save_cache()
             return out
@@ -147,8 +171,7 @@ class TokenSource:
                     raise
                 self._token = str(result["access_token"])
                 self._expires_at = now + float(result.get("expires_in", 3600))
-                log.info("token for %s refreshed, valid %ds", self._s.client_id,
-                         int(self._expires_at - now))
+                log.info("token for %s refreshed, valid %ds", self._s.client_id, int(self._expires_at - now))
             return self._token
 
     def invalidate(self) -> None:

@@ -98,6 +98,31 @@ class SecretRef:
 
 
 @dataclass(frozen=True, slots=True)
+class M365Options:
+    """Microsoft 365 specifics of the submission, direct_send, connector and graph transports."""
+
+    mailbox: str | None = None  # the login / sending mailbox (submission, graph)
+    auth: Literal["xoauth2", "basic"] = "xoauth2"
+    tenant: str | None = None  # directory (tenant) id or domain
+    client_id: str | None = None
+    client_secret: SecretRef | None = None
+    certificate_file: Path | None = None  # PEM with private key and certificate
+    certificate_thumbprint: str | None = None
+    authority: str = "https://login.microsoftonline.com"  # national clouds and the sandbox differ
+    authority_ca_file: Path | None = None
+    token_cache: Path | None = None  # delegated sign-in (relay365 login): refresh token, 0600
+    delegated_user: str | None = None
+    accepted_domains: tuple[str, ...] = ()  # the tenant's domains (direct_send: the only ones allowed)
+    nameservers: tuple[str, ...] = ()  # resolver for MX lookups ("ip" or "ip:port"); default: system
+    graph_url: str = "https://graph.microsoft.com/v1.0"
+    save_to_sent_items: bool = True
+    messages_per_minute: int = 30  # Exchange Online SMTP AUTH: 30 messages/minute per mailbox
+    recipients_per_day: int = 10_000  # Exchange Online: 10,000 recipients per rolling 24 hours
+    connections: int = 3  # SMTP AUTH: 3 concurrent connections per mailbox; Graph: 4 requests
+    pacing_window: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
 class TransportSettings:
     name: str
     type: str
@@ -113,7 +138,7 @@ class TransportSettings:
     max_sessions: int = 3
     timeout: float = 60.0
     helo_name: str | None = None
-    options: Mapping[str, Any] = field(default_factory=dict)
+    m365: M365Options = field(default_factory=M365Options)
 
 
 @dataclass(frozen=True, slots=True)
@@ -380,34 +405,78 @@ def _delivery(t: _Table) -> DeliverySettings:
     return s
 
 
+_TYPE_DEFAULTS: dict[str, tuple[str, int, str]] = {
+    # type: (host, port, tls); "" host = the recipient domain's MX record (exchange-online.md)
+    "smarthost": ("127.0.0.1", 25, "required"),
+    "submission": ("smtp.office365.com", 587, "required"),
+    "direct_send": ("", 25, "opportunistic"),
+    "connector": ("", 25, "required"),
+    "graph": ("", 443, "required"),
+}
+
+
 def _transport(t: _Table) -> TransportSettings:
     name = t.get("name", str, "")
     if not name:
         raise ConfigError(t.key("name"), name, "Every transport needs a name.")
+    kind = t.choice("type", tuple(_TYPE_DEFAULTS), "smarthost")
+    host, port, tls = _TYPE_DEFAULTS[kind]
     s = TransportSettings(
         name=name,
-        type=t.choice("type", ("smarthost", "submission", "direct_send", "connector", "graph"), "smarthost"),
-        host=t.get("host", str, "127.0.0.1"),
-        port=_port(t, "port", 25),
-        tls=cast(UpstreamTls, t.choice("tls", UPSTREAM_TLS_MODES, "required")),
+        type=kind,
+        host=t.get("host", str, host),
+        port=_port(t, "port", port),
+        tls=cast(UpstreamTls, t.choice("tls", UPSTREAM_TLS_MODES, tls)),
         verify=t.get("verify", bool, True),
         ca_file=t.existing_file("ca_file"),
         username=t.opt("username", str),
         password=t.secret("password"),
         client_cert_file=t.existing_file("client_cert_file"),
         client_key_file=t.existing_file("client_key_file"),
-        max_sessions=t.positive("max_sessions", int, 3),
+        max_sessions=t.positive("max_sessions", int, 4 if kind == "graph" else 3),
         timeout=t.positive("timeout", float, 60.0),
         helo_name=t.opt("helo_name", str),
+        m365=_m365(t, kind) if kind != "smarthost" else M365Options(),
     )
     if s.password is not None and s.username is None:
         raise ConfigError(t.key("username"), None, "A password needs a username.")
-    extra = t.done(extra_ok=s.type != "smarthost")
-    return TransportSettings(**{**_asdict(s), "options": extra})
+    t.done()
+    return s
 
 
-def _asdict(s: TransportSettings) -> dict[str, Any]:
-    return {f: getattr(s, f) for f in TransportSettings.__slots__}
+def _m365(t: _Table, kind: str) -> M365Options:
+    o = M365Options(
+        mailbox=t.opt("mailbox", str),
+        auth=cast(Literal["xoauth2", "basic"], t.choice("auth", ("xoauth2", "basic"), "xoauth2")),
+        tenant=t.opt("tenant", str),
+        client_id=t.opt("client_id", str),
+        client_secret=t.secret("client_secret"),
+        certificate_file=t.existing_file("certificate_file"),
+        certificate_thumbprint=t.opt("certificate_thumbprint", str),
+        authority=t.get("authority", str, "https://login.microsoftonline.com"),
+        authority_ca_file=t.existing_file("authority_ca_file"),
+        token_cache=t.path("token_cache"),
+        delegated_user=t.opt("delegated_user", str),
+        accepted_domains=tuple(d.lower().lstrip("@") for d in t.strings("accepted_domains")),
+        nameservers=t.strings("nameservers"),
+        graph_url=t.get("graph_url", str, "https://graph.microsoft.com/v1.0").rstrip("/"),
+        save_to_sent_items=t.get("save_to_sent_items", bool, True),
+        messages_per_minute=t.positive("messages_per_minute", int, 30),
+        recipients_per_day=t.positive("recipients_per_day", int, 10_000),
+        connections=t.positive("connections", int, 4 if kind == "graph" else 3),
+        pacing_window=t.positive("pacing_window", float, 60.0),
+    )
+    needs_mailbox = kind == "graph" or (kind == "submission")
+    if needs_mailbox and not o.mailbox:
+        raise ConfigError(t.key("mailbox"), None, f"A {kind} transport sends as a mailbox; name it.")
+    oauth = kind == "graph" or (kind == "submission" and o.auth == "xoauth2")
+    if oauth and not (o.tenant and o.client_id):
+        raise ConfigError(t.key("client_id"), o.client_id, "OAuth needs tenant and client_id.")
+    if kind == "direct_send" and not o.accepted_domains:
+        raise ConfigError(
+            t.key("accepted_domains"), [], "Direct Send only reaches the tenant's own domains; list them."
+        )
+    return o
 
 
 def _route(t: _Table, transports: set[str]) -> RouteSettings:

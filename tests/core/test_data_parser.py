@@ -22,8 +22,10 @@ def run(stream: bytes, cuts: list[int], mode: str = "reject") -> tuple[bytes, by
     return out, None, parser.invalid
 
 
-lines = st.lists(st.binary(max_size=40).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")
-                                            .replace(b"\x00", b"")), max_size=12)
+lines = st.lists(
+    st.binary(max_size=40).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"").replace(b"\x00", b"")),
+    max_size=12,
+)
 
 
 @given(lines, st.lists(st.integers(min_value=0, max_value=10_000), max_size=8))
@@ -37,8 +39,10 @@ def test_clean_messages_round_trip_under_any_chunking(body_lines: list[bytes], c
     assert content == b"".join(ln + b"\r\n" for ln in body_lines)
 
 
-@given(st.sampled_from([b"\n.\n", b"\n.\r\n", b"\r.\r", b"\r.\n", b"\r\n\x00.\r\n", b"\r\n.\r\r\n"]),
-       st.lists(st.integers(min_value=0, max_value=200), max_size=6))
+@given(
+    st.sampled_from([b"\n.\n", b"\n.\r\n", b"\r.\r", b"\r.\n", b"\r\n\x00.\r\n", b"\r\n.\r\r\n"]),
+    st.lists(st.integers(min_value=0, max_value=200), max_size=6),
+)
 @settings(max_examples=200, deadline=None)
 def test_smuggling_sequences_never_end_data(seq: bytes, cuts: list[int]) -> None:
     stream = b"Subject: x\r\n\r\nhi" + seq + b"MAIL FROM:<evil@x>\r\n.\r\nNEXT\r\n"

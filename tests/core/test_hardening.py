@@ -17,8 +17,9 @@ SMUGGLING = [b"\n.\n", b"\n.\r\n", b"\r.\r", b"\r.\n", b"\r\n\x00.\r\n", b"\r\n.
 
 
 @pytest.fixture
-async def relay(tmp_path: Path, upstream: RecordingUpstream, request: pytest.FixtureRequest
-                ) -> AsyncIterator[Relay]:
+async def relay(
+    tmp_path: Path, upstream: RecordingUpstream, request: pytest.FixtureRequest
+) -> AsyncIterator[Relay]:
     marker = request.node.get_closest_marker("relay")
     extra: dict[str, Any] = marker.kwargs if marker else {}
     settings = make_settings(tmp_path, transport=[smarthost(upstream.port)], **extra)
@@ -41,9 +42,12 @@ async def test_smuggling_is_refused_and_nothing_is_queued(
     relay: Relay, upstream: RecordingUpstream, sequence: bytes
 ) -> None:
     c = await open_transaction(relay)
-    payload = (b"Subject: hi\r\n\r\nhello" + sequence +
-               b"MAIL FROM:<smuggled@x.com>\r\nRCPT TO:<victim@contoso.com>\r\nDATA\r\n"
-               b"Subject: smuggled\r\n\r\nevil\r\n.\r\n")
+    payload = (
+        b"Subject: hi\r\n\r\nhello"
+        + sequence
+        + b"MAIL FROM:<smuggled@x.com>\r\nRCPT TO:<victim@contoso.com>\r\nDATA\r\n"
+        b"Subject: smuggled\r\n\r\nevil\r\n.\r\n"
+    )
     await c.send(payload)
     reply = await c.reply()
     assert reply.startswith("550 5.6.11"), reply

@@ -31,8 +31,12 @@ def b64(text: str) -> str:
 
 
 @pytest.fixture
-async def relay(tmp_path: Path, upstream: RecordingUpstream, server_cert: tuple[Path, Path],
-                request: pytest.FixtureRequest) -> AsyncIterator[Relay]:
+async def relay(
+    tmp_path: Path,
+    upstream: RecordingUpstream,
+    server_cert: tuple[Path, Path],
+    request: pytest.FixtureRequest,
+) -> AsyncIterator[Relay]:
     marker = request.node.get_closest_marker("relay")
     extra: dict[str, Any] = dict(marker.kwargs) if marker else {}
     cert, key = server_cert
@@ -127,8 +131,10 @@ async def test_unknown_user_costs_the_same(relay: Relay, ca_file: Path) -> None:
     await c.close()
 
 
-@pytest.mark.relay(listener=[{"name": "lan", "port": 0, "tls": "starttls-required"}],
-                   device=[{"name": "local", "ip_allow": ["127.0.0.0/8"]}])
+@pytest.mark.relay(
+    listener=[{"name": "lan", "port": 0, "tls": "starttls-required"}],
+    device=[{"name": "local", "ip_allow": ["127.0.0.0/8"]}],
+)
 async def test_commands_before_required_tls(relay: Relay, ca_file: Path) -> None:
     c = await RawSMTP.connect(relay.ports["lan"])
     await c.reply()
@@ -166,10 +172,12 @@ def tls10_context(ca_file: Path) -> ssl.SSLContext:
     return ctx
 
 
-@pytest.mark.relay(listener=[
-    {"name": "legacy", "port": 0, "tls": "starttls", "legacy": True, "min_tls_version": "1.0"},
-    {"name": "modern", "port": 0, "tls": "starttls"},
-])
+@pytest.mark.relay(
+    listener=[
+        {"name": "legacy", "port": 0, "tls": "starttls", "legacy": True, "min_tls_version": "1.0"},
+        {"name": "modern", "port": 0, "tls": "starttls"},
+    ]
+)
 async def test_tls10_printer_on_legacy_listener_only(relay: Relay, ca_file: Path) -> None:
     c = await RawSMTP.connect(relay.ports["legacy"])
     await c.reply()
@@ -194,11 +202,32 @@ async def test_swaks_starttls_auth_pipelining(relay: Relay, ca_file: Path) -> No
     """A real third-party client: swaks with STARTTLS, AUTH LOGIN and PIPELINING."""
     out = await asyncio.to_thread(
         subprocess.run,
-        ["swaks", "--server", f"127.0.0.1:{relay.ports['lan']}", "--tls", "--tls-verify",
-         "--tls-ca-path", str(ca_file), "--auth", "LOGIN",
-         "--auth-user", "mfp-2f", "--auth-password", PASSWORD, "--pipeline",
-         "--from", "scan@contoso.com", "--to", "bob@contoso.com", "--timeout", "20"],
-        capture_output=True, text=True, timeout=60, check=False,
+        [
+            "swaks",
+            "--server",
+            f"127.0.0.1:{relay.ports['lan']}",
+            "--tls",
+            "--tls-verify",
+            "--tls-ca-path",
+            str(ca_file),
+            "--auth",
+            "LOGIN",
+            "--auth-user",
+            "mfp-2f",
+            "--auth-password",
+            PASSWORD,
+            "--pipeline",
+            "--from",
+            "scan@contoso.com",
+            "--to",
+            "bob@contoso.com",
+            "--timeout",
+            "20",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "235 2.7.0 Authentication successful" in out.stdout
@@ -221,17 +250,35 @@ def device_cert(ca: trustme.CA, tmp_path: Path) -> tuple[Path, Path, str]:
 
 
 async def test_client_certificate_identifies_device(
-    tmp_path: Path, upstream: RecordingUpstream, server_cert: tuple[Path, Path], ca_file: Path,
+    tmp_path: Path,
+    upstream: RecordingUpstream,
+    server_cert: tuple[Path, Path],
+    ca_file: Path,
     device_cert: tuple[Path, Path, str],
 ) -> None:
     cert, key, fingerprint = device_cert
     settings = make_settings(
-        tmp_path, transport=[smarthost(upstream.port)],
-        listener=[{"name": "lan", "port": 0, "tls": "starttls", "cert_file": str(server_cert[0]),
-                   "key_file": str(server_cert[1]), "client_ca_file": str(ca_file), "auth": False}],
-        device=[{"name": "by-fp", "client_cert_fingerprints": [f"sha256:{fingerprint}"],
-                 "allowed_senders": ["fp@contoso.com"]},
-                {"name": "by-subject", "client_cert_subjects": ["CN=other.contoso.lan"]}],
+        tmp_path,
+        transport=[smarthost(upstream.port)],
+        listener=[
+            {
+                "name": "lan",
+                "port": 0,
+                "tls": "starttls",
+                "cert_file": str(server_cert[0]),
+                "key_file": str(server_cert[1]),
+                "client_ca_file": str(ca_file),
+                "auth": False,
+            }
+        ],
+        device=[
+            {
+                "name": "by-fp",
+                "client_cert_fingerprints": [f"sha256:{fingerprint}"],
+                "allowed_senders": ["fp@contoso.com"],
+            },
+            {"name": "by-subject", "client_cert_subjects": ["CN=other.contoso.lan"]},
+        ],
     )
     async with running_relay(settings) as relay:
         c = await RawSMTP.connect(relay.ports["lan"])

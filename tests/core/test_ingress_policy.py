@@ -15,8 +15,9 @@ from tests.core.smtpraw import RawSMTP
 
 
 @pytest.fixture
-async def relay(tmp_path: Path, upstream: RecordingUpstream, request: pytest.FixtureRequest
-                ) -> AsyncIterator[Relay]:
+async def relay(
+    tmp_path: Path, upstream: RecordingUpstream, request: pytest.FixtureRequest
+) -> AsyncIterator[Relay]:
     marker = request.node.get_closest_marker("relay")
     extra: dict[str, Any] = marker.kwargs if marker else {}
     settings = make_settings(tmp_path, transport=[smarthost(upstream.port)], **extra)
@@ -43,17 +44,26 @@ async def test_unknown_ip_is_refused_before_queuing(relay: Relay) -> None:
     await c.close()
 
 
-@pytest.mark.relay(listener=[{"name": "lan", "port": 0, "tls": "none", "auth": False}],
-                   device=[{"name": "other", "ip_allow": ["10.9.9.0/24"]}])
+@pytest.mark.relay(
+    listener=[{"name": "lan", "port": 0, "tls": "none", "auth": False}],
+    device=[{"name": "other", "ip_allow": ["10.9.9.0/24"]}],
+)
 async def test_unknown_ip_without_auth_is_not_a_relay(relay: Relay) -> None:
     c = await session(relay)
     assert (await c.cmd("MAIL FROM:<a@contoso.com>")).startswith("550 5.7.1 Client host [127.0.0.1]")
     await c.close()
 
 
-@pytest.mark.relay(device=[{"name": "scanner", "ip_allow": ["127.0.0.1/32"],
-                            "allowed_senders": ["scanner@contoso.com", "@fabrikam.com"],
-                            "allowed_recipient_domains": ["contoso.com"]}])
+@pytest.mark.relay(
+    device=[
+        {
+            "name": "scanner",
+            "ip_allow": ["127.0.0.1/32"],
+            "allowed_senders": ["scanner@contoso.com", "@fabrikam.com"],
+            "allowed_recipient_domains": ["contoso.com"],
+        }
+    ]
+)
 async def test_sender_and_recipient_rules(relay: Relay) -> None:
     c = await session(relay)
     assert (await c.cmd("MAIL FROM:<ceo@contoso.com>")).startswith("550 5.7.1 Device scanner may not")
@@ -65,8 +75,9 @@ async def test_sender_and_recipient_rules(relay: Relay) -> None:
     await c.close()
 
 
-@pytest.mark.relay(device=[{"name": "printer", "ip_allow": ["127.0.0.1/32"], "max_recipients": 3,
-                            "max_message_size": 2000}])
+@pytest.mark.relay(
+    device=[{"name": "printer", "ip_allow": ["127.0.0.1/32"], "max_recipients": 3, "max_message_size": 2000}]
+)
 async def test_size_and_recipient_limits(relay: Relay) -> None:
     c = await session(relay)
     ehlo = await c.cmd("EHLO printer.lan")
@@ -95,8 +106,9 @@ async def test_five_thousand_recipients(relay: Relay) -> None:
     await c.close()
 
 
-@pytest.mark.relay(device=[{"name": "mfp", "ip_allow": ["127.0.0.1/32"],
-                            "rewrite_sender": "scanner@contoso.com"}])
+@pytest.mark.relay(
+    device=[{"name": "mfp", "ip_allow": ["127.0.0.1/32"], "rewrite_sender": "scanner@contoso.com"}]
+)
 async def test_sender_rewrite(relay: Relay, upstream: RecordingUpstream) -> None:
     c = await session(relay)
     assert (await c.cmd("MAIL FROM:<root@mfp-3f.local>")).startswith("250")
@@ -173,12 +185,11 @@ async def test_long_command_line(relay: Relay) -> None:
 
 async def test_pipelined_transactions_are_separate(relay: Relay, upstream: RecordingUpstream) -> None:
     c = await session(relay)
-    await c.send(
-        b"MAIL FROM:<a@contoso.com>\r\nRCPT TO:<one@contoso.com>\r\nDATA\r\n"
-    )
+    await c.send(b"MAIL FROM:<a@contoso.com>\r\nRCPT TO:<one@contoso.com>\r\nDATA\r\n")
     assert [(await c.reply())[:3] for _ in range(3)] == ["250", "250", "354"]
-    await c.send(b"Subject: 1\r\n\r\none\r\n.\r\nMAIL FROM:<b@contoso.com>\r\n"
-                 b"RCPT TO:<two@contoso.com>\r\nDATA\r\n")
+    await c.send(
+        b"Subject: 1\r\n\r\none\r\n.\r\nMAIL FROM:<b@contoso.com>\r\nRCPT TO:<two@contoso.com>\r\nDATA\r\n"
+    )
     assert [(await c.reply())[:3] for _ in range(4)] == ["250", "250", "250", "354"]
     assert (await c.cmd(b"Subject: 2\r\n\r\ntwo\r\n.")).startswith("250")
     msgs = await upstream.wait_for(2)

@@ -24,18 +24,27 @@ def parse(tmp_path: Path, data: dict[str, Any]) -> Any:
         ({"listener": [{"tls": "maybe"}]}, "listener[0].tls", "maybe"),
         ({"listener": [{"min_tls_version": "1.0"}]}, "listener[0].min_tls_version", "1.0"),
         ({"listener": [{"address": "printer"}]}, "listener[0].address", "printer"),
-        ({"listener": [{"cert_file": "/nonexistent.pem", "key_file": "/x"}]}, "listener[0].cert_file",
-         "/nonexistent.pem"),
+        (
+            {"listener": [{"cert_file": "/nonexistent.pem", "key_file": "/x"}]},
+            "listener[0].cert_file",
+            "/nonexistent.pem",
+        ),
         ({"device": [{"name": "p", "ip_allow": ["10.0.0.0/33"]}]}, "device[0].ip_allow", "10.0.0.0/33"),
         ({"device": [{"name": "p", "password_hash": "plain"}]}, "device[0].password_hash", "***"),
-        ({"device": [{"name": "p", "allowed_senders": ["nodomain"]}]}, "device[0].allowed_senders",
-         "nodomain"),
+        (
+            {"device": [{"name": "p", "allowed_senders": ["nodomain"]}]},
+            "device[0].allowed_senders",
+            "nodomain",
+        ),
         ({"device": [{"ip_allow": []}]}, "device[0].name", ""),
         ({"delivery": {"min_backoff": -1}}, "delivery.min_backoff", -1.0),
         ({"delivery": {"concurrency": "ten"}}, "delivery.concurrency", "ten"),
         ({"server": {"colour": "blue"}}, "server.colour", "blue"),
-        ({"transport": [{"name": "t", "password": "hunter2", "username": "u"}]}, "transport[0].password",
-         "***"),
+        (
+            {"transport": [{"name": "t", "password": "hunter2", "username": "u"}]},
+            "transport[0].password",
+            "***",
+        ),
         ({"transport": [{"name": "t"}], "route": [{"transport": "nope"}]}, "route[0].transport", "nope"),
     ],
 )
@@ -87,7 +96,9 @@ def test_argon2id_hashes() -> None:
 
 def test_redactor_masks_secrets_and_auth_material() -> None:
     r = Redactor(["hunter2-secret"])
-    text = r.redact("login with hunter2-secret; AUTH PLAIN AGZvbwBiYXI=; auth login dXNlcg==;"
-                    " Authorization: Bearer eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiIxIn0.c2ln; password=abc123")
+    text = r.redact(
+        "login with hunter2-secret; AUTH PLAIN AGZvbwBiYXI=; auth login dXNlcg==;"
+        " Authorization: Bearer eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiIxIn0.c2ln; password=abc123"
+    )
     for secret in ("hunter2-secret", "AGZvbwBiYXI=", "dXNlcg==", "eyJhbGciOiJSUzI1NiJ9", "abc123"):
         assert secret not in text

@@ -6,7 +6,7 @@ names must hold. A message whose recipients match different routes is split per 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from relay365.settings import RouteSettings
@@ -29,11 +29,16 @@ def _sender_ok(patterns: tuple[str, ...], sender: str) -> bool:
 
 
 class Router:
-    def __init__(self, routes: Sequence[RouteSettings]) -> None:
+    """``accepts`` maps a transport name to its own recipient rule (Direct Send: accepted domains)."""
+
+    def __init__(self, routes: Sequence[RouteSettings],
+                 accepts: Mapping[str, Callable[[str], bool]] | None = None) -> None:
         self._routes = tuple(routes)
+        self._accepts = dict(accepts or {})
 
     def choose(self, *, rcpt: str, sender: str, device: str, size: int) -> RouteChoice:
         domain = rcpt.rpartition("@")[2].lower()
+        refused: list[str] = []
         for r in self._routes:
             why: list[str] = []
             if r.recipient_domains:
@@ -52,6 +57,11 @@ class Router:
                 if size > r.max_size:
                     continue
                 why.append(f"size {size} <= {r.max_size}")
+            accepts = self._accepts.get(r.transport)
+            if accepts is not None and not accepts(rcpt):
+                refused.append(f"route {r.name} ({r.transport}) only reaches the tenant's own domains")
+                continue
             reason = "matches " + ", ".join(why) if why else "catch-all route"
             return RouteChoice(r.name, r.transport, reason)
-        raise NoRoute(f"no route for <{rcpt}>")
+        detail = "; ".join(refused) if refused else "no route rule matches"
+        raise NoRoute(f"no route for <{rcpt}>: {detail}")

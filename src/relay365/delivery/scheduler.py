@@ -142,9 +142,11 @@ class Scheduler:
                 self._cooldown[entry.queue_id] = self._clock() + self._settings.min_backoff
             self._wake.set()
 
-    def _groups(self, entry: QueueEntry, now: float) -> tuple[dict[str, list[str]], list[str]]:
+    def _groups(
+        self, entry: QueueEntry, now: float
+    ) -> tuple[dict[str, list[str]], list[tuple[str, str]]]:
         groups: dict[str, list[str]] = {}
-        unroutable: list[str] = []
+        unroutable: list[tuple[str, str]] = []
         for r in entry.recipients:
             if r.state not in (RcptState.QUEUED, RcptState.DEFERRED) or r.next_attempt > now:
                 continue
@@ -155,8 +157,9 @@ class Scheduler:
                     device=entry.envelope.device,
                     size=entry.size,
                 )
-            except NoRoute:
-                unroutable.append(r.rcpt)
+            except NoRoute as e:
+                log.warning("%s: %s", entry.queue_id, e)
+                unroutable.append((r.rcpt, str(e)))
                 continue
             groups.setdefault(choice.transport, []).append(r.rcpt)
         return groups, unroutable
@@ -188,8 +191,8 @@ class Scheduler:
         groups, unroutable = self._groups(entry, now)
         states = {r.rcpt: r for r in entry.recipients}
         updates: list[RecipientUpdate] = []
-        failures: list[Failure] = [Failure(r, NO_ROUTE_REPLY) for r in unroutable]
-        updates += [RecipientUpdate(r, RcptState.BOUNCED, NO_ROUTE_REPLY) for r in unroutable]
+        failures = [Failure(r, f"{NO_ROUTE_REPLY} ({why})") for r, why in unroutable]
+        updates += [RecipientUpdate(f.rcpt, RcptState.BOUNCED, f.reply) for f in failures]
         events: list[PaceEvent] = []
         for name, rcpts in groups.items():
             transport = self._transports[name]

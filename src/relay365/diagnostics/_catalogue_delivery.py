@@ -1,0 +1,303 @@
+"""Catalogue entries: reputation, policy, recipient, size, network and generic replies.
+
+Each entry cites the Microsoft page (or RFC) it comes from. Order matters only between entries of the
+same code: an entry with ``patterns`` wins when its text matches, otherwise the entry without patterns is
+the default for that code. Specific codes win over ranges.
+"""
+
+from __future__ import annotations
+
+from relay365.diagnostics._catalogue_sources import (
+    LIMITS,
+    NDR,
+)
+from relay365.diagnostics.catalogue import CatalogueEntry as E
+from relay365.diagnostics.catalogue import Category as C
+
+DELIVERY: tuple[E, ...] = (
+    # --- Reputation and IP blocks ---
+    # 451 4.7.500-699: exchange-online.md; NDR table row 4.7.500-699.
+    E(
+        code="4.7.500-699",
+        reply_code=451,
+        category=C.REPUTATION,
+        retry_after=300,
+        source=NDR,
+        text="Access denied, please try again later",
+        meaning="Graylisting of a new or suspicious sending IP.",
+        fix="Nothing: retries succeed once the IP builds reputation. Keep volumes low from new IPs.",
+    ),
+    # 5.7.50x: NDR table rows 5.7.501-513.
+    E(
+        code="5.7.501",
+        reply_code=550,
+        category=C.REPUTATION,
+        source=NDR,
+        text="Access denied, spam abuse detected",
+        meaning="The sending account is blocked for sending spam.",
+        fix="Secure the account; contact support.",
+    ),
+    E(
+        code="5.7.502",
+        reply_code=550,
+        category=C.REPUTATION,
+        source=NDR,
+        text="Access denied, banned sender",
+        meaning="The sending account is blocked.",
+        fix="Secure the account; contact support.",
+    ),
+    E(
+        code="5.7.503",
+        reply_code=550,
+        category=C.REPUTATION,
+        source=NDR,
+        text="Access denied, connection refused",
+        meaning="The sending account is blocked.",
+        fix="Secure the account; contact support.",
+    ),
+    E(
+        code="5.7.506",
+        reply_code=550,
+        category=C.POLICY,
+        source=NDR,
+        text="Access Denied, Bad HELO",
+        meaning="The HELO/EHLO name is not acceptable (an IP literal or a name that looks like spam).",
+        fix="Set a proper fully-qualified EHLO name on the device or relay365.",
+    ),
+    E(
+        code="5.7.509",
+        reply_code=550,
+        category=C.POLICY,
+        source=NDR,
+        text="Access denied, sending domain [domain] does not pass DMARC verification and has a DMARC policy "
+        "of reject",
+        meaning="The From: domain's DMARC policy is reject and the message failed SPF and DKIM alignment.",
+        fix="Authorise the sending IP in SPF (relay365 spf) or sign with DKIM; check the DMARC record.",
+    ),
+    E(
+        code="5.7.510",
+        reply_code=550,
+        category=C.NETWORK,
+        source=NDR,
+        text="Access denied, [domain] does not accept email over IPv6",
+        meaning="The recipient domain does not accept mail over IPv6.",
+        fix="Send over IPv4.",
+    ),
+    E(
+        code="5.7.511",
+        reply_code=550,
+        category=C.REPUTATION,
+        source=NDR,
+        text="Access denied, banned sender",
+        meaning="The sending IP is banned.",
+        fix="Email delist@microsoft.com with the full NDR and the IP, or use the delist portal.",
+    ),
+    E(
+        code="5.7.512",
+        reply_code=550,
+        category=C.SIZE,
+        source=NDR,
+        text="Access denied, message must be RFC 5322 section 3.6.2 compliant",
+        meaning="The message has no valid From: header.",
+        fix="Make the device/app send a valid From: header.",
+    ),
+    # 5.7.606-649: exchange-online.md; NDR table.
+    E(
+        code="5.7.606-649",
+        reply_code=550,
+        category=C.REPUTATION,
+        source=NDR,
+        text="Access denied, banned sending IP [a.b.c.d]",
+        meaning="The sending IP is on Microsoft's block list.",
+        fix="Delist the IP at https://sender.office.com, then resend.",
+    ),
+    # 5.7.700-749 and 5.7.750: exchange-online.md; NDR table.
+    E(
+        code="5.7.705",
+        reply_code=550,
+        category=C.REPUTATION,
+        source=NDR,
+        text="Access denied, tenant has exceeded threshold",
+        meaning="The tenant sent too much spam/bulk and is blocked from sending.",
+        fix="Stop the spam source (compromised accounts), then contact Microsoft support.",
+    ),
+    E(
+        code="5.7.708",
+        reply_code=550,
+        category=C.REPUTATION,
+        source=NDR,
+        text="Access denied, traffic not accepted from this IP",
+        meaning="Microsoft does not accept mail from this IP (low reputation, often a new tenant).",
+        fix="Verify the domain and contact Microsoft support; use a connector from a reputable IP.",
+    ),
+    E(
+        code="5.7.700-749",
+        reply_code=550,
+        category=C.REPUTATION,
+        source=NDR,
+        text="Access denied, tenant has exceeded threshold",
+        meaning="The tenant is blocked from sending (reputation threshold exceeded).",
+        fix="Find and stop the abusive sender, then contact Microsoft support.",
+    ),
+    E(
+        code="5.7.750",
+        reply_code=550,
+        category=C.REPUTATION,
+        source=NDR,
+        text="Service unavailable. Client blocked from sending from unregistered domains",
+        meaning="Too much mail from domains that are not accepted/verified in the tenant.",
+        fix="Add and verify the sending domains as accepted domains; send only from them.",
+    ),
+    # 5.7.23: exchange-online.md; NDR table row 5.7.23.
+    E(
+        code="5.7.23",
+        reply_code=550,
+        category=C.POLICY,
+        source=NDR,
+        text="The message was rejected because of Sender Policy Framework violation",
+        meaning="The sending IP is not authorised by the sender domain's SPF record (SPF fail).",
+        fix="Add the IP to the domain's SPF record (relay365 spf --ip ...).",
+    ),
+    # 4.7.26: NDR table row 4.7.26.
+    E(
+        code="4.7.26",
+        reply_code=451,
+        category=C.POLICY,
+        source=NDR,
+        text="Access denied, a message sent over IPv6 must pass either SPF or DKIM validation",
+        meaning="Over IPv6 the message needs SPF or DKIM to pass.",
+        fix="Add the IPv6 to SPF or sign with DKIM.",
+    ),
+    # --- Recipients ---
+    # 5.4.1: exchange-online.md; NDR table row 5.4.1 (directory-based edge blocking).
+    E(
+        code="5.4.1",
+        reply_code=550,
+        category=C.RELAY,
+        source=NDR,
+        patterns=("relay access denied",),
+        text="Relay Access Denied",
+        meaning="The server does not accept mail for the recipient's domain (MX or DNS misconfiguration).",
+        fix="Check the recipient domain's MX record and that the domain is accepted in the tenant.",
+    ),
+    E(
+        code="5.4.1",
+        reply_code=550,
+        category=C.RECIPIENT,
+        source=NDR,
+        text="Recipient address rejected: Access denied",
+        meaning="The recipient does not exist in the tenant (directory-based edge blocking).",
+        fix="Fix the recipient address; in a hybrid set-up check the domain type (InternalRelay).",
+    ),
+    E(
+        code="5.1.1",
+        reply_code=550,
+        category=C.RECIPIENT,
+        source=NDR,
+        text="Bad destination mailbox address",
+        meaning="The recipient address does not exist.",
+        fix="Fix the recipient address.",
+    ),
+    E(
+        code="5.1.10",
+        reply_code=550,
+        category=C.RECIPIENT,
+        source=NDR,
+        text="Recipient not found by SMTP address lookup",
+        meaning="The recipient address was not found in the recipient's organization.",
+        fix="Fix the recipient address.",
+    ),
+    E(
+        code="5.1.0",
+        reply_code=550,
+        category=C.SENDER,
+        source=NDR,
+        text="Sender denied",
+        meaning="The recipient could not be resolved (badly formatted or stale legacyExchangeDN address).",
+        fix="Check the recipient address and send again.",
+    ),
+    # --- Size / content ---
+    # 552 5.3.4: exchange-online.md; LIMITS (35/36 MB default, 150 MB max).
+    E(
+        code="5.3.4",
+        reply_code=552,
+        category=C.SIZE,
+        source=LIMITS,
+        text="Message size exceeds fixed maximum message size",
+        meaning="The message is larger than the mailbox/organization allows (35 MB send by default).",
+        fix="Send smaller messages, raise MaxSendSize, or route through Graph with an upload session.",
+    ),
+    E(
+        code="5.2.3",
+        reply_code=550,
+        category=C.SIZE,
+        source=NDR,
+        text="Message too large",
+        meaning="The message exceeds a size limit on the way.",
+        fix="Send a smaller message.",
+    ),
+    E(
+        code="5.6.11",
+        reply_code=554,
+        category=C.SIZE,
+        source=NDR,
+        text="Invalid characters",
+        meaning="The message has bare line feeds or invalid characters the server will not accept.",
+        fix="Fix the device's MIME output (CRLF line endings).",
+    ),
+    # --- Network / routing ---
+    E(
+        code="4.4.7",
+        reply_code=451,
+        category=C.NETWORK,
+        source=NDR,
+        text="Message expired",
+        meaning="The message waited in a queue past its expiration time (receiving server not reachable).",
+        fix="Check the receiving server and the recipient address.",
+    ),
+    E(
+        code="4.4.316",
+        reply_code=451,
+        category=C.NETWORK,
+        source=NDR,
+        text="Connection refused [Message=Socket error code 10061]",
+        meaning="Exchange Online could not connect to the destination server.",
+        fix="The destination's admin fixes the server or firewall.",
+    ),
+    E(
+        code="5.4.316",
+        reply_code=550,
+        category=C.NETWORK,
+        source=NDR,
+        text="Message expired, connection refused",
+        meaning="Exchange Online tried to connect to the destination until the message expired.",
+        fix="The destination's admin fixes the server or firewall; then resend.",
+    ),
+    E(
+        code="5.4.300",
+        reply_code=550,
+        category=C.NETWORK,
+        source=NDR,
+        text="Message expired",
+        meaning="Exchange Online could not deliver before the message expired.",
+        fix="Check the destination server; resend.",
+    ),
+    E(
+        code="5.4.6",
+        reply_code=554,
+        category=C.NETWORK,
+        source=NDR,
+        text="Routing loop detected",
+        meaning="Mail loops between servers (often a forwarding or connector misconfiguration).",
+        fix="Fix forwarding/connectors so the domain is delivered in one place.",
+    ),
+    E(
+        code="5.4.14",
+        reply_code=554,
+        category=C.NETWORK,
+        source=NDR,
+        text="Hop count exceeded - possible mail loop",
+        meaning="The message passed too many servers (a loop).",
+        fix="Fix forwarding rules and connectors.",
+    ),
+)

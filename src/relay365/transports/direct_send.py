@@ -1,0 +1,30 @@
+"""Direct Send (option 2): anonymous, port 25, to the tenant's MX endpoint, opportunistic TLS.
+
+Only mailboxes in Exchange Online can be reached this way (external recipients are refused by
+Microsoft), so this transport only takes recipients in the tenant's accepted domains; the router
+sends others elsewhere or bounces them at once with a reason, never a blind try.
+"""
+
+from __future__ import annotations
+
+from relay365.settings import TransportSettings
+from relay365.transports.base import OutboundMessage, RecipientResult
+from relay365.transports.mx import MxDelivery
+
+
+class DirectSendTransport:
+    def __init__(self, settings: TransportSettings, *, helo_name: str) -> None:
+        self.name = settings.name
+        self.accepted_domains = frozenset(settings.m365.accepted_domains)
+        self._mx = MxDelivery(
+            settings, helo_name=helo_name, require_tls=settings.tls == "required", allowed=self.accepts
+        )
+
+    def accepts(self, rcpt: str) -> bool:
+        return rcpt.rpartition("@")[2].lower() in self.accepted_domains
+
+    async def deliver(self, message: OutboundMessage) -> list[RecipientResult]:
+        return await self._mx.deliver(self.name, message)
+
+    async def close(self) -> None:
+        await self._mx.close()

@@ -1,0 +1,109 @@
+"""Delivery against Postfix's ``smtp-sink`` and its fault injection: -r (4xx), -f (5xx), -q (hang up
+without a reply), -Q (421 and hang up) at MAIL, RCPT, DATA and "."."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import pytest
+
+from relay365.app import Relay
+from relay365.spool.model import RcptState
+from tests.conftest import make_settings, running_relay, smarthost
+from tests.core.helpers import Clock, SmtpSink, send_message, smtp_sink, wait_gone, wait_state, wait_until
+
+BODY = b"Subject: sink test\r\n\r\nscan attached\r\n"
+RCPT = "alice@contoso.com"
+
+
+def settings_for(tmp_path: Path, port: int) -> object:
+    return make_settings(
+        tmp_path,
+        listener=[{"name": "lan", "port": 0, "tls": "none"}],
+        transport=[smarthost(port, timeout=5)],
+        delivery={"min_backoff": 60, "max_backoff": 600, "poll_interval": 0.2},
+    )
+
+
+async def sent(relay: Relay, **kwargs: object) -> str:
+    return await asyncio.to_thread(send_message, relay.ports["lan"], body=BODY, **kwargs)  # type: ignore[arg-type]
+
+
+async def dumped(sink: SmtpSink, count: int, timeout: float = 10.0) -> list[bytes]:
+    async def check() -> bool:
+        return sum(d.endswith(b"scan attached\n\n") for d in sink.dumps()) >= count
+
+    await wait_until(check, timeout, f"{count} message(s) in smtp-sink")
+    return sink.dumps()
+
+
+async def test_delivered_to_smtp_sink(tmp_path: Path) -> None:
+    with smtp_sink() as sink:
+        async with running_relay(settings_for(tmp_path, sink.port), clock=Clock()) as relay:  # type: ignore[arg-type]
+            qid = await sent(relay, rcpts=(RCPT, "bob@contoso.com"))
+            [dump] = await dumped(sink, 1)
+            await wait_gone(relay.spool, qid)
+    assert b"X-Mail-Args: <scanner@contoso.com>\n" in dump
+    assert b"X-Rcpt-Args: <alice@contoso.com>\nX-Rcpt-Args: <bob@contoso.com>\n" in dump
+    assert f"id {qid}".encode() in dump
+
+
+@pytest.mark.parametrize(
+    ("options", "reply"),
+    [
+        (("-r", "MAIL"), "450 4.3.0"),
+        (("-r", "RCPT"), "450 4.3.0"),
+        (("-r", "DATA"), "450 4.3.0"),
+        (("-r", "."), "450 4.3.0"),
+        (("-Q", "RCPT"), "421"),
+        (("-q", "MAIL"), "451 4.4.1"),  # hang up without a reply: a network error, transient
+        (("-q", "."), "451 4.4.1"),
+    ],
+)
+async def test_fault_defers_then_retry_delivers(
+    tmp_path: Path, options: tuple[str, str], reply: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = Clock()
+    with smtp_sink(*options) as faulty:
+        port = faulty.port
+        async with running_relay(settings_for(tmp_path, port), clock=clock) as relay:  # type: ignore[arg-type]
+            with caplog.at_level(logging.WARNING, logger="relay365.transports.smtp_client"):
+                qid = await sent(relay)
+                entry = await wait_state(relay.spool, qid, RCPT, RcptState.DEFERRED)
+            [r] = entry.recipients
+            assert r.last_reply.startswith(reply), r.last_reply
+            assert r.attempts == 1 and r.next_attempt == clock.now + 60
+            if options == ("-q", "."):
+                assert "a retry can duplicate it" in caplog.text
+            faulty.stop()
+            with smtp_sink(port=port) as healthy:
+                clock.advance(60)
+                await dumped(healthy, 1)
+                await wait_gone(relay.spool, qid)
+
+
+@pytest.mark.parametrize("stage", ["RCPT", "."])
+async def test_5xx_bounces_and_the_refused_dsn_is_dropped(
+    tmp_path: Path, stage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """smtp-sink refuses everything with 500 5.3.0: the message bounces, its DSN (from <>) is refused
+    too and is dropped with a log line: exactly one DSN, no bounce of the bounce."""
+    dsns: set[str] = set()
+    with smtp_sink("-f", stage) as sink:
+        async with running_relay(settings_for(tmp_path, sink.port), clock=Clock()) as relay:  # type: ignore[arg-type]
+            with caplog.at_level(logging.INFO, logger="relay365.delivery.scheduler"):
+                qid = await sent(relay)
+
+                async def done() -> bool:
+                    entries = await relay.spool.list()
+                    dsns.update(e.queue_id for e in entries if e.envelope.is_dsn)
+                    return entries == [] and "not bouncing a message from <>" in caplog.text
+
+                await wait_until(done, 15, "the bounce and the dropped DSN")
+    assert len(dsns) <= 1
+    assert f"{qid}: bounce to <scanner@contoso.com> for 1 recipient(s)" in caplog.text
+    assert "outcome=permanent reply='500 5.3.0 Error: command failed'" in caplog.text
+    assert caplog.text.count("not bouncing a message from <>") == 1
+    assert caplog.text.count("bounce to <") == 1

@@ -1,0 +1,192 @@
+"""The SQLite spool: a queue entry is complete or absent, states survive a restart, admin operations."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import pytest
+
+from relay365.errors import QueueEntryNotFound
+from relay365.spool.model import Envelope, RcptState, RecipientUpdate
+from relay365.spool.sqlite import SqliteSpool
+from tests.conftest import make_settings, running_relay, smarthost
+from tests.core.helpers import T0, Clock, closed_port, send_message
+
+ENV = Envelope(
+    mail_from="scanner@contoso.com",
+    rcpt_tos=("a@contoso.com", "b@contoso.com", "c@contoso.com", "d@contoso.com"),
+    device="printer",
+    peer="127.0.0.1",
+    listener="lan",
+)
+BODY = b"Subject: report\r\n\r\n" + b"line of text\r\n" * 1000
+
+
+async def open_spool(directory: Path, *, recover: bool = True, clock: Clock | None = None) -> SqliteSpool:
+    spool = SqliteSpool(directory, clock=clock or Clock())
+    await spool.open(recover=recover)
+    return spool
+
+
+async def test_leftover_body_without_row_is_removed_at_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    spool = await open_spool(tmp_path)
+    kept = await spool.enqueue(ENV, BODY)
+    # A crash during DATA: the body file is (partly) written, the row never was.
+    crashed = spool.incoming()
+    crashed.write(b"Subject: half\r\n\r\nonly the first part of the mes")
+    crashed._file.flush()
+    crashed_path = crashed.path
+    assert crashed_path.exists()
+    # And a stray file from a crash between fsync and row insert.
+    (spool.messages_dir / "0193A4F2C81DDEADBEEF").write_bytes(b"Subject: x\r\n\r\nwhole\r\n")
+    crashed._file.close()
+    crashed._closed = True
+    await spool.close()
+
+    # The CLI opens without recovery (the server may be running): nothing is touched.
+    spool = await open_spool(tmp_path, recover=False)
+    assert crashed_path.exists()
+    await spool.close()
+
+    with caplog.at_level(logging.WARNING, logger="relay365.spool.sqlite"):
+        spool = await open_spool(tmp_path, recover=True)
+    try:
+        assert "removed 2 incomplete message file(s)" in caplog.text
+        assert sorted(p.name for p in spool.messages_dir.iterdir()) == [kept]
+        [entry] = await spool.list()
+        assert entry.queue_id == kept and entry.size == len(BODY)
+        assert entry.body_path.read_bytes() == BODY
+    finally:
+        await spool.close()
+
+
+async def test_abort_leaves_nothing(tmp_path: Path) -> None:
+    spool = await open_spool(tmp_path)
+    try:
+        msg = spool.incoming()
+        msg.write(BODY)
+        await msg.abort()
+        assert list(spool.messages_dir.iterdir()) == []
+        assert await spool.list() == []
+    finally:
+        await spool.close()
+
+
+async def test_recipient_states_survive_restart(tmp_path: Path) -> None:
+    clock = Clock()
+    spool = await open_spool(tmp_path, clock=clock)
+    qid = await spool.enqueue(ENV, BODY)
+    await spool.record(
+        qid,
+        [
+            RecipientUpdate("a@contoso.com", RcptState.DELIVERED, "250 2.0.0 Ok"),
+            RecipientUpdate("b@contoso.com", RcptState.DEFERRED, "450 4.2.0 busy", T0 + 300),
+            RecipientUpdate("c@contoso.com", RcptState.BOUNCED, "550 5.1.1 unknown"),
+        ],
+    )
+    await spool.hold(qid, True)
+    await spool.close()
+
+    spool = await open_spool(tmp_path, clock=clock)
+    try:
+        entry = await spool.get(qid)
+        assert entry.held is True
+        assert entry.envelope == ENV
+        assert entry.received_at == T0
+        got = {r.rcpt: (r.state, r.attempts, r.next_attempt, r.last_reply) for r in entry.recipients}
+        assert got == {
+            "a@contoso.com": (RcptState.DELIVERED, 1, 0.0, "250 2.0.0 Ok"),
+            "b@contoso.com": (RcptState.DEFERRED, 1, T0 + 300, "450 4.2.0 busy"),
+            "c@contoso.com": (RcptState.BOUNCED, 1, 0.0, "550 5.1.1 unknown"),
+            "d@contoso.com": (RcptState.QUEUED, 0, T0, ""),
+        }
+        assert entry.body_path.read_bytes() == BODY
+        # A final state is final: a late update does not resurrect a delivered recipient.
+        await spool.record(qid, [RecipientUpdate("a@contoso.com", RcptState.DEFERRED, "451 x", T0)])
+        assert (await spool.get(qid)).recipients[0].state is RcptState.DELIVERED
+        # The last open recipients finish: the entry and its body go away together.
+        await spool.record(
+            qid,
+            [
+                RecipientUpdate("b@contoso.com", RcptState.DELIVERED, "250 ok"),
+                RecipientUpdate("d@contoso.com", RcptState.DELIVERED, "250 ok"),
+            ],
+        )
+        assert await spool.list() == []
+        assert not entry.body_path.exists()
+    finally:
+        await spool.close()
+
+
+async def test_hold_release_retry_delete(tmp_path: Path) -> None:
+    clock = Clock()
+    spool = await open_spool(tmp_path, clock=clock)
+    try:
+        q1 = await spool.enqueue(ENV, BODY)
+        q2 = await spool.enqueue(ENV, BODY)
+        due = [e.queue_id for e in await spool.due(T0, limit=10, exclude=frozenset())]
+        assert sorted(due) == sorted([q1, q2])
+        assert await spool.due(T0, limit=10, exclude=frozenset({q1})) == [await spool.get(q2)]
+
+        await spool.hold(q1, True)
+        assert [e.queue_id for e in await spool.due(T0 + 10, limit=10, exclude=frozenset())] == [q2]
+        await spool.hold(q1, False)
+        assert q1 in [e.queue_id for e in await spool.due(T0 + 10, limit=10, exclude=frozenset())]
+
+        later = T0 + 3600
+        await spool.record(
+            q2, [RecipientUpdate(r, RcptState.DEFERRED, "421 4.3.2 busy", later) for r in ENV.rcpt_tos]
+        )
+        assert q2 not in [e.queue_id for e in await spool.due(T0 + 10, limit=10, exclude=frozenset())]
+        assert await spool.next_due_time() == T0
+        await spool.retry(q2, T0 + 5)
+        assert {r.next_attempt for r in (await spool.get(q2)).recipients} == {T0 + 5}
+        assert q2 in [e.queue_id for e in await spool.due(T0 + 10, limit=10, exclude=frozenset())]
+
+        path = (await spool.get(q1)).body_path
+        await spool.delete(q1)
+        assert not path.exists()
+        assert [e.queue_id for e in await spool.list()] == [q2]
+        for op in (spool.delete(q1), spool.hold(q1, True), spool.retry(q1, T0), spool.get(q1)):
+            with pytest.raises(QueueEntryNotFound):
+                await op
+    finally:
+        await spool.close()
+
+
+async def test_two_processes_share_the_spool(tmp_path: Path) -> None:
+    """The CLI opens the same spool as the running server (WAL); both see each other's writes."""
+    server = await open_spool(tmp_path)
+    admin = await open_spool(tmp_path, recover=False)
+    try:
+        qid = await server.enqueue(ENV, BODY)
+        assert [e.queue_id for e in await admin.list()] == [qid]
+        await admin.hold(qid, True)
+        assert (await server.get(qid)).held
+    finally:
+        await admin.close()
+        await server.close()
+
+
+async def test_relay_restart_keeps_queue(tmp_path: Path) -> None:
+    """Messages accepted by a relay (its upstream is down: nothing is delivered) survive a restart."""
+    settings = make_settings(
+        tmp_path,
+        listener=[{"name": "lan", "port": 0, "tls": "none"}],
+        transport=[smarthost(closed_port())],
+    )
+    ids = []
+    async with running_relay(settings) as relay:
+        for i in range(3):
+            body = f"Subject: n{i}\r\n\r\nbody {i}\r\n".encode()
+            ids.append(await asyncio.to_thread(send_message, relay.ports["lan"], body=body))
+    async with running_relay(settings) as relay:
+        entries = {e.queue_id: e for e in await relay.spool.list()}
+        assert sorted(entries) == sorted(ids)
+        for i, qid in enumerate(ids):
+            assert entries[qid].body_path.read_bytes().endswith(f"body {i}\r\n".encode())
+            assert entries[qid].recipients[0].state in (RcptState.QUEUED, RcptState.DEFERRED)

@@ -1,0 +1,295 @@
+"""The advisor's decision table: the article's comparison rows as test cases."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import tomllib
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from relay365.diagnostics.advisor import Answers, Option, recommend
+from relay365.diagnostics.advisor_output import (
+    config_snippet,
+    device_settings,
+    dns_records,
+    mx_endpoint,
+    to_dict,
+)
+from relay365.diagnostics.cli import register
+from relay365.errors import ConfigError
+
+S, D, C, G = Option.SUBMISSION, Option.DIRECT_SEND, Option.CONNECTOR, Option.GRAPH
+BOOLS = ("external_recipients", "tls12", "oauth", "port465_only", "smtp_auth_disabled",
+         "reject_direct_send", "static_ip", "sent_items", "third_party_cloud")  # fmt: skip
+
+
+def answers(**kw: object) -> Answers:
+    base: dict[str, object] = {
+        "external_recipients": False, "tls12": True, "oauth": True, "port465_only": False,
+        "smtp_auth_disabled": False, "reject_direct_send": False, "static_ip": False,
+        "sent_items": False, "third_party_cloud": False, "daily_messages": 100, "daily_recipients": 100,
+    }  # fmt: skip
+    base.update(kw)
+    return Answers(**base)  # type: ignore[arg-type]
+
+
+# (case, answers, expected option, via relay365). Rows cite the comparison table.
+TABLE = [
+    ("capable device, external: option 1", dict(external_recipients=True), S, False),
+    ("capable device, internal: option 1 supports most scenarios", {}, S, False),
+    ("no TLS 1.2, internal: option 2 (TLS optional)", dict(tls12=False), D, False),
+    (
+        "no TLS 1.2, external, static IP: option 3",
+        dict(tls12=False, external_recipients=True, static_ip=True),
+        C,
+        False,
+    ),
+    ("no TLS 1.2, external, no static IP", dict(tls12=False, external_recipients=True), S, True),
+    (
+        "no TLS 1.2, external, static IP in a third-party cloud: connector says No",
+        dict(tls12=False, external_recipients=True, static_ip=True, third_party_cloud=True),
+        S,
+        True,
+    ),
+    ("SMTP AUTH off, internal: option 2", dict(smtp_auth_disabled=True), D, False),
+    (
+        "SMTP AUTH off, external, static IP: option 3",
+        dict(smtp_auth_disabled=True, external_recipients=True, static_ip=True),
+        C,
+        False,
+    ),
+    (
+        "SMTP AUTH off, external, no static IP: Graph",
+        dict(smtp_auth_disabled=True, external_recipients=True),
+        G,
+        True,
+    ),
+    (
+        "SMTP AUTH off, RejectDirectSend, static IP: option 3",
+        dict(smtp_auth_disabled=True, reject_direct_send=True, static_ip=True),
+        C,
+        False,
+    ),
+    (
+        "SMTP AUTH off, RejectDirectSend, no static IP: Graph",
+        dict(smtp_auth_disabled=True, reject_direct_send=True),
+        G,
+        True,
+    ),
+    ("Sent Items, capable device: option 1 saves to Sent Items", dict(sent_items=True), S, False),
+    ("Sent Items, Basic-only device", dict(sent_items=True, oauth=False), S, True),
+    ("Sent Items, SMTP AUTH off: only Graph saves", dict(sent_items=True, smtp_auth_disabled=True), G, True),
+    (
+        "Sent Items, SMTP AUTH off, static IP: connector says No",
+        dict(sent_items=True, smtp_auth_disabled=True, static_ip=True, external_recipients=True),
+        G,
+        True,
+    ),
+    ("port 465 only, internal", dict(port465_only=True), S, True),
+    ("port 465 only, SMTP AUTH off, internal", dict(port465_only=True, smtp_auth_disabled=True), D, True),
+    (
+        "port 465 only, SMTP AUTH off, external, static IP",
+        dict(port465_only=True, smtp_auth_disabled=True, external_recipients=True, static_ip=True),
+        C,
+        True,
+    ),
+    ("bulk internal: Direct Send has higher limits", dict(daily_recipients=50_000), D, False),
+    (
+        "bulk external from a static IP: option 3",
+        dict(daily_recipients=50_000, external_recipients=True, static_ip=True),
+        C,
+        False,
+    ),
+    (
+        "third-party cloud, internal, no TLS 1.2: Direct Send supports third-party hosting",
+        dict(third_party_cloud=True, tls12=False),
+        D,
+        False,
+    ),
+    (
+        "third-party cloud, external, capable: option 1",
+        dict(third_party_cloud=True, external_recipients=True),
+        S,
+        False,
+    ),
+    ("Basic-only device, internal: option 2", dict(oauth=False), D, False),
+    (
+        "Basic-only device, external, static IP: option 3",
+        dict(oauth=False, external_recipients=True, static_ip=True),
+        C,
+        False,
+    ),
+    (
+        "RejectDirectSend, internal, no TLS 1.2, no static IP",
+        dict(reject_direct_send=True, tls12=False),
+        S,
+        True,
+    ),
+    (
+        "third-party cloud, external, SMTP AUTH off, static IP: Graph",
+        dict(third_party_cloud=True, external_recipients=True, smtp_auth_disabled=True, static_ip=True),
+        G,
+        True,
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "kw", "option", "via"), TABLE, ids=[t[0] for t in TABLE])
+def test_decision_table(case: str, kw: dict[str, object], option: Option, via: bool) -> None:
+    rec = recommend(answers(**kw))
+    assert (rec.option, rec.via_relay365) == (option, via), (case, rec.rejected)
+    assert rec.reasons
+    assert not any(w.startswith("No Microsoft 365 option") for w in rec.warnings)
+
+
+def test_nothing_fits_says_so() -> None:
+    rec = recommend(answers(daily_recipients=50_000, external_recipients=True))
+    assert rec.via_relay365
+    assert rec.warnings[0].startswith("No Microsoft 365 option meets every answer")
+    assert "10,000 recipients per day" in rec.warnings[0]
+
+
+ALL = list(itertools.product((False, True), repeat=len(BOOLS)))
+
+
+@pytest.mark.parametrize("volume", [100, 50_000])
+def test_every_combination_respects_the_comparison_table(volume: int) -> None:
+    for combo in ALL:
+        a = answers(**dict(zip(BOOLS, combo, strict=True)), daily_recipients=volume)
+        rec = recommend(a)
+        o, via = rec.option, rec.via_relay365
+        fits = rec.choice.fits
+        if fits:
+            if o is D:  # Relay to internet: No; Sent Items: No; RejectDirectSend refuses it
+                assert not (a.external_recipients or a.sent_items or a.reject_direct_send), a
+            if o is C:  # Requires a static IP; third-party hosting: No; Sent Items: No
+                assert a.static_ip and not a.third_party_cloud and not a.sent_items, a
+            if o in (S, G):
+                assert volume <= 10_000, a
+            if o is S:
+                assert not a.smtp_auth_disabled, a
+            if a.sent_items:
+                assert o in (S, G), a
+        if not via:
+            assert o is not G
+            if o is S:  # TLS Required, port 587/25, OAuth: the device itself must do all of it
+                assert a.tls12 and a.oauth and not a.port465_only, a
+            if o in (D, C):
+                assert not a.port465_only, a
+            # Microsoft's preference order: no earlier option fits.
+            order = [S, D, C]
+            assert all(c.option not in order[: order.index(o)] for c in rec.alternatives), a
+        else:
+            assert all(not c.fits for c in rec.rejected if not c.via_relay365), a
+        # Output is complete for every combination.
+        snippet = tomllib.loads(config_snippet(rec))
+        assert snippet["route"][0]["transport"] == o.value
+        settings = device_settings(rec)
+        assert settings.port in (25, 465, 587)
+        assert dns_records(rec)[0].value.startswith("v=spf1 ")
+        json.dumps(to_dict(rec))
+
+
+def test_device_settings_and_dns() -> None:
+    rec = recommend(answers(tls12=False, domain="contoso.com", public_ip="203.0.113.5"))
+    s = device_settings(rec)
+    assert (s.server, s.port) == ("contoso-com.mail.protection.outlook.com", 25)
+    assert dns_records(rec)[0].value == "v=spf1 ip4:203.0.113.5 include:spf.protection.outlook.com ~all"
+    sub = device_settings(recommend(answers(mailbox="scan@contoso.com")))
+    assert (sub.server, sub.port) == ("smtp.office365.com", 587)
+    assert "XOAUTH2" in sub.credentials
+    relay = recommend(answers(port465_only=True))
+    assert device_settings(relay).port == 465
+    assert tomllib.loads(config_snippet(relay))["listener"]["tls"] == "implicit"
+    graph = tomllib.loads(config_snippet(recommend(answers(sent_items=True, smtp_auth_disabled=True))))
+    assert graph["route"][0]["save_to_sent_items"] is True
+    assert mx_endpoint("Sub.Example.co.uk.") == "sub-example-co-uk.mail.protection.outlook.com"
+
+
+def test_answers_validation() -> None:
+    with pytest.raises(ConfigError, match="tls12"):
+        Answers.from_dict({**answers().to_dict(), "tls12": "yes"})
+    with pytest.raises(ConfigError, match="colour"):
+        Answers.from_dict({**answers().to_dict(), "colour": "blue"})
+    with pytest.raises(ConfigError, match="static_ip"):
+        Answers.from_dict({k: v for k, v in answers().to_dict().items() if k != "static_ip"})
+    with pytest.raises(ConfigError, match="daily_recipients"):
+        Answers.from_dict({**answers().to_dict(), "daily_recipients": -1})
+
+
+def _app() -> typer.Typer:
+    app = typer.Typer()
+
+    @app.callback()
+    def root() -> None:
+        """relay365"""
+
+    register(app)
+    return app
+
+
+FLAGS = ["--internal-only", "--no-tls12", "--no-oauth", "--not-port465-only", "--smtp-auth-enabled",
+         "--allow-direct-send", "--static-ip", "--no-sent-items", "--own-network",
+         "--daily-messages", "20", "--daily-recipients", "40"]  # fmt: skip
+
+
+def test_cli_flags_json() -> None:
+    result = CliRunner().invoke(
+        _app(), ["advise", *FLAGS, "--domain", "fabrikam.com", "--public-ip", "203.0.113.9", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["recommendation"] == {
+        "transport": "direct_send",
+        "via_relay365": False,
+        "title": data["recommendation"]["title"],
+    }
+    assert data["device"]["server"] == "fabrikam-com.mail.protection.outlook.com"
+    assert data["dns"][0]["value"] == "v=spf1 ip4:203.0.113.9 include:spf.protection.outlook.com ~all"
+    assert tomllib.loads(data["relay365_config"])["route"][0]["transport"] == "direct_send"
+    assert {r["option"] for r in data["rejected"]} == {"submission"}
+
+
+def test_cli_answers_file_and_rich(tmp_path: Path) -> None:
+    f = tmp_path / "answers.json"
+    f.write_text(json.dumps({**answers(external_recipients=True, smtp_auth_disabled=True).to_dict()}))
+    result = CliRunner().invoke(_app(), ["advise", "--answers", str(f)])
+    assert result.exit_code == 0, result.output
+    assert "Recommended: relay365 in front of Microsoft Graph" in result.output
+    assert "[[route]]" in result.output
+    assert 'transport = "graph"' in result.output
+    f.write_text(json.dumps({"tls12": "maybe"}))
+    bad = CliRunner().invoke(_app(), ["advise", "--answers", str(f), "--no-input"])
+    assert bad.exit_code == 2
+
+
+def test_cli_interactive_prompts() -> None:
+    # external, tls12, oauth, port465, smtp-auth-off, reject-direct-send, static-ip, sent-items,
+    # cloud, msgs, rcpts
+    typed = "\n".join(["y", "y", "y", "n", "n", "n", "n", "y", "n", "10", "10"]) + "\n"
+    result = CliRunner().invoke(_app(), ["advise", "--json"], input=typed)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output[result.output.index("{") :])
+    assert data["recommendation"]["transport"] == "submission"
+    assert data["answers"]["sent_items"] is True
+    missing = CliRunner().invoke(_app(), ["advise", "--no-input", "--external"])
+    assert missing.exit_code == 2
+
+
+def test_reasons_cite_the_comparison_rows() -> None:
+    rec = recommend(answers(external_recipients=True, tls12=False))
+    why = {(c.option, c.via_relay365): c.blockers for c in rec.rejected}
+    assert "Device or application server must support TLS: Required (TLS 1.2 or later)" in why[(S, False)]
+    assert why[(D, False)][0].startswith("Relay to internet via Microsoft 365 or Office 365: No")
+    assert why[(C, False)][0].startswith("Requires authentication: one or more static IP addresses")
+    assert rec.reasons[0] == "Relay to internet via Microsoft 365 or Office 365: Yes"
+    cloud = recommend(answers(external_recipients=True, tls12=False, static_ip=True, third_party_cloud=True))
+    blockers = {(c.option, c.via_relay365): c.blockers for c in cloud.rejected}[(C, False)]
+    assert blockers == ("Supports mail sent from applications hosted by a third party: No "
+                        "(for example not directly from Microsoft Azure)",)  # fmt: skip
+    sent = recommend(answers(sent_items=True, smtp_auth_disabled=True))
+    assert "Saves to Sent Items folder: Yes (saveToSentItems=true)" in sent.reasons
