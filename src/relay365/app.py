@@ -26,6 +26,7 @@ from relay365.spool.sqlite import SqliteSpool
 from relay365.transports.base import Transport
 from relay365.transports.connector import ConnectorTransport
 from relay365.transports.direct_send import DirectSendTransport
+from relay365.transports.graph import GraphTransport
 from relay365.transports.smarthost import SmartHostTransport
 from relay365.transports.submission import SubmissionTransport
 
@@ -50,6 +51,7 @@ def build_transport(settings: TransportSettings, *, hostname: str) -> Transport:
         "submission": SubmissionTransport,
         "direct_send": DirectSendTransport,
         "connector": ConnectorTransport,
+        "graph": GraphTransport,
     }
     if settings.type not in kinds:
         raise ConfigError(

@@ -1,0 +1,114 @@
+"""Graph's draft path: for messages over the ~4 MB request limit, and for messages whose To/Cc name
+someone outside this envelope.
+
+Large: the message is taken apart (subject, body, attachments), a draft is created with the envelope's
+recipients, attachments under 3 MB are posted whole and larger ones go through an upload session in
+chunks of at most 4 MB (https://learn.microsoft.com/graph/outlook-large-attachments), then the draft is
+sent. Small but not header-faithful: the draft is created from the MIME bytes, its recipients are set
+to the envelope with PATCH, then it is sent.
+"""
+
+from __future__ import annotations
+
+import base64
+import email.policy
+from email.message import EmailMessage
+from email.parser import BytesParser
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from relay365.transports.graph import GraphTransport
+
+SMALL_ATTACHMENT = 3 * 1024 * 1024  # Graph: attachments under 3 MB are posted in one request
+CHUNK = 12 * 327_680  # 3.75 MiB: a multiple of 320 KiB, under Graph's 4 MB per request
+
+
+def _people(addresses: list[str]) -> list[dict[str, Any]]:
+    return [{"emailAddress": {"address": a}} for a in addresses]
+
+
+def _recipients(to: list[str], cc: list[str], bcc: list[str]) -> dict[str, Any]:
+    return {"toRecipients": _people(to), "ccRecipients": _people(cc), "bccRecipients": _people(bcc)}
+
+
+async def send_via_draft(
+    t: GraphTransport, body: bytes, *, to: list[str], cc: list[str], bcc: list[str], small: bool
+) -> str:
+    base = f"{t._base}/messages"
+    if small:
+        created = await t.request(
+            "POST", base, content=base64.b64encode(body), headers={"Content-Type": "text/plain"}
+        )
+        mid = str(created.json()["id"])
+        await t.request("PATCH", f"{base}/{mid}", json=_recipients(to, cc, bcc))
+    else:
+        msg = BytesParser(policy=email.policy.default).parsebytes(body)
+        assert isinstance(msg, EmailMessage)
+        created = await t.request("POST", base, json=_draft(msg, to, cc, bcc))
+        mid = str(created.json()["id"])
+        for part in msg.iter_attachments():
+            await _attach(t, f"{base}/{mid}", part)
+    await t.request("POST", f"{base}/{mid}/send")
+    return "202 Accepted (Graph draft send)"
+
+
+def _draft(msg: EmailMessage, to: list[str], cc: list[str], bcc: list[str]) -> dict[str, Any]:
+    text = msg.get_body(preferencelist=("html", "plain"))
+    content = text.get_content() if text is not None else ""
+    kind = "html" if text is not None and text.get_content_subtype() == "html" else "text"
+    draft: dict[str, Any] = {
+        "subject": str(msg.get("Subject", "")),
+        "body": {"contentType": kind, "content": content},
+        **_recipients(to, cc, bcc),
+    }
+    reply_to = msg.get("Reply-To")
+    if reply_to:
+        draft["replyTo"] = _people([a.addr_spec for a in reply_to.addresses])
+    return draft
+
+
+async def _attach(t: GraphTransport, url: str, part: EmailMessage) -> None:
+    data = part.get_content()
+    raw = data if isinstance(data, bytes) else str(data).encode("utf-8")
+    name = part.get_filename() or "attachment"
+    ctype = part.get_content_type()
+    if len(raw) < SMALL_ATTACHMENT:
+        await t.request(
+            "POST",
+            f"{url}/attachments",
+            json={
+                "@odata.type": "#microsoft.graph.fileAttachment",
+                "name": name,
+                "contentType": ctype,
+                "contentBytes": base64.b64encode(raw).decode("ascii"),
+            },
+        )
+        return
+    session = await t.request(
+        "POST",
+        f"{url}/attachments/createUploadSession",
+        json={
+            "AttachmentItem": {
+                "attachmentType": "file",
+                "name": name,
+                "size": len(raw),
+                "contentType": ctype,
+            },
+        },
+    )
+    upload_url = str(session.json()["uploadUrl"])
+    for start in range(0, len(raw), CHUNK):
+        chunk = raw[start : start + CHUNK]
+        end = start + len(chunk) - 1
+        # The upload URL carries its own token: no Authorization header (Graph rejects one).
+        await t.request(
+            "PUT",
+            upload_url,
+            auth=False,
+            content=chunk,
+            headers={
+                "Content-Range": f"bytes {start}-{end}/{len(raw)}",
+                "Content-Length": str(len(chunk)),
+                "Content-Type": "application/octet-stream",
+            },
+        )

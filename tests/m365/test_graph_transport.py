@@ -1,0 +1,125 @@
+"""Device -> relay365 -> Graph sendMail in the sandbox: MIME fidelity, Bcc, large messages, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import email.policy
+import os
+from email import message_from_bytes
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+from relay365.app import Relay
+from relay365.sandbox.runner import Sandbox
+from tests.conftest import make_settings, running_relay
+from tests.m365.conftest import oauth
+from tests.m365.test_smtp_transports import send, wait_until
+
+
+def graph(sb: Sandbox, **extra: Any) -> dict[str, Any]:
+    return {
+        "name": "graph",
+        "type": "graph",
+        "mailbox": "scanner@contoso.test",
+        "graph_url": sb.graph_url,
+        "ca_file": str(sb.ca_path),
+        **oauth(sb),
+        **extra,
+    }
+
+
+async def state_of(relay: Relay, qid: str, state: str, timeout: float = 15.0) -> Any:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        entry = await relay.spool.get(qid)
+        if entry.recipients[0].state.value == state:
+            return entry
+        assert loop.time() < deadline, f"{qid} never became {state}: {entry}"
+        await asyncio.sleep(0.05)
+
+
+async def drained(relay: Relay) -> None:
+    assert relay.scheduler is not None
+    await relay.scheduler.drain()
+
+
+async def test_graph_mime_with_envelope_bcc(tmp_path: Path, sandbox: Sandbox) -> None:
+    settings = make_settings(tmp_path, transport=[graph(sandbox)])
+    body = (
+        b"From: scanner@contoso.test\r\nTo: alice@contoso.test\r\nSubject: via graph\r\n"
+        b"Message-ID: <graph-1@printer.lan>\r\n\r\nscanned page\r\n"
+    )
+    async with running_relay(settings) as relay:
+        await send(relay, "scanner@contoso.test", ["alice@contoso.test", "hidden@example.org"], body)
+        store = sandbox.ctx.store
+        await wait_until(lambda: len(store.list(folder="SentItems")) == 1)
+        [inbox] = store.list(mailbox="alice@contoso.test", folder="Inbox")
+        [outside] = store.list(folder="Internet")
+        assert outside.mailbox == "hidden@example.org" and inbox.endpoint == "graph"
+        for m in (inbox, outside):
+            content = store.content(m.id)
+            assert b"Bcc" not in content and b"hidden@example.org" not in content.split(b"\r\n\r\n")[0]
+            assert message_from_bytes(content)["Message-ID"] == "<graph-1@printer.lan>"
+        await drained(relay)
+        assert await relay.spool.list() == []
+
+
+async def test_graph_large_message_goes_through_upload_session(tmp_path: Path, sandbox: Sandbox) -> None:
+    msg = EmailMessage()
+    msg["From"], msg["To"], msg["Subject"] = "scanner@contoso.test", "alice@contoso.test", "10 MB scan"
+    msg.set_content("The scan is attached.")
+    payload = os.urandom(10 * 1024 * 1024)
+    msg.add_attachment(payload, maintype="application", subtype="pdf", filename="scan.pdf")
+    settings = make_settings(
+        tmp_path,
+        transport=[graph(sandbox)],
+        listener=[{"name": "lan", "port": 0, "tls": "starttls", "max_message_size": 40 * 1024 * 1024}],
+    )
+    async with running_relay(settings) as relay:
+        raw = msg.as_bytes(policy=email.policy.SMTP)
+        await send(relay, "scanner@contoso.test", ["alice@contoso.test"], raw)
+
+        store = sandbox.ctx.store
+        await wait_until(lambda: len(store.list(mailbox="alice@contoso.test", folder="Inbox")) == 1, 60)
+        [got] = store.list(mailbox="alice@contoso.test", folder="Inbox")
+        received = message_from_bytes(store.content(got.id), policy=email.policy.default)
+        assert isinstance(received, EmailMessage)
+        [att] = list(received.iter_attachments())
+        assert att.get_filename() == "scan.pdf" and att.get_content() == payload
+
+
+async def test_graph_wrong_secret_defers_then_delivers(
+    tmp_path: Path, sandbox: Sandbox, monkeypatch: Any
+) -> None:
+    monkeypatch.setenv("RELAY365_TEST_APP_SECRET", "wrong-secret")
+    settings = make_settings(tmp_path, transport=[graph(sandbox)])
+    async with running_relay(settings) as relay:
+        qid = await send(relay, "scanner@contoso.test", ["alice@contoso.test"], b"Subject: t\r\n\r\nx\r\n")
+        entry = await state_of(relay, qid, "deferred")
+        assert "invalid_client" in entry.recipients[0].last_reply
+        assert sandbox.ctx.store.list(mailbox="alice@contoso.test") == []
+    # The admin fixes the secret; the same queue entry is delivered after a restart.
+    monkeypatch.setenv("RELAY365_TEST_APP_SECRET", "sandbox-secret-relay365")
+    async with running_relay(make_settings(tmp_path, transport=[graph(sandbox)])) as relay:
+        await relay.spool.retry(qid, 0)
+        assert relay.scheduler is not None
+        relay.scheduler.wake()
+        await wait_until(lambda: len(sandbox.ctx.store.list(mailbox="alice@contoso.test")) == 1)
+
+
+async def test_graph_send_as_denied_bounces(tmp_path: Path, sandbox: Sandbox) -> None:
+    settings = make_settings(tmp_path, transport=[graph(sandbox)])
+    async with running_relay(settings) as relay:
+        qid = await send(
+            relay,
+            "alice@contoso.test",
+            ["bob@fabrikam.test"],
+            b"From: ceo@contoso.test\r\nTo: bob@fabrikam.test\r\nSubject: x\r\n\r\nx\r\n",
+        )
+        await drained(relay)
+        await asyncio.sleep(0.1)
+        await drained(relay)
+        assert qid not in {e.queue_id for e in await relay.spool.list()}
+        assert sandbox.ctx.store.list(mailbox="bob@fabrikam.test") == []
