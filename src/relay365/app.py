@@ -25,7 +25,7 @@ from relay365.settings import ListenerSettings, Settings, TransportSettings
 from relay365.spool.sqlite import SqliteSpool
 from relay365.transports.base import Transport
 from relay365.transports.connector import ConnectorTransport
-from relay365.transports.direct_send import DirectSendTransport
+from relay365.transports.direct_send import DirectSendTransport, domain_rule
 from relay365.transports.graph import GraphTransport
 from relay365.transports.smarthost import SmartHostTransport
 from relay365.transports.submission import SubmissionTransport
@@ -60,6 +60,15 @@ def build_transport(settings: TransportSettings, *, hostname: str) -> Transport:
             "This transport type is not available in this build.",
         )
     return kinds[settings.type](settings, helo_name=hostname)
+
+
+def transport_rules(settings: Settings) -> dict[str, Callable[[str], bool]]:
+    """Each transport's own recipient rule (Direct Send: only the tenant's accepted domains)."""
+    rules: dict[str, Callable[[str], bool]] = {}
+    for t in settings.transports:
+        if t.type == "direct_send":
+            rules[t.name] = domain_rule(t.m365.accepted_domains)
+    return rules
 
 
 def secrets_of(settings: Settings) -> list[str]:
@@ -101,10 +110,7 @@ class Relay:
         await self.spool.open(recover=True)
         self.scheduler = Scheduler(
             spool=self.spool,
-            router=Router(
-                s.routes,
-                accepts={n: t.accepts for n, t in self.transports.items() if hasattr(t, "accepts")},
-            ),
+            router=Router(s.routes, accepts=transport_rules(s)),
             transports=self.transports,
             settings=s.delivery,
             hostname=s.server.hostname,

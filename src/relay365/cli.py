@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from relay365.app import Relay
 from relay365.errors import ConfigError, QueueEntryNotFound, Relay365Error
 from relay365.settings import Settings, load_settings
 from relay365.spool.model import QueueEntry
@@ -27,12 +28,14 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Check the configuration file.", no_args_is_help=True)
 device_app = typer.Typer(help="Device credentials.", no_args_is_help=True)
+route_app = typer.Typer(help="Explain routing decisions.", no_args_is_help=True)
 queue_app = typer.Typer(
     help="Inspect and manage the queue (works while the server runs).", no_args_is_help=True
 )
 app.add_typer(config_app, name="config")
 app.add_typer(device_app, name="device")
 app.add_typer(queue_app, name="queue")
+app.add_typer(route_app, name="route")
 console = Console()
 err = Console(stderr=True)
 T = TypeVar("T")
@@ -86,20 +89,38 @@ def device_passwd(
 
 
 @app.command()
-def serve(config: ConfigOpt = DEFAULT_CONFIG) -> None:
-    """Run the relay: device listeners, spool and delivery, until SIGTERM/SIGINT."""
-    from relay365.app import make_redactor
-    from relay365.app import serve as run
+def serve(
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="relay365.toml (default: ./relay365.toml)")
+    ] = None,
+    demo_dir: Annotated[Path, typer.Option(help="state of the no-config demo")] = Path("var/demo"),
+    demo_port: Annotated[int, typer.Option(help="device port of the no-config demo")] = 2525,
+) -> None:
+    """Run the relay until SIGTERM/SIGINT. With no relay365.toml: the relay in front of the built-in
+    Exchange Online sandbox (a working demo on 127.0.0.1:2525)."""
+    from relay365.credentials import Redactor
     from relay365.logsetup import configure_logging
 
-    settings = _settings(config)
+    if config is None and not DEFAULT_CONFIG.exists():
+        from relay365.demo import run_demo
+
+        configure_logging("INFO", Redactor())
+        err.print("No relay365.toml here: starting the demo (relay365 + local Exchange Online sandbox).")
+        try:
+            asyncio.run(run_demo(demo_dir.absolute(), port=demo_port))
+        except (Relay365Error, OSError) as e:
+            raise _fail(str(e)) from None
+        return
+    from relay365.app import make_redactor
+    from relay365.app import serve as run
+
+    settings = _settings(config or DEFAULT_CONFIG)
     configure_logging(settings.server.log_level, make_redactor(settings))
 
-    def ready(relay: object) -> None:
-        ports = getattr(relay, "ports", {})
+    def ready(relay: Relay) -> None:
         for listener in settings.listeners:
             err.print(
-                f"relay365 listening: {listener.name} on {listener.address}:{ports.get(listener.name)}"
+                f"relay365 listening: {listener.name} on {listener.address}:{relay.ports.get(listener.name)}"
                 f" (tls={listener.tls})",
                 highlight=False,
             )
@@ -108,6 +129,65 @@ def serve(config: ConfigOpt = DEFAULT_CONFIG) -> None:
         asyncio.run(run(settings, ready=ready))
     except Relay365Error as e:
         raise _fail(str(e)) from None
+
+
+@route_app.command("test")
+def route_test(
+    mail_from: Annotated[str, typer.Option("--from", help="envelope sender")],
+    to: Annotated[list[str], typer.Option("--to", help="recipient (repeatable)")],
+    size: Annotated[int, typer.Option(help="message size in bytes")] = 10_000,
+    device: Annotated[str, typer.Option(help="device name")] = "",
+    config: ConfigOpt = DEFAULT_CONFIG,
+) -> None:
+    """Explain which route and transport each recipient would take, and why."""
+    from relay365.app import transport_rules
+    from relay365.delivery.router import NoRoute, Router
+
+    settings = _settings(config)
+    router = Router(settings.routes, accepts=transport_rules(settings))
+    table = Table(title=f"from=<{mail_from}> size={size} device={device or '-'}")
+    for col in ("recipient", "route", "transport", "why"):
+        table.add_column(col, overflow="fold")
+    unroutable = False
+    for rcpt in to:
+        try:
+            c = router.choose(rcpt=rcpt, sender=mail_from, device=device, size=size)
+            kind = settings.transport(c.transport).type
+            table.add_row(rcpt, c.route, f"{c.transport} ({kind})", c.reason)
+        except NoRoute as e:
+            unroutable = True
+            table.add_row(rcpt, "-", "-", f"[red]bounced at once[/red]: {e}")
+    console.print(table)
+    if unroutable:
+        raise typer.Exit(1)
+
+
+@app.command()
+def login(
+    transport: Annotated[str, typer.Argument(help="name of a submission/graph transport")],
+    config: ConfigOpt = DEFAULT_CONFIG,
+) -> None:
+    """Sign in once with the device code flow; the refresh token then renews itself unattended."""
+    from relay365.oauth import GRAPH_SCOPE, SMTP_SCOPE
+    from relay365.transports.submission import token_source
+
+    settings = _settings(config)
+    try:
+        t = settings.transport(transport)
+    except KeyError:
+        raise _fail(f"no transport named {transport!r} in {config}") from None
+    if t.m365.token_cache is None:
+        raise _fail(f"transport {transport}: set token_cache (a file for the refresh token) first")
+    source = token_source(t, scope=GRAPH_SCOPE if t.type == "graph" else SMTP_SCOPE)
+    if not source.delegated:
+        raise _fail(f"transport {transport} uses an app secret/certificate: no sign-in needed")
+    try:
+        user = source.login_device_flow(lambda text: console.print(text, highlight=False))
+    except Relay365Error as e:
+        raise _fail(str(e)) from None
+    finally:
+        source.close()
+    console.print(f"[green]signed in[/green] as {user}; token cache: {t.m365.token_cache}")
 
 
 def _with_spool(config: Path, fn: Callable[[SqliteSpool], Awaitable[T]]) -> T:

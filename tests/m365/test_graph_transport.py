@@ -123,3 +123,36 @@ async def test_graph_send_as_denied_bounces(tmp_path: Path, sandbox: Sandbox) ->
         await drained(relay)
         assert qid not in {e.queue_id for e in await relay.spool.list()}
         assert sandbox.ctx.store.list(mailbox="bob@fabrikam.test") == []
+
+
+async def test_graph_split_message_reaches_only_its_envelope(tmp_path: Path, sandbox: Sandbox) -> None:
+    """To: names alice (internal, Direct Send route) and partner (external, Graph route): Graph must
+    not deliver to alice a second time, so the draft's recipients are set to the envelope."""
+    from tests.m365.conftest import direct_send
+
+    settings = make_settings(
+        tmp_path,
+        transport=[direct_send(sandbox), graph(sandbox)],
+        route=[
+            {"name": "internal", "transport": "direct", "recipient_domains": ["contoso.test"]},
+            {"name": "external", "transport": "graph"},
+        ],
+    )
+    body = (
+        b"From: scanner@contoso.test\r\nTo: alice@contoso.test, partner@example.org\r\n"
+        b"Subject: split\r\n\r\nhello\r\n"
+    )
+    async with running_relay(settings) as relay:
+        await send(relay, "scanner@contoso.test", ["alice@contoso.test", "partner@example.org"], body)
+        store = sandbox.ctx.store
+        await wait_until(
+            lambda: (
+                len(store.list(folder="Internet")) == 1 and len(store.list(mailbox="alice@contoso.test")) >= 1
+            )
+        )
+        await drained(relay)
+        await asyncio.sleep(0.2)
+        assert len(store.list(mailbox="alice@contoso.test")) == 1
+        [inbox] = store.list(mailbox="alice@contoso.test")
+        assert inbox.endpoint == "mx"
+        assert store.list(folder="Internet")[0].endpoint == "graph"

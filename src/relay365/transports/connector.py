@@ -17,9 +17,6 @@ class ConnectorTransport:
             settings, helo_name=helo_name, require_tls=settings.tls != "none", allowed=lambda rcpt: True
         )
 
-    def accepts(self, rcpt: str) -> bool:
-        return True
-
     async def deliver(self, message: OutboundMessage) -> list[RecipientResult]:
         return await self._mx.deliver(self.name, message)
 

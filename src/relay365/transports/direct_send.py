@@ -7,21 +7,26 @@ sends others elsewhere or bounces them at once with a reason, never a blind try.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 from relay365.settings import TransportSettings
 from relay365.transports.base import OutboundMessage, RecipientResult
 from relay365.transports.mx import MxDelivery
 
 
+def domain_rule(domains: Iterable[str]) -> Callable[[str], bool]:
+    """True for recipients in one of ``domains`` (the tenant's accepted domains)."""
+    accepted = frozenset(d.lower() for d in domains)
+    return lambda rcpt: rcpt.rpartition("@")[2].lower() in accepted
+
+
 class DirectSendTransport:
     def __init__(self, settings: TransportSettings, *, helo_name: str) -> None:
         self.name = settings.name
-        self.accepted_domains = frozenset(settings.m365.accepted_domains)
+        self.accepts = domain_rule(settings.m365.accepted_domains)
         self._mx = MxDelivery(
             settings, helo_name=helo_name, require_tls=settings.tls == "required", allowed=self.accepts
         )
-
-    def accepts(self, rcpt: str) -> bool:
-        return rcpt.rpartition("@")[2].lower() in self.accepted_domains
 
     async def deliver(self, message: OutboundMessage) -> list[RecipientResult]:
         return await self._mx.deliver(self.name, message)

@@ -104,8 +104,12 @@ def _results(rcpts: tuple[str, ...], errors: dict[str, SMTPResponse], final: str
 
 
 async def send_over(pool: SessionPool, message: OutboundMessage, *, upstream: str) -> list[RecipientResult]:
-    """Send one message through a pooled session, retrying once on a stale reused session."""
-    body = await asyncio.to_thread(message.read_body)
+    """Send one message through a pooled session, retrying once on a stale reused session.
+
+    The body is read only once the upstream has accepted a recipient: a delivery waiting for a pool
+    slot, or failing to connect, never holds the message in memory.
+    """
+    body: bytes | None = None
     options = ["SMTPUTF8"] if message.smtputf8 else []
     for attempt in (1, 2):
         data_started = False
@@ -116,6 +120,8 @@ async def send_over(pool: SessionPool, message: OutboundMessage, *, upstream: st
                     if len(errors) == len(message.rcpt_tos):
                         await _rset(smtp)
                         return _results(message.rcpt_tos, errors, "")
+                    if body is None:
+                        body = await asyncio.to_thread(message.read_body)
                     data_started = True
                     response = await smtp.data(body)
                 except aiosmtplib.SMTPResponseException as e:

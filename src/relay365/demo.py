@@ -1,0 +1,117 @@
+"""``relay365 serve`` with no configuration: the relay in front of the built-in sandbox tenant.
+
+A newcomer gets a working relay at once: a device listener on 127.0.0.1:2525, Direct Send for the
+tenant's own domains and SMTP AUTH submission (OAuth2 XOAUTH2) for everyone else, both into the local
+Exchange Online sandbox, whose mailboxes can be looked into with ``relay365 sandbox mail list``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from relay365.app import Relay, serve
+from relay365.sandbox.runner import Sandbox
+from relay365.sandbox.tenant import Tenant, example_tenant
+from relay365.settings import Settings, parse_settings
+
+DEMO_PORT = 2525
+DEMO_MAILBOX = "scanner@contoso.test"
+
+
+def _app_secret_file(tenant: Tenant, state: Path) -> tuple[str, Path]:
+    app = next(a for a in tenant.apps.values() if a.client_secret and "SMTP.SendAsApp" in a.permissions)
+    path = state / "demo-app-secret"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(app.client_secret or "")
+    return app.client_id, path
+
+
+def demo_settings(sb: Sandbox, state: Path, *, port: int = DEMO_PORT) -> Settings:
+    tenant = sb.ctx.tenant
+    client_id, secret = _app_secret_file(tenant, state)
+    common: dict[str, Any] = {"host": sb.host, "ca_file": str(sb.ca_path)}
+    data: dict[str, Any] = {
+        "server": {"hostname": "relay365.demo", "spool_dir": str(state / "spool"), "auth_failure_delay": 1.0},
+        "listener": [{"name": "demo", "address": "127.0.0.1", "port": port, "tls": "starttls"}],
+        "device": [
+            {"name": "demo-device", "ip_allow": ["127.0.0.0/8", "::1/128"], "rewrite_sender": DEMO_MAILBOX}
+        ],
+        "delivery": {"min_backoff": 30, "max_backoff": 600, "poll_interval": 2},
+        "transport": [
+            {
+                "name": "direct-send",
+                "type": "direct_send",
+                **common,
+                "port": sb.mx_port,
+                "accepted_domains": list(tenant.accepted_domains),
+            },
+            {
+                "name": "submission",
+                "type": "submission",
+                **common,
+                "port": sb.submission_port,
+                "mailbox": DEMO_MAILBOX,
+                "tenant": tenant.tenant_id,
+                "client_id": client_id,
+                "client_secret_file": str(secret),
+                "authority": sb.base_url,
+                "authority_ca_file": str(sb.ca_path),
+            },
+        ],
+        "route": [
+            {
+                "name": "internal",
+                "transport": "direct-send",
+                "recipient_domains": list(tenant.accepted_domains),
+            },
+            {"name": "external", "transport": "submission"},
+        ],
+    }
+    return parse_settings(data, base=state)
+
+
+def print_device_settings(console: Console, settings: Settings, relay: Relay, state: Path) -> None:
+    listener = settings.listeners[0]
+    table = Table(title="Type these settings into a printer, scanner or application")
+    table.add_column("Device setting")
+    table.add_column("Value")
+    for row in (
+        ("Server / smart host", listener.address),
+        ("Port", str(relay.ports.get(listener.name, listener.port))),
+        ("TLS / StartTLS", "optional (STARTTLS offered, self-signed certificate)"),
+        ("User name and password", "none: this computer (127.0.0.1) is allow-listed"),
+        ("Sender address", f"anything: relay365 sends as {DEMO_MAILBOX}"),
+    ):
+        table.add_row(*row)
+    console.print(table)
+    console.print(
+        "Internal recipients (@contoso.test, @fabrikam.test) go by Direct Send, others by SMTP AUTH"
+        " submission with OAuth2, into the local Exchange Online sandbox.\n"
+        f"Try:   swaks --server 127.0.0.1:{relay.ports.get(listener.name)} --to alice@contoso.test\n"
+        f"Then:  relay365 sandbox mail list --state-dir {state / 'sandbox'}",
+        highlight=False,
+    )
+
+
+async def run_demo(
+    state: Path, *, port: int = DEMO_PORT, ready: Callable[[Relay], None] = lambda relay: None
+) -> None:
+    await asyncio.to_thread(state.mkdir, parents=True, exist_ok=True, mode=0o700)
+
+    async with Sandbox(example_tenant(), state_dir=state / "sandbox") as sb:
+        settings = demo_settings(sb, state, port=port)
+        console = Console(stderr=True)
+
+        def on_ready(relay: Relay) -> None:
+            print_device_settings(console, settings, relay, state)
+            ready(relay)
+
+        await serve(settings, ready=on_ready)
