@@ -19,7 +19,7 @@ def test_messages_per_window() -> None:
     clock = Clock()
     pacer = Pacer(clock=clock)
     limits = PaceLimits(messages_per_window=30, window=60)
-    for i in range(30):
+    for _ in range(30):
         assert pacer.wait_time("m", limits, 1) == 0
         pacer.sent("m", 1)
         clock.now += 1
