@@ -153,7 +153,9 @@ def route_test(
         try:
             c = router.choose(rcpt=rcpt, sender=mail_from, device=device, size=size)
             kind = settings.transport(c.transport).type
-            table.add_row(rcpt, c.route, f"{c.transport} ({kind})", c.reason)
+            then = f"; if it is refused: {', '.join(c.fallbacks)}" if c.fallbacks else ""
+            table.add_row(rcpt, c.route, f"{c.transport} ({kind})", c.reason + then)
+
         except NoRoute as e:
             unroutable = True
             table.add_row(rcpt, "-", "-", f"[red]bounced at once[/red]: {e}")

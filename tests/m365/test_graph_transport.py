@@ -156,3 +156,29 @@ async def test_graph_split_message_reaches_only_its_envelope(tmp_path: Path, san
         [inbox] = store.list(mailbox="alice@contoso.test")
         assert inbox.endpoint == "mx"
         assert store.list(folder="Internet")[0].endpoint == "graph"
+
+
+async def test_fallback_to_connector_when_graph_is_refused(
+    tmp_path: Path, sandbox: Sandbox, monkeypatch: Any
+) -> None:
+    from tests.m365.conftest import connector
+
+    monkeypatch.setenv("RELAY365_TEST_APP_SECRET", "revoked-secret")
+    cert = sandbox.ctx.tls.issue_client_certificate("relay.contoso.test")
+    settings = make_settings(
+        tmp_path,
+        transport=[graph(sandbox), connector(sandbox, cert)],
+        route=[{"name": "external", "transport": "graph", "fallbacks": ["connector"]}],
+    )
+    async with running_relay(settings) as relay:
+        await send(
+            relay,
+            "scanner@contoso.test",
+            ["partner@example.org"],
+            b"From: scanner@contoso.test\r\nTo: partner@example.org\r\nSubject: fb\r\n\r\nx\r\n",
+        )
+        store = sandbox.ctx.store
+        await wait_until(lambda: len(store.list(folder="Internet")) == 1)
+        assert store.list(folder="Internet")[0].endpoint == "mx"  # arrived through the connector
+        await drained(relay)
+        assert await relay.spool.list() == []

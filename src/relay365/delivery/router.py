@@ -17,6 +17,7 @@ class RouteChoice:
     route: str
     transport: str
     reason: str
+    fallbacks: tuple[str, ...] = ()
 
 
 class NoRoute(LookupError):
@@ -31,8 +32,9 @@ def _sender_ok(patterns: tuple[str, ...], sender: str) -> bool:
 class Router:
     """``accepts`` maps a transport name to its own recipient rule (Direct Send: accepted domains)."""
 
-    def __init__(self, routes: Sequence[RouteSettings],
-                 accepts: Mapping[str, Callable[[str], bool]] | None = None) -> None:
+    def __init__(
+        self, routes: Sequence[RouteSettings], accepts: Mapping[str, Callable[[str], bool]] | None = None
+    ) -> None:
         self._routes = tuple(routes)
         self._accepts = dict(accepts or {})
 
@@ -62,6 +64,6 @@ class Router:
                 refused.append(f"route {r.name} ({r.transport}) only reaches the tenant's own domains")
                 continue
             reason = "matches " + ", ".join(why) if why else "catch-all route"
-            return RouteChoice(r.name, r.transport, reason)
+            return RouteChoice(r.name, r.transport, reason, r.fallbacks)
         detail = "; ".join(refused) if refused else "no route rule matches"
         raise NoRoute(f"no route for <{rcpt}>: {detail}")

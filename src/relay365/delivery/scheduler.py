@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from relay365.delivery import backoff
-from relay365.delivery.dsn import Failure, build_dsn, original_headers
+from relay365.delivery.dsn import Failure, build_dsn, original_headers, status_of
 from relay365.delivery.pacing import Pacer, is_throttle_reply
 from relay365.delivery.router import NoRoute, Router
 from relay365.errors import PermanentDeliveryError, TransientDeliveryError
@@ -38,6 +38,14 @@ from relay365.transports.base import (
 
 log = logging.getLogger(__name__)
 NO_ROUTE_REPLY = "554 5.4.4 No route configured for this recipient"
+
+
+def route_level(reply: str) -> bool:
+    """A failure of the way (auth, permission, attribution, connection, throttling) rather than of
+    the recipient (RFC 3463 x.1.x addressing, Exchange's 5.4.1 "recipient address rejected"): only
+    those move on to a route's fallback transport."""
+    status = status_of(reply)
+    return not (status[2:].startswith("1.") or status.endswith(".4.1"))
 
 
 class Scheduler:
@@ -144,8 +152,8 @@ class Scheduler:
 
     def _groups(
         self, entry: QueueEntry, now: float
-    ) -> tuple[dict[str, list[str]], list[tuple[str, str]]]:
-        groups: dict[str, list[str]] = {}
+    ) -> tuple[dict[tuple[str, tuple[str, ...]], list[str]], list[tuple[str, str]]]:
+        groups: dict[tuple[str, tuple[str, ...]], list[str]] = {}
         unroutable: list[tuple[str, str]] = []
         for r in entry.recipients:
             if r.state not in (RcptState.QUEUED, RcptState.DEFERRED) or r.next_attempt > now:
@@ -161,7 +169,7 @@ class Scheduler:
                 log.warning("%s: %s", entry.queue_id, e)
                 unroutable.append((r.rcpt, str(e)))
                 continue
-            groups.setdefault(choice.transport, []).append(r.rcpt)
+            groups.setdefault((choice.transport, choice.fallbacks), []).append(r.rcpt)
         return groups, unroutable
 
     async def _send(self, transport: Transport, entry: QueueEntry, rcpts: list[str]) -> list[RecipientResult]:
@@ -194,7 +202,9 @@ class Scheduler:
         failures = [Failure(r, f"{NO_ROUTE_REPLY} ({why})") for r, why in unroutable]
         updates += [RecipientUpdate(f.rcpt, RcptState.BOUNCED, f.reply) for f in failures]
         events: list[PaceEvent] = []
-        for name, rcpts in groups.items():
+        pending = [(name, fallbacks, rcpts) for (name, fallbacks), rcpts in groups.items()]
+        while pending:
+            name, fallbacks, rcpts = pending.pop(0)
             transport = self._transports[name]
             paced = transport if isinstance(transport, PacedTransport) else None
             if paced is not None:
@@ -221,6 +231,7 @@ class Scheduler:
                     self._pacer.end(paced.pacing_key)
             if paced is not None:
                 events += self._account(paced, results)
+            retry: list[str] = []
             for res in results:
                 log.info(
                     "%s to=<%s> via=%s outcome=%s reply=%r",
@@ -230,7 +241,19 @@ class Scheduler:
                     res.outcome.value,
                     res.reply,
                 )
-                updates.append(self._update(entry, res, states[res.rcpt].attempts, failures))
+                if res.outcome is not Outcome.DELIVERED and fallbacks and route_level(res.reply):
+                    retry.append(res.rcpt)
+                else:
+                    updates.append(self._update(entry, res, states[res.rcpt].attempts, failures))
+            if retry:
+                log.warning(
+                    "%s: %s refused %d recipient(s); falling back to %s",
+                    entry.queue_id,
+                    name,
+                    len(retry),
+                    fallbacks[0],
+                )
+                pending.append((fallbacks[0], fallbacks[1:], retry))
         bounce = await self._bounce(entry, failures)
         await self._spool.record(entry.queue_id, updates, bounce=bounce, pace_events=events)
 
