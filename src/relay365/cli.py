@@ -334,23 +334,16 @@ def send(
     console.print(f"[green]accepted[/green]: {reply}", highlight=False)
 
 
-def _register_optional() -> None:
-    """Sandbox and setup tools live in their own packages and register their own commands."""
-    try:
-        from relay365.sandbox.cli import app as sandbox_app
-    except ImportError:
-        pass
-    else:
-        app.add_typer(sandbox_app, name="sandbox")
-    try:
-        from relay365.diagnostics.cli import register
-    except ImportError:
-        pass
-    else:
-        register(app)
+def _register_subcommands() -> None:
+    """The sandbox and the setup tools live in their own packages and bring their own commands."""
+    from relay365.diagnostics.cli import register
+    from relay365.sandbox.cli import app as sandbox_app
+
+    app.add_typer(sandbox_app, name="sandbox")
+    register(app)
 
 
-_register_optional()
+_register_subcommands()
 
 
 def main() -> None:

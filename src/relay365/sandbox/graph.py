@@ -1,0 +1,504 @@
+"""The sandbox's Microsoft Graph mail endpoints (the ``graph.microsoft.com`` role).
+
+::
+
+    POST /v1.0/users/{id|upn}/sendMail        JSON or MIME (text/plain, base64); 202, empty body
+    POST /v1.0/users/{id}/messages            create a draft (JSON or MIME); 201     } graph_upload
+    POST /v1.0/users/{id}/messages/{mid}/attachments[/createUploadSession]            }
+    POST /v1.0/users/{id}/messages/{mid}/send  send a draft; 202                        }
+    PUT|DELETE /api/gv1.0/...                 the upload URL an upload session returns  }
+    (each also under /v1.0/me/... for delegated tokens)
+
+Every /v1.0 request goes through :meth:`GraphEndpoint.call`, in Graph's order: bearer token (401
+``InvalidAuthenticationToken`` with ``WWW-Authenticate``), user (404 ``ErrorInvalidUser``),
+permission and RBAC scope (403 ``ErrorAccessDenied``), throttling per app per mailbox (429
+``ApplicationThrottled`` with ``Retry-After``: more than ``graph_concurrent_per_mailbox`` requests
+in flight, "Application is over its MailboxConcurrency limit.", or more than
+``graph_requests_per_window`` in ``graph_window_seconds``), then the request body, which may not
+exceed ``graph_max_request_bytes`` (413). A request holds its concurrency slot while its body
+arrives, so a slow upload occupies the mailbox as it does in Exchange Online.
+https://learn.microsoft.com/graph/throttling-limits#outlook-service-limits
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import math
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email import policy
+from email.message import EmailMessage
+from email.parser import BytesParser
+from email.utils import format_datetime, getaddresses, make_msgid
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from relay365.errors import Relay365Error
+from relay365.sandbox.tokens import (
+    GRAPH_RESOURCE,
+    AccessClaims,
+    InvalidToken,
+    may_use_mailbox,
+    object_id,
+)
+
+if TYPE_CHECKING:
+    from relay365.sandbox.context import SandboxContext
+    from relay365.sandbox.tenant import Mailbox
+
+logger = logging.getLogger(__name__)
+
+GRAPH_WWW_AUTHENTICATE = (
+    'Bearer realm="", authorization_uri="https://login.microsoftonline.com/common/oauth2/authorize",'
+    ' client_id="00000003-0000-0000-c000-000000000000"'
+)
+ACCESS_DENIED = "Access is denied. Check credentials and try again."
+
+
+class GraphError(Relay365Error):
+    """A Graph error reply: status, ``error.code``, ``error.message`` and extra headers."""
+
+    def __init__(
+        self, status: int, code: str, message: str, *, headers: dict[str, str] | None = None
+    ) -> None:
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+        super().__init__(f"{status} {code}: {message}")
+
+
+def graph_error(
+    status: int, code: str, message: str, *, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """``{"error": {"code", "message", "innerError": {...}}}`` as Graph sends it."""
+    request_id = str(uuid.uuid4())
+    body = {
+        "error": {
+            "code": code,
+            "message": message,
+            "innerError": {
+                "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S"),
+                "request-id": request_id,
+                "client-request-id": request_id,
+            },
+        }
+    }
+    all_headers = {"request-id": request_id, "client-request-id": request_id, **(headers or {})}
+    return JSONResponse(body, status_code=status, headers=all_headers)
+
+
+@dataclass(frozen=True)
+class Caller:
+    """An authenticated Graph request: the token's claims and the mailbox in the URL."""
+
+    claims: AccessClaims
+    mailbox: Mailbox
+
+    @property
+    def identity(self) -> str:
+        """What the store records as ``authenticated_as`` (same shape as the SMTP endpoints')."""
+        if self.claims.upn is None:
+            return f"{self.mailbox.address} (Graph app {self.claims.app_id})"
+        return f"{self.claims.upn} (Graph delegated, app {self.claims.app_id})"
+
+    def has(self, permission: str) -> bool:
+        return permission in (self.claims.roles if self.claims.app_only else self.claims.scopes)
+
+
+Handler = Callable[[Request, Caller, bytes], Awaitable[Response]]
+
+
+class _Throttle:
+    """Per (app, mailbox): requests in flight and request times in the sliding window."""
+
+    def __init__(self) -> None:
+        self._in_flight: dict[tuple[str, str], int] = {}
+        self._times: dict[tuple[str, str], deque[float]] = {}
+
+    def enter(
+        self, key: tuple[str, str], *, now: float, concurrent: int, per_window: int, window: float
+    ) -> None:
+        times = self._times.setdefault(key, deque())
+        while times and times[0] <= now - window:
+            times.popleft()
+        times.append(now)  # every request accrues against the limit, throttled ones too
+        if len(times) > per_window:
+            retry = max(1, math.ceil(times[0] + window - now))
+            raise GraphError(
+                429,
+                "ApplicationThrottled",
+                "Application is over its MailboxRequests limit.",
+                headers={"Retry-After": str(retry)},
+            )
+        if self._in_flight.get(key, 0) >= concurrent:
+            raise GraphError(
+                429,
+                "ApplicationThrottled",
+                "Application is over its MailboxConcurrency limit.",
+                headers={"Retry-After": "1"},
+            )
+        self._in_flight[key] = self._in_flight.get(key, 0) + 1
+
+    def leave(self, key: tuple[str, str]) -> None:
+        self._in_flight[key] -= 1
+
+    def in_flight(self, key: tuple[str, str]) -> int:
+        return self._in_flight.get(key, 0)
+
+
+async def read_limited(request: Request, limit: int) -> bytes:
+    """The request body, or 413 if it exceeds ``limit`` (the rest is drained, not kept)."""
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total <= limit:
+            chunks.append(chunk)
+    if total > limit:
+        raise GraphError(
+            413,
+            "RequestEntityTooLarge",
+            f"The request body is {total} bytes; the maximum request size is {limit} bytes. "
+            "Use an upload session for large attachments.",
+        )
+    return b"".join(chunks)
+
+
+class GraphEndpoint:
+    """Graph sendMail plus the draft / upload-session path (see :mod:`graph_upload`)."""
+
+    def __init__(self, ctx: SandboxContext) -> None:
+        from relay365.sandbox.graph_upload import Drafts
+
+        self.ctx = ctx
+        self._throttle = _Throttle()
+        self.drafts = Drafts(self)
+
+    def routes(self) -> list[Route]:
+        routes: list[Route] = []
+        for base in ("/v1.0/users/{user}", "/v1.0/me"):
+            routes.append(Route(f"{base}/sendMail", self.send_mail, methods=["POST"]))
+            routes.extend(self.drafts.routes(base))
+        routes.extend(self.drafts.upload_routes())
+        return routes
+
+    def in_flight(self, app_id: str, mailbox: str) -> int:
+        """Requests of this app for this mailbox being served right now."""
+        return self._throttle.in_flight((app_id.lower(), mailbox.lower()))
+
+    async def send_mail(self, request: Request) -> Response:
+        return await self.call(request, "Mail.Send", self._send_mail)
+
+    # -- the common request path ---------------------------------------------------------------
+
+    async def call(self, request: Request, permission: str, handler: Handler) -> Response:
+        try:
+            claims = self._authenticate(request)
+            caller = Caller(claims=claims, mailbox=self._mailbox(request, claims))
+            if not caller.has(permission) or not may_use_mailbox(claims, self.ctx.tenant, caller.mailbox):
+                raise GraphError(403, "ErrorAccessDenied", ACCESS_DENIED)
+            limits = self.ctx.tenant.limits
+            key = (claims.app_id.lower(), caller.mailbox.address.lower())
+            self._throttle.enter(
+                key,
+                now=self.ctx.clock.now(),
+                concurrent=limits.graph_concurrent_per_mailbox,
+                per_window=limits.graph_requests_per_window,
+                window=limits.graph_window_seconds,
+            )
+            try:
+                body = await read_limited(request, limits.graph_max_request_bytes)
+                return await handler(request, caller, body)
+            finally:
+                self._throttle.leave(key)
+        except GraphError as err:
+            return self.fail(request, err)
+
+    def fail(self, request: Request, err: GraphError) -> Response:
+        self.ctx.store.count_rejection("graph", f"{err.status} {err.code}")
+        logger.info("graph refused %s %s: %s", request.method, request.url.path, err)
+        return graph_error(err.status, err.code, err.message, headers=err.headers)
+
+    def _authenticate(self, request: Request) -> AccessClaims:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise GraphError(
+                401,
+                "InvalidAuthenticationToken",
+                "Access token is empty.",
+                headers={"WWW-Authenticate": GRAPH_WWW_AUTHENTICATE},
+            )
+        try:
+            return self.ctx.issuer.validate(token, audience=GRAPH_RESOURCE)
+        except InvalidToken as exc:
+            raise GraphError(
+                401,
+                "InvalidAuthenticationToken",
+                _token_message(exc.reason, token),
+                headers={"WWW-Authenticate": GRAPH_WWW_AUTHENTICATE},
+            ) from exc
+
+    def _mailbox(self, request: Request, claims: AccessClaims) -> Mailbox:
+        user = request.path_params.get("user")
+        if user is None:  # /me
+            if claims.upn is None:
+                raise GraphError(
+                    400, "BadRequest", "/me request is only valid with delegated authentication flow."
+                )
+            user = claims.upn
+        mailbox = self.ctx.tenant.mailbox(user) or next(
+            (m for m in self.ctx.tenant.mailboxes.values() if object_id(m.address) == user.lower()),
+            None,
+        )
+        if mailbox is None:
+            raise GraphError(404, "ErrorInvalidUser", f"The requested user '{user}' is invalid.")
+        if not mailbox.licensed and not mailbox.shared:
+            raise GraphError(
+                404,
+                "MailboxNotEnabledForRESTAPI",
+                "The mailbox is either inactive, soft-deleted, or is hosted on-premise.",
+            )
+        return mailbox
+
+    # -- sendMail ------------------------------------------------------------------------------
+
+    async def _send_mail(self, request: Request, caller: Caller, body: bytes) -> Response:
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type == "text/plain":
+            message = parse_mime(body)
+            save = True
+        else:
+            data = parse_json(body)
+            raw = data.get("message")
+            if not isinstance(raw, dict):
+                raise GraphError(400, "ErrorInvalidRequest", "The 'message' parameter is required.")
+            save = data.get("saveToSentItems", True)
+            if not isinstance(save, bool):
+                raise GraphError(
+                    400, "BadRequest", "Cannot convert the literal to the expected type 'Edm.Boolean'."
+                )
+            message = message_from_json(raw, mailbox=caller.mailbox)
+        self.deliver(caller, message, save_to_sent_items=save)
+        return Response(status_code=202)
+
+    def deliver(self, caller: Caller, message: EmailMessage, *, save_to_sent_items: bool) -> None:
+        """Submit as Exchange would: stamp, check Send As, file copies (Bcc hidden from recipients)."""
+        mailbox = caller.mailbox
+        if message["From"] is None:
+            message["From"] = _format_address(mailbox.address, mailbox.display_name)
+        if message["Date"] is None:
+            message["Date"] = format_datetime(datetime.fromtimestamp(self.ctx.clock.now(), UTC))
+        if message["Message-ID"] is None:
+            message["Message-ID"] = make_msgid(domain=mailbox.address.rpartition("@")[2])
+        senders = getaddresses(message.get_all("From", []))
+        sender = (senders[0][1] if senders else "").lower()
+        if sender != mailbox.address.lower() and sender not in mailbox.send_as:
+            raise GraphError(
+                403,
+                "ErrorSendAsDenied",
+                "The user account which was used to submit this request does not have the right to "
+                "send mail on behalf of the specified sending account., Cannot submit message.",
+            )
+        recipients: list[str] = []
+        for name in ("To", "Cc", "Bcc"):
+            for _, address in getaddresses(message.get_all(name, [])):
+                if address and address.lower() not in (r.lower() for r in recipients):
+                    recipients.append(address)
+        if not recipients:
+            raise GraphError(
+                400, "ErrorInvalidRecipients", "At least one recipient is required, but none were found."
+            )
+        full = message.as_bytes(policy=policy.SMTP)
+        if len(full) > self.ctx.tenant.limits.max_message_size:
+            raise GraphError(
+                400,
+                "ErrorMessageSizeExceeded",
+                "The message exceeds the maximum supported size., Cannot save changes made to an "
+                "item to store.",
+            )
+        del message["Bcc"]
+        visible = message.as_bytes(policy=policy.SMTP)
+        store = self.ctx.store
+        store.deliver_accepted(
+            tenant=self.ctx.tenant,
+            endpoint="graph",
+            mail_from=sender,
+            rcpt_tos=recipients,
+            authenticated_as=caller.identity,
+            content=visible,
+            sender_mailbox_for_sent_items=None,
+        )
+        if save_to_sent_items:
+            store.add(
+                folder="SentItems",
+                mailbox=mailbox.address,
+                endpoint="graph",
+                mail_from=sender,
+                rcpt_tos=recipients,
+                authenticated_as=caller.identity,
+                content=full,
+            )
+        logger.info(
+            "graph accepted mail from %s for %d recipients (by %s)",
+            sender,
+            len(recipients),
+            caller.identity,
+        )
+
+
+def _token_message(reason: str, token: str) -> str:
+    if "." not in token:
+        return "IDX14100: JWT is not well formed, there are no dots (.)."
+    if "expired" in reason:
+        return "Lifetime validation failed, the token is expired."
+    if "audience" in reason:
+        return "Access token validation failure. Invalid audience."
+    return "Access token validation failure."
+
+
+def parse_json(body: bytes) -> dict[str, Any]:
+    import json
+
+    try:
+        data = json.loads(body or b"null")
+    except ValueError as exc:
+        raise GraphError(400, "RequestBodyRead", f"Invalid JSON in the request body: {exc}") from exc
+    if not isinstance(data, dict):
+        raise GraphError(400, "RequestBodyRead", "The request body must be a JSON object.")
+    return data
+
+
+def parse_mime(body: bytes) -> EmailMessage:
+    """The MIME form: the whole RFC 5322 message, base64 encoded, as a ``text/plain`` body."""
+    compact = b"".join(body.split())
+    try:
+        raw = base64.b64decode(compact, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise GraphError(
+            400, "ErrorMimeContentInvalidBase64String", "Invalid base64 string for MIME content."
+        ) from exc
+    if not raw.strip():
+        raise GraphError(400, "ErrorMimeContentInvalid", "The MIME content is empty.")
+    message = BytesParser(policy=policy.default).parsebytes(raw)
+    if not isinstance(message, EmailMessage):  # pragma: no cover - policy.default guarantees it
+        raise GraphError(400, "ErrorMimeContentInvalid", "The MIME content could not be parsed.")
+    return message
+
+
+def _format_address(address: str, name: str | None) -> str:
+    from email.headerregistry import Address
+
+    return str(Address(display_name=name or "", addr_spec=address))
+
+
+def _recipients(raw: dict[str, Any], key: str) -> list[str]:
+    value = raw.get(key) or []
+    if not isinstance(value, list):
+        raise GraphError(400, "ErrorInvalidRecipients", f"'{key}' must be a collection.")
+    result: list[str] = []
+    for entry in value:
+        email_address = entry.get("emailAddress") if isinstance(entry, dict) else None
+        address = email_address.get("address") if isinstance(email_address, dict) else None
+        if not isinstance(address, str) or "@" not in address:
+            raise GraphError(
+                400,
+                "ErrorInvalidRecipients",
+                f"At least one recipient is not valid., Recipient '{address}' is not resolved. "
+                "All recipients must be resolved before a message can be submitted.",
+            )
+        name = email_address.get("name") if isinstance(email_address, dict) else None
+        result.append(_format_address(address, name if isinstance(name, str) else None))
+    return result
+
+
+def message_from_json(raw: dict[str, Any], *, mailbox: Mailbox) -> EmailMessage:
+    """A Graph ``message`` resource as an RFC 5322 message (Bcc kept as a header for now)."""
+    message = EmailMessage()
+    sender = raw.get("from")
+    if sender is not None:
+        entries = _recipients({"from": [sender]}, "from")
+        message["From"] = entries[0]
+    for key, header in (
+        ("toRecipients", "To"),
+        ("ccRecipients", "Cc"),
+        ("bccRecipients", "Bcc"),
+        ("replyTo", "Reply-To"),
+    ):
+        entries = _recipients(raw, key)
+        if entries:
+            message[header] = ", ".join(entries)
+    message["Subject"] = str(raw.get("subject") or "")
+    for header in raw.get("internetMessageHeaders") or []:
+        name = str(header.get("name", "")) if isinstance(header, dict) else ""
+        if not name.lower().startswith("x-"):
+            raise GraphError(
+                400,
+                "InvalidInternetMessageHeader",
+                f"The internet message header name '{name}' should start with 'x-' or 'X-'.",
+            )
+        message[name] = str(header.get("value", ""))
+    body = raw.get("body") or {}
+    content = str(body.get("content", "")) if isinstance(body, dict) else ""
+    kind = str(body.get("contentType", "text")).lower() if isinstance(body, dict) else "text"
+    message.set_content(content, subtype="html" if kind == "html" else "plain")
+    for attachment in raw.get("attachments") or []:
+        add_file_attachment(message, attachment)
+    return message
+
+
+def add_file_attachment(message: EmailMessage, attachment: object) -> None:
+    """Add one ``#microsoft.graph.fileAttachment`` (``contentBytes`` base64) to ``message``."""
+    if not isinstance(attachment, dict) or attachment.get("@odata.type") not in (
+        "#microsoft.graph.fileAttachment",
+        "microsoft.graph.fileAttachment",
+    ):
+        raise GraphError(
+            400, "ErrorInvalidRequest", "Only #microsoft.graph.fileAttachment is supported here."
+        )
+    try:
+        data = base64.b64decode(str(attachment.get("contentBytes", "")), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise GraphError(
+            400, "ErrorInvalidRequest", "The attachment contentBytes is not valid base64."
+        ) from exc
+    attach_bytes(
+        message,
+        data,
+        name=str(attachment.get("name") or "attachment"),
+        content_type=str(attachment.get("contentType") or "application/octet-stream"),
+        inline=bool(attachment.get("isInline", False)),
+        content_id=attachment.get("contentId"),
+    )
+
+
+def attach_bytes(
+    message: EmailMessage,
+    data: bytes,
+    *,
+    name: str,
+    content_type: str,
+    inline: bool = False,
+    content_id: object = None,
+) -> None:
+    maintype, _, subtype = content_type.partition("/")
+    if not maintype or not subtype:
+        maintype, subtype = "application", "octet-stream"
+    message.add_attachment(
+        data,
+        maintype=maintype,
+        subtype=subtype,
+        filename=name,
+        disposition="inline" if inline else "attachment",
+        cid=f"<{content_id}>" if inline and isinstance(content_id, str) else None,
+    )
