@@ -10,39 +10,50 @@ The sent-message history is persisted with the delivery outcome, so the windows 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from relay365.spool.model import PaceEvent
 from relay365.transports.base import PaceLimits
 
 
+@dataclass(slots=True)
+class Slot:
+    """A message on its way: counted in the windows from ``begin`` until ``end`` settles it."""
+
+    key: str
+    entry: list[float]  # [time, recipients], shared with the pacer's history
+
+
 class Pacer:
     def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
-        self._events: dict[str, deque[tuple[float, int]]] = {}
+        self._events: dict[str, deque[list[float]]] = {}
         self._active: dict[str, int] = {}
         self._paused_until: dict[str, float] = {}
 
     def load(self, events: Iterable[PaceEvent]) -> None:
         for e in sorted(events, key=lambda e: e.at):
-            self._events.setdefault(e.key, deque()).append((e.at, e.recipients))
+            self._events.setdefault(e.key, deque()).append([e.at, float(e.recipients)])
 
-    def _history(self, key: str, limits: PaceLimits, now: float) -> deque[tuple[float, int]]:
+    def _history(self, key: str, limits: PaceLimits, now: float) -> deque[list[float]]:
         q = self._events.setdefault(key, deque())
         while q and q[0][0] <= now - limits.day:
             q.popleft()
         return q
 
     def wait_time(self, key: str, limits: PaceLimits, recipients: int) -> float:
-        """0 when a message with ``recipients`` recipients may go now, else seconds to wait."""
+        """0 when a message with ``recipients`` recipients may go now, else seconds to wait.
+        Messages still in flight count: they may reach Microsoft at any moment."""
         now = self._clock()
         waits = [self._paused_until.get(key, 0.0) - now]
         if self._active.get(key, 0) >= limits.concurrency:
             waits.append(0.2)  # a session ends soon; the scheduler is woken when it does
         q = self._history(key, limits, now)
-        in_window = [t for t, _ in q if t > now - limits.window]
+        in_window = sorted(t for t, _ in q if t > now - limits.window)
         if len(in_window) >= limits.messages_per_window:
             # The oldest message of the window must leave it before another may go.
             waits.append(in_window[-limits.messages_per_window] + limits.window - now)
@@ -50,24 +61,29 @@ class Pacer:
         if total + recipients > limits.recipients_per_day and q:
             # Wait until enough of the oldest recipients have left the rolling day.
             excess = total + recipients - limits.recipients_per_day
-            freed = 0
-            for t, n in q:
+            freed = 0.0
+            for t, n in sorted(q):
                 freed += n
                 if freed >= excess:
                     waits.append(t + limits.day - now)
                     break
         return max(0.0, *waits)
 
-    def begin(self, key: str) -> None:
+    def begin(self, key: str, recipients: int) -> Slot:
         self._active[key] = self._active.get(key, 0) + 1
+        entry = [self._clock(), float(recipients)]
+        self._events.setdefault(key, deque()).append(entry)
+        return Slot(key, entry)
 
-    def end(self, key: str) -> None:
-        self._active[key] = max(0, self._active.get(key, 0) - 1)
-
-    def sent(self, key: str, recipients: int) -> PaceEvent:
-        event = PaceEvent(key, self._clock(), recipients)
-        self._events.setdefault(key, deque()).append((event.at, event.recipients))
-        return event
+    def end(self, slot: Slot, *, delivered: int) -> PaceEvent | None:
+        """Settle a message: counted (at the time it was accepted) if anything was delivered."""
+        self._active[slot.key] = max(0, self._active.get(slot.key, 0) - 1)
+        if not delivered:
+            with contextlib.suppress(ValueError):
+                self._events[slot.key].remove(slot.entry)
+            return None
+        slot.entry[0], slot.entry[1] = self._clock(), float(delivered)
+        return PaceEvent(slot.key, slot.entry[0], delivered)
 
     def pause(self, key: str, seconds: float) -> None:
         until = self._clock() + seconds

@@ -223,14 +223,17 @@ class Scheduler:
                         for r in rcpts
                     ]
                     continue
-                self._pacer.begin(paced.pacing_key)
+            slot = self._pacer.begin(paced.pacing_key, len(rcpts)) if paced is not None else None
+            results: list[RecipientResult] = []
             try:
                 results = await self._send(transport, entry, rcpts)
             finally:
-                if paced is not None:
-                    self._pacer.end(paced.pacing_key)
+                if slot is not None:
+                    delivered = sum(1 for r in results if r.outcome is Outcome.DELIVERED)
+                    if (event := self._pacer.end(slot, delivered=delivered)) is not None:
+                        events.append(event)
             if paced is not None:
-                events += self._account(paced, results)
+                self._slow_down(paced, results)
             retry: list[str] = []
             for res in results:
                 log.info(
@@ -257,17 +260,16 @@ class Scheduler:
         bounce = await self._bounce(entry, failures)
         await self._spool.record(entry.queue_id, updates, bounce=bounce, pace_events=events)
 
-    def _account(self, paced: PacedTransport, results: list[RecipientResult]) -> list[PaceEvent]:
-        """Count a sent message against its mailbox; slow the mailbox down on throttling replies."""
-        key = paced.pacing_key
+    def _slow_down(self, paced: PacedTransport, results: list[RecipientResult]) -> None:
+        """A throttling reply pauses the mailbox (Retry-After, or one window)."""
         for res in results:
             if is_throttle_reply(res.reply):
                 pause = res.retry_after or paced.pacing.window
-                log.warning("%s: upstream throttles (%s); pausing it %.0fs", key, res.reply, pause)
-                self._pacer.pause(key, pause)
-                break
-        delivered = sum(1 for r in results if r.outcome is Outcome.DELIVERED)
-        return [self._pacer.sent(key, delivered)] if delivered else []
+                log.warning(
+                    "%s: upstream throttles (%s); pausing it %.0fs", paced.pacing_key, res.reply, pause
+                )
+                self._pacer.pause(paced.pacing_key, pause)
+                return
 
     def _update(
         self, entry: QueueEntry, res: RecipientResult, attempts: int, failures: list[Failure]
