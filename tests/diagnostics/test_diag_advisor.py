@@ -21,6 +21,7 @@ from relay365.diagnostics.advisor_output import (
 )
 from relay365.diagnostics.cli import register
 from relay365.errors import ConfigError
+from relay365.settings import Settings, parse_settings
 
 S, D, C, G = Option.SUBMISSION, Option.DIRECT_SEND, Option.CONNECTOR, Option.GRAPH
 BOOLS = ("external_recipients", "tls12", "oauth", "port465_only", "smtp_auth_disabled",
@@ -156,8 +157,55 @@ def test_nothing_fits_says_so() -> None:
 ALL = list(itertools.product((False, True), repeat=len(BOOLS)))
 
 
+def _parse(snippet: str, base: Path) -> Settings:
+    """The advisor's snippet, exactly as printed, through the relay's own config parser."""
+    return parse_settings(tomllib.loads(snippet), base=base)
+
+
+SNIPPET_CASES = [
+    ("submission", {}, S, False),
+    ("direct_send", {"tls12": False}, D, False),
+    ("connector", {"external_recipients": True, "tls12": False, "static_ip": True}, C, False),
+    ("graph via relay", {"sent_items": True, "smtp_auth_disabled": True}, G, True),
+    ("submission via relay, 465", {"port465_only": True}, S, True),
+]
+
+
+@pytest.mark.parametrize(("case", "kw", "option", "via"), SNIPPET_CASES, ids=[c[0] for c in SNIPPET_CASES])
+def test_snippet_parses_with_relay_settings(
+    case: str, kw: dict[str, object], option: Option, via: bool, tmp_path: Path
+) -> None:
+    rec = recommend(answers(domain="fabrikam.com", mailbox="copier@fabrikam.com", **kw))
+    assert (rec.option, rec.via_relay365) == (option, via), case
+    snippet = config_snippet(rec)
+    assert "CHANGE" in snippet and "relay365 doctor --config" in snippet
+    settings = _parse(snippet, tmp_path)
+    (t,) = settings.transports
+    (route,) = settings.routes
+    assert (t.type, route.transport) == (option.value, t.name)
+    (listener,) = settings.listeners
+    assert (listener.port, listener.tls) == (
+        (465, "implicit") if rec.answers.port465_only else (587, "starttls")
+    )
+    assert listener.legacy is not rec.answers.tls12
+    assert settings.devices[0].ip_allow
+    if option in (S, G):
+        assert t.m365.mailbox == "copier@fabrikam.com" and t.m365.tenant == "fabrikam.com"
+        assert t.m365.client_secret is not None and t.m365.client_secret.env == "RELAY365_CLIENT_SECRET"
+    if option is S:
+        assert (t.host, t.port, t.tls) == ("smtp.office365.com", 587, "required")
+    if option is G:
+        assert t.m365.save_to_sent_items is True
+    if option in (D, C):
+        assert (t.host, t.port) == ("fabrikam-com.mail.protection.outlook.com", 25)
+        assert t.tls == ("opportunistic" if option is D else "required")
+        assert t.m365.accepted_domains == ("fabrikam.com",)
+    internal = option is D or not rec.answers.external_recipients
+    assert route.recipient_domains == (("fabrikam.com",) if internal else ())
+
+
 @pytest.mark.parametrize("volume", [100, 50_000])
-def test_every_combination_respects_the_comparison_table(volume: int) -> None:
+def test_every_combination_respects_the_comparison_table(volume: int, tmp_path: Path) -> None:
     for combo in ALL:
         a = answers(**dict(zip(BOOLS, combo, strict=True)), daily_recipients=volume)
         rec = recommend(a)
@@ -188,6 +236,8 @@ def test_every_combination_respects_the_comparison_table(volume: int) -> None:
         # Output is complete for every combination.
         snippet = tomllib.loads(config_snippet(rec))
         assert snippet["route"][0]["transport"] == o.value
+        parsed = _parse(config_snippet(rec), tmp_path)
+        assert parsed.transports[0].type == o.value and parsed.routes[0].transport == o.value
         settings = device_settings(rec)
         assert settings.port in (25, 465, 587)
         assert dns_records(rec)[0].value.startswith("v=spf1 ")
@@ -204,9 +254,9 @@ def test_device_settings_and_dns() -> None:
     assert "XOAUTH2" in sub.credentials
     relay = recommend(answers(port465_only=True))
     assert device_settings(relay).port == 465
-    assert tomllib.loads(config_snippet(relay))["listener"]["tls"] == "implicit"
+    assert tomllib.loads(config_snippet(relay))["listener"][0]["tls"] == "implicit"
     graph = tomllib.loads(config_snippet(recommend(answers(sent_items=True, smtp_auth_disabled=True))))
-    assert graph["route"][0]["save_to_sent_items"] is True
+    assert graph["transport"][0]["save_to_sent_items"] is True
     assert mx_endpoint("Sub.Example.co.uk.") == "sub-example-co-uk.mail.protection.outlook.com"
 
 

@@ -16,9 +16,11 @@ from rich.console import Console
 from relay365.diagnostics import advisor, advisor_output, doctor
 from relay365.diagnostics import explain as explain_mod
 from relay365.diagnostics import spf as spf_mod
-from relay365.diagnostics.checks import Status
+from relay365.diagnostics.checks import CheckResult, Status
+from relay365.diagnostics.doctor_config import ConfigDoctorOptions, run_config_doctor
 from relay365.diagnostics.render import render_spf
 from relay365.diagnostics.resolver import make_resolver
+from relay365.diagnostics.sendcheck import SendTestOptions
 from relay365.errors import ConfigError
 
 
@@ -178,18 +180,67 @@ def doctor_command(
     ca_file: Annotated[Path | None, typer.Option("--ca-file", help="Trust this CA bundle (PEM).")] = None,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds per network step.")] = 5.0,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="Check this relay365.toml (relay, transports, auth).")
+    ] = None,
+    send_test: Annotated[
+        str | None, typer.Option("--send-test", help="Send a tracked test message to this address.")
+    ] = None,
+    send_from: Annotated[str | None, typer.Option("--send-from", help="Sender of the test message.")] = None,
+    relay_host: Annotated[
+        str | None, typer.Option("--relay-host", help="Relay address for --send-test (default: listener).")
+    ] = None,
+    relay_port: Annotated[
+        int | None, typer.Option("--relay-port", help="Relay port for --send-test (default: listener).")
+    ] = None,
+    relay_ca_file: Annotated[
+        Path | None, typer.Option("--relay-ca-file", help="Verify the relay's certificate with this CA.")
+    ] = None,
+    send_user: Annotated[
+        str | None, typer.Option("--send-user", help="Device login for --send-test, if required.")
+    ] = None,
+    send_password_env: Annotated[
+        str | None, typer.Option("--send-password-env", help="Variable holding --send-user's password.")
+    ] = None,
+    sandbox_url: Annotated[
+        str | None,
+        typer.Option("--sandbox-url", help="Running sandbox's HTTPS base: report where the test landed."),
+    ] = None,
+    wait: Annotated[float, typer.Option("--wait", help="Seconds to wait for the test message.")] = 60.0,
+    dns_checks: Annotated[
+        bool, typer.Option("--dns/--no-dns", help="--config: check MX/SPF of the accepted domains.")
+    ] = True,
 ) -> None:
-    """Check DNS (MX, SPF), network reach, TLS and EHLO of a configuration: pass / warn / fail with fixes."""
+    """Check a relay365 config (--config) and/or DNS (MX, SPF), network reach, TLS and EHLO: pass / warn /
+    fail with fixes. --send-test sends a tracked message through the running relay."""
+    if send_test is not None and config is None:
+        raise typer.BadParameter("--send-test needs --config (the relay's listener)")
+    send_opts = None
+    if send_test is not None:
+        send_opts = SendTestOptions(
+            to=send_test, mail_from=send_from, relay_host=relay_host, relay_port=relay_port,
+            ca_file=relay_ca_file, user=send_user, password_env=send_password_env,
+            sandbox_url=sandbox_url, sandbox_ca_file=ca_file, timeout_s=wait,
+        )  # fmt: skip
     opts = doctor.DoctorOptions(
         domains=tuple(domain or ()), public_ip=public_ip, nameserver=nameserver, smtp_host=smtp_host,
         smtp_port=smtp_port, smtp_server_name=smtp_name, mx_host=mx_host, mx_port=mx_port,
         mx_server_name=mx_name, ca_file=str(ca_file) if ca_file else None, timeout_s=timeout,
         probe_mx=probe_mx,
     )  # fmt: skip
-    if not (opts.domains or opts.smtp_host or opts.mx_host):
-        raise typer.BadParameter("nothing to check: give --domain, --smtp-host or --mx-host")
+    flag_mode = bool(opts.domains or opts.smtp_host or opts.mx_host)
+    if not flag_mode and config is None:
+        raise typer.BadParameter("nothing to check: give --config, --domain, --smtp-host or --mx-host")
+    results: list[CheckResult] = []
     try:
-        results = asyncio.run(doctor.run_doctor(opts))
+        if config is not None:
+            cfg = ConfigDoctorOptions(
+                config=config, timeout_s=timeout, send_test=send_opts, check_dns=dns_checks,
+                nameserver=nameserver, public_ip=public_ip,
+            )  # fmt: skip
+            results += asyncio.run(run_config_doctor(cfg))
+        if flag_mode:
+            results += asyncio.run(doctor.run_doctor(opts))
     except ConfigError as exc:
         raise typer.BadParameter(str(exc)) from exc
     if as_json:

@@ -1,7 +1,8 @@
 """``relay365 doctor``: run the checks for a configuration and collect pass / warn / fail with fixes.
 
-Library entry point: :func:`run_doctor` with :class:`DoctorOptions`. The lead adds relay-config checks
-(token acquisition, queue backlog) by returning the same :class:`~.checks.CheckResult` type.
+Library entry point: :func:`run_doctor` with :class:`DoctorOptions` (checks given by flags). The checks
+derived from a relay365.toml (relay, transports, auth, --send-test) are in :mod:`.doctor_config`; both
+return :class:`~.checks.CheckResult` rows and share :func:`render` and :func:`worst`.
 """
 
 from __future__ import annotations
