@@ -125,9 +125,10 @@ async def pacing(mailboxes: int, per_mailbox: int, limit: int, window: float) ->
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         base = example_tenant()
-        tenant = replace(
-            base, limits=replace(base.limits, messages_per_minute=limit, submission_window_seconds=window)
-        )
+        apps = {k: replace(a, mailboxes=None) for k, a in base.apps.items()}  # both mailboxes in scope
+        limits = replace(base.limits, messages_per_minute=limit, submission_window_seconds=int(window))
+        tenant = replace(base, apps=apps, limits=limits)
+
         async with Sandbox(tenant, state_dir=tmp / "sb") as sb:
             senders = ["scanner@contoso.test", "alice@contoso.test"][:mailboxes]
             relays = []

@@ -105,8 +105,11 @@ def write_config(tmp_path: Path, name: str = "relay365.toml", **sections: Any) -
     return path
 
 
-def run_cli(*args: str, stdin: str | None = None, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "COLUMNS": "400"}  # rich wraps tables and lines at 80 columns otherwise
+def run_cli(
+    *args: str, stdin: str | None = None, timeout: float = 60.0, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    # rich wraps tables and lines at 80 columns otherwise
+    env = {**os.environ, "COLUMNS": "400", **(env or {})}
     return subprocess.run(
         [*RELAY365, *args], input=stdin, capture_output=True, text=True, timeout=timeout, check=False, env=env
     )
@@ -199,7 +202,8 @@ class SmtpSink:
         self.dump_dir = Path(tempfile.mkdtemp(prefix="relay365-sink-"))
         os.chmod(self.dump_dir, 0o777)
         self.proc = subprocess.Popen(
-            ["smtp-sink", "-u", "nobody", "-d", f"{self.dump_dir}/%M.", *self.options,
+            ["smtp-sink", *(["-u", "nobody"] if os.geteuid() == 0 else []), "-d", f"{self.dump_dir}/%M.",
+             *self.options,
              f"127.0.0.1:{self.port}", "64"],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,

@@ -36,6 +36,12 @@ async def send(relay: Relay, **kwargs: Any) -> str:
     return await asyncio.to_thread(send_message, relay.ports["lan"], **kwargs)
 
 
+def _parts(msg: Message) -> list[Message]:
+    payload = msg.get_payload()
+    assert isinstance(payload, list)
+    return [p for p in payload if isinstance(p, Message)]
+
+
 def parse_dsn(received: Received) -> tuple[Message, list[Message], bytes]:
     """Check the RFC 3464 structure; return (message, per-recipient status blocks, original headers)."""
     assert received.mail_from in ("", "<>")  # from the null sender (aiosmtpd records "<>")
@@ -43,15 +49,13 @@ def parse_dsn(received: Received) -> tuple[Message, list[Message], bytes]:
     assert msg.get_content_type() == "multipart/report"
     assert msg.get_param("report-type") == "delivery-status"
     assert msg["Auto-Submitted"] == "auto-replied"
-    parts = msg.get_payload()
-    assert isinstance(parts, list)
+    parts = _parts(msg)
     assert [p.get_content_type() for p in parts] == [
         "text/plain",
         "message/delivery-status",
         "text/rfc822-headers",
     ]
-    blocks = parts[1].get_payload()
-    assert isinstance(blocks, list)
+    blocks = _parts(parts[1])
     assert blocks[0]["Reporting-MTA"] == "dns; relay.test"
     assert blocks[0]["Arrival-Date"]
     headers = parts[2].get_payload(decode=True)
@@ -143,7 +147,8 @@ async def test_5xx_bounces_with_one_rfc3464_dsn(tmp_path: Path, upstream: Record
         assert b"Message-ID: <scan-42@contoso.com>\r\n" in headers
         assert f"id {qid}".encode() in headers  # our Received header is part of the original's
         assert b"See attachment." not in headers  # headers only
-        text = msg.get_payload()[0].get_payload()  # type: ignore[index]
+        text = _parts(msg)[0].get_payload()
+        assert isinstance(text, str)
         assert "<bob@contoso.com>: 550 5.1.1" in text
         await wait_gone(relay.spool, qid)
         await settle(relay, clock)
@@ -287,3 +292,40 @@ async def test_session_reused_for_several_messages(tmp_path: Path, upstream: Rec
         await send(relay)
         await upstream.wait_for(6)
     assert upstream.connections == 1
+
+
+async def test_dsn_is_durable_across_restart(tmp_path: Path) -> None:
+    """The DSN is queued in the same transaction that bounces the message: after a restart it is
+    still there (and the original is gone), whole and addressed from <> to the sender."""
+    clock = Clock()
+    settings = settings_for(
+        tmp_path, closed_port(), delivery={"queue_lifetime": 3600, "min_backoff": 60, "max_backoff": 600}
+    )
+    async with running_relay(settings, clock=clock) as relay:
+        qid = await send(relay, rcpts=("carol@fabrikam.com",))
+        await wait_state(relay.spool, qid, "carol@fabrikam.com", RcptState.DEFERRED)
+        clock.advance(3600)
+        await wait_gone(relay.spool, qid)
+    async with running_relay(settings, clock=clock) as relay:
+        [dsn] = await relay.spool.list()
+        assert dsn.envelope.is_dsn and dsn.envelope.mail_from == ""
+        assert dsn.envelope.rcpt_tos == ("scanner@contoso.com",)
+        body = dsn.body_path.read_bytes()
+        assert dsn.size == len(body)
+        received = Received(mail_from="", rcpt_tos=["scanner@contoso.com"], content=body, peer="", tls=False)
+        _, [block], headers = parse_dsn(received)
+        assert block["Status"] == "4.4.7" and block["Final-Recipient"] == "rfc822; carol@fabrikam.com"
+        assert b"Subject: quarterly report" in headers
+
+
+async def test_admin_retry_delivers_deferred_now(tmp_path: Path, upstream: RecordingUpstream) -> None:
+    clock = Clock()
+    upstream.plan.replies["mail"] = ["452 4.3.1 Insufficient system storage"]
+    async with running_relay(settings_for(tmp_path, upstream.port), clock=clock) as relay:
+        qid = await send(relay)
+        entry = await wait_state(relay.spool, qid, "alice@contoso.com", RcptState.DEFERRED)
+        assert entry.recipients[0].next_attempt == clock.now + 60
+        await relay.spool.retry(qid, clock.now)  # what `relay365 queue retry` does; the clock stands still
+        [msg] = await upstream.wait_for(1)
+        assert msg.content.endswith(ORIGINAL)
+        await wait_gone(relay.spool, qid)

@@ -1,5 +1,5 @@
 """Delivery against Postfix's ``smtp-sink`` and its fault injection: -r (4xx), -f (5xx), -q (hang up
-without a reply), -Q (421 and hang up) at MAIL, RCPT, DATA and "."."""
+without a reply), -Q (421 and hang up) at the greeting, MAIL, RCPT, DATA and "."."""
 
 from __future__ import annotations
 
@@ -53,6 +53,8 @@ async def test_delivered_to_smtp_sink(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("options", "reply"),
     [
+        (("-r", "CONNECT"), "451 4.4.1"),
+        (("-f", "CONNECT"), "451 4.4.1"),  # a 5xx greeting defers (Postfix smtp_skip_5xx_greeting)
         (("-r", "MAIL"), "450 4.3.0"),
         (("-r", "RCPT"), "450 4.3.0"),
         (("-r", "DATA"), "450 4.3.0"),
@@ -77,6 +79,8 @@ async def test_fault_defers_then_retry_delivers(
             assert r.attempts == 1 and r.next_attempt == clock.now + 60
             if options == ("-q", "."):
                 assert "a retry can duplicate it" in caplog.text
+            if options == ("-f", "CONNECT"):
+                assert "greeted with 500 5.3.0" in r.last_reply
             faulty.stop()
             with smtp_sink(port=port) as healthy:
                 clock.advance(60)
@@ -107,3 +111,17 @@ async def test_5xx_bounces_and_the_refused_dsn_is_dropped(
     assert "outcome=permanent reply='500 5.3.0 Error: command failed'" in caplog.text
     assert caplog.text.count("not bouncing a message from <>") == 1
     assert caplog.text.count("bounce to <") == 1
+
+
+async def test_stale_reused_session_reconnects_without_deferring(tmp_path: Path) -> None:
+    """smtp-sink drops an idle session after 1 s (-t 1); the pooled session is stale by the next
+    message, and the relay reconnects at once instead of deferring the message."""
+    with smtp_sink("-t", "1") as sink:
+        async with running_relay(settings_for(tmp_path, sink.port), clock=Clock()) as relay:  # type: ignore[arg-type]
+            first = await sent(relay)
+            await dumped(sink, 1)
+            await wait_gone(relay.spool, first)
+            await asyncio.sleep(2.0)  # longer than the upstream's idle timeout, shorter than our reuse
+            second = await sent(relay)
+            await dumped(sink, 2)
+            await wait_gone(relay.spool, second)

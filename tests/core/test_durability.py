@@ -1,8 +1,10 @@
-"""``kill -9`` of ``relay365 serve`` under load loses no acknowledged message and leaves no half entry.
+"""``kill -9`` (and SIGTERM) of ``relay365 serve`` under load loses no acknowledged message and leaves
+no half entry.
 
 Several device threads (smtplib) send messages as fast as they can; every ``250 ... queued as ID``
-is recorded with the exact body sent. The server is SIGKILLed mid-load. Then the spool is opened the
-way the server opens it at start (recovery) and every acknowledged id must be there, whole.
+is recorded with the exact body sent. The server is SIGKILLed (or SIGTERMed) mid-load. Then the spool
+is opened the way the server opens it at start (recovery) and every acknowledged id must be there,
+whole.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import smtplib
 import threading
 import time
 from pathlib import Path
+
+import pytest
 
 from relay365.spool.sqlite import SqliteSpool
 from tests.core.helpers import ServeProcess, closed_port, send_message, smarthost_cfg, write_config
@@ -57,7 +61,8 @@ class Load:
                 time.sleep(0.01)
 
 
-async def test_kill_9_under_load_loses_no_acknowledged_message(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+async def test_stop_under_load_loses_no_acknowledged_message(tmp_path: Path, sig: signal.Signals) -> None:
     spool_dir = tmp_path / "spool"
     config = write_config(
         tmp_path,
@@ -73,9 +78,10 @@ async def test_kill_9_under_load_loses_no_acknowledged_message(tmp_path: Path) -
             t.start()
         time.sleep(LOAD_SECONDS)
         acked_before_kill = len(load.acked)
-        os.kill(server.pid, signal.SIGKILL)
+        os.kill(server.pid, sig)
         assert server.proc is not None
-        assert server.proc.wait(10) == -signal.SIGKILL
+        # SIGTERM is a clean shutdown (exit 0, in-flight commits finished); SIGKILL is a crash.
+        assert server.proc.wait(30) == (0 if sig == signal.SIGTERM else -signal.SIGKILL)
         load.stop.set()
         for t in threads:
             t.join(15)
@@ -99,7 +105,7 @@ async def test_kill_9_under_load_loses_no_acknowledged_message(tmp_path: Path) -
         if q in entries and not entries[q].body_path.read_bytes().endswith(load.acked[q])
     ]
     print(
-        f"\nkill -9 under load: {THREADS} devices, {len(load.acked)} messages acknowledged"
+        f"\n{sig.name} under load: {THREADS} devices, {len(load.acked)} messages acknowledged"
         f" ({acked_before_kill} before the kill signal), {len(entries)} in the spool after restart,"
         f" {len(set(entries) - set(load.acked))} committed but unacknowledged (in flight),"
         f" {len(files_before - files_after)} half-written leftover(s) removed at start,"

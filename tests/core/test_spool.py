@@ -40,7 +40,7 @@ async def test_leftover_body_without_row_is_removed_at_start(
     crashed.write(b"Subject: half\r\n\r\nonly the first part of the mes")
     crashed._file.flush()
     crashed_path = crashed.path
-    assert crashed_path.exists()
+    assert crashed_path.read_bytes().startswith(b"Subject: half")
     # And a stray file from a crash between fsync and row insert.
     (spool.messages_dir / "0193A4F2C81DDEADBEEF").write_bytes(b"Subject: x\r\n\r\nwhole\r\n")
     crashed._file.close()
@@ -57,6 +57,7 @@ async def test_leftover_body_without_row_is_removed_at_start(
     try:
         assert "removed 2 incomplete message file(s)" in caplog.text
         assert sorted(p.name for p in spool.messages_dir.iterdir()) == [kept]
+        assert not crashed_path.exists()
         [entry] = await spool.list()
         assert entry.queue_id == kept and entry.size == len(BODY)
         assert entry.body_path.read_bytes() == BODY
@@ -190,3 +191,15 @@ async def test_relay_restart_keeps_queue(tmp_path: Path) -> None:
         for i, qid in enumerate(ids):
             assert entries[qid].body_path.read_bytes().endswith(f"body {i}\r\n".encode())
             assert entries[qid].recipients[0].state in (RcptState.QUEUED, RcptState.DEFERRED)
+
+
+async def test_spool_is_private_to_the_service_user(tmp_path: Path) -> None:
+    """Envelopes live in queue.db and its -wal/-shm files, bodies in messages/: nothing for others."""
+    spool = await open_spool(tmp_path / "spool")
+    try:
+        await spool.enqueue(ENV, BODY)
+        modes = {p.name: p.stat().st_mode & 0o777 for p in [spool.directory, *spool.directory.rglob("*")]}
+    finally:
+        await spool.close()
+    assert {"queue.db", "queue.db-wal", "queue.db-shm", "messages", "spool"} <= set(modes)
+    assert all(mode & 0o077 == 0 for mode in modes.values()), modes

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import collections
 import binascii
+import collections
 import logging
 import ssl
 from collections.abc import Callable

@@ -173,7 +173,9 @@ class SqliteSpool:
 
     async def open(self, *, recover: bool = False) -> None:
         self._loop = asyncio.get_running_loop()
-        self.messages_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Envelopes sit in queue.db and its -wal/-shm files: the spool is for the service user only.
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.messages_dir.mkdir(exist_ok=True, mode=0o700)
         await asyncio.get_running_loop().run_in_executor(self._db_thread, self._connect)
         if recover:
             removed = await self._db(self._remove_orphans)
@@ -181,13 +183,18 @@ class SqliteSpool:
                 log.warning("spool recovery: removed %d incomplete message file(s)", removed)
 
     def _connect(self) -> None:
+        # SQLite gives the -wal and -shm files the database file's mode, so create it 0600 first.
+        os.close(os.open(self.db_path, os.O_RDWR | os.O_CREAT, 0o600))
+        for suffix in ("", "-wal", "-shm"):
+            path = self.db_path.with_name(self.db_path.name + suffix)
+            if path.exists():
+                os.chmod(path, 0o600)
         conn = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
         conn.execute("PRAGMA busy_timeout=10000")
         conn.executescript(_SCHEMA)
-        os.chmod(self.db_path, 0o600)
         self._conn = conn
 
     def _remove_orphans(self, conn: sqlite3.Connection) -> int:
@@ -257,7 +264,7 @@ class SqliteSpool:
             cls._insert_rows(conn, rows, now)
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            _rollback(conn)
             raise
 
     @staticmethod
@@ -379,7 +386,7 @@ class SqliteSpool:
                     conn.execute("DELETE FROM messages WHERE queue_id=?", (queue_id,))
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                _rollback(conn)
                 raise
             return bool(open_left == 0)
 
@@ -437,6 +444,14 @@ class SqliteSpool:
 
         await self._db(write)
         (self.messages_dir / queue_id).unlink(missing_ok=True)
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    """Roll back unless SQLite already did: on SQLITE_FULL (disk full) or SQLITE_IOERR it rolls the
+    transaction back itself, and a second ROLLBACK would replace the real error with "cannot rollback"
+    (turning a 452 4.3.1 into a 451 4.3.0)."""
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
 
 
 def _settle(fut: asyncio.Future[None], error: BaseException | None) -> None:

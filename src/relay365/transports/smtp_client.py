@@ -139,7 +139,14 @@ async def send_over(pool: SessionPool, message: OutboundMessage, *, upstream: st
             # A credential or token problem is the admin's to fix; mail waits (reliability.md).
             log.critical("ALERT %s: authentication refused: %s", upstream, reply_text(e.code, e.message))
             raise TransientDeliveryError(f"454 4.7.0 {upstream}: {reply_text(e.code, e.message)}") from e
-        except aiosmtplib.SMTPResponseException as e:  # connect, EHLO or STARTTLS refused
+        except aiosmtplib.SMTPConnectResponseError as e:
+            # A 5xx greeting says nothing about this message: the server will not talk to us now.
+            # Postfix skips such a server (smtp_skip_5xx_greeting = yes; bouncing "appears to
+            # contradict RFC 2821"), so the mail waits instead of the whole queue bouncing.
+            raise TransientDeliveryError(
+                f"451 4.4.1 {upstream} greeted with {reply_text(e.code, e.message)}"
+            ) from e
+        except aiosmtplib.SMTPResponseException as e:  # EHLO or STARTTLS refused
             raise_for_reply(e.code, e.message)
         except (aiosmtplib.SMTPException, OSError, TimeoutError, ssl.SSLError) as e:
             if data_started:
