@@ -19,10 +19,16 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 from relay365.errors import SecretError
 from relay365.settings import SecretRef
 
-_HASHER = PasswordHasher()  # Argon2id, argon2-cffi's RFC 9106 "low memory" profile
+# Argon2id with OWASP's recommended minimum (m=19 MiB, t=2, p=1): a relay verifies many device logins
+# at once, and 64 MiB per verification (argon2-cffi's default) would let a burst of AUTHs exhaust memory.
+# Existing hashes keep working: the parameters of each hash are read from the hash itself.
+_HASHER = PasswordHasher(time_cost=2, memory_cost=19456, parallelism=1)
+
 # A fixed hash to verify against when the username is unknown, so that a wrong username costs as much
 # time as a wrong password (no user enumeration by timing).
-_DUMMY_HASH = _HASHER.hash("relay365-no-such-user")
+_DUMMY_HASH = (
+    "$argon2id$v=19$m=19456,t=2,p=1$tS10e78kNMaQY3XrO3jmvQ$y8r0Q1s/pNOcMsXVBlNTrAmUq3o+waajTcDbR1GO55c"
+)
 
 
 def hash_password(password: str) -> str:

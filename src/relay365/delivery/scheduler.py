@@ -37,6 +37,8 @@ from relay365.transports.base import (
 )
 
 log = logging.getLogger(__name__)
+SUSPEND_SECONDS = 30.0  # how long an unreachable upstream is left alone (at most min_backoff)
+UNREACHABLE = "451 4.4.1"  # the transports' reply for "could not connect / TLS failed"
 NO_ROUTE_REPLY = "554 5.4.4 No route configured for this recipient"
 
 
@@ -73,6 +75,9 @@ class Scheduler:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = False
         self._pacer = Pacer(clock=clock)
+        self._suspended: dict[str, float] = {}
+        self._flush_seen = spool.flush_requested()
+
 
     def wake(self, queue_id: str = "") -> None:
         self._wake.set()
@@ -98,6 +103,9 @@ class Scheduler:
         if len(self._inflight) >= self._settings.concurrency:
             return poll
         nxt = await self._spool.next_due_time()
+        back = self._all_suspended(self._clock())
+        if back is not None:
+            nxt = back if nxt is None else max(nxt, back)
         if nxt is None:
             return poll
         return max(0.05, min(poll, nxt - self._clock()))
@@ -108,12 +116,38 @@ class Scheduler:
                 del self._cooldown[qid]
         return frozenset(self._inflight | self._cooldown.keys())
 
+    def _suspend(self, name: str, reply: str) -> None:
+        """An upstream that cannot be reached is not tried for every message (Postfix: a dead
+        destination); its mail waits in the queue until the suspension ends."""
+        until = self._clock() + min(self._settings.min_backoff, SUSPEND_SECONDS)
+        if self._suspended.get(name, 0.0) < until:
+            log.warning(
+                "transport %s unreachable (%s); holding its mail for %.0fs",
+                name,
+                reply,
+                until - self._clock(),
+            )
+            self._suspended[name] = until
+
+    def _all_suspended(self, now: float) -> float | None:
+        """When every transport is suspended: the time the first one comes back."""
+        ends = [self._suspended.get(name, 0.0) for name in self._transports]
+        return min(ends) if ends and min(ends) > now else None
+
     async def run_once(self) -> int:
         """Start delivery of every due entry that fits the concurrency; return how many started."""
         free = self._settings.concurrency - len(self._inflight)
         if free <= 0 or self._stopping:
             return 0
         now = self._clock()
+        flush = self._spool.flush_requested()
+        if flush > self._flush_seen:
+            # "queue retry" means now: forget which upstreams were held back (Postfix: flush dead).
+            self._flush_seen = flush
+            self._suspended.clear()
+            self._cooldown.clear()
+        if self._all_suspended(now) is not None:
+            return 0
         entries = await self._spool.due(now, limit=free, exclude=self._excluded(now))
         for entry in entries:
             self._inflight.add(entry.queue_id)
@@ -184,6 +218,8 @@ class Scheduler:
         try:
             results = await transport.deliver(message)
         except TransientDeliveryError as e:
+            if e.reply.startswith(UNREACHABLE):
+                self._suspend(transport.name, e.reply)
             return [RecipientResult(r, Outcome.TRANSIENT, e.reply, e.retry_after) for r in rcpts]
         except PermanentDeliveryError as e:
             return [RecipientResult(r, Outcome.PERMANENT, e.reply) for r in rcpts]
@@ -207,6 +243,14 @@ class Scheduler:
             name, fallbacks, rcpts = pending.pop(0)
             transport = self._transports[name]
             paced = transport if isinstance(transport, PacedTransport) else None
+            if self._suspended.get(name, 0.0) > now:
+                updates += [
+                    RecipientUpdate(
+                        r, states[r].state, states[r].last_reply, self._suspended[name], counts_attempt=False
+                    )
+                    for r in rcpts
+                ]
+                continue
             if paced is not None:
                 wait = self._pacer.wait_time(paced.pacing_key, paced.pacing, len(rcpts))
                 if wait > 0:

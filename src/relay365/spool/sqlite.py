@@ -430,8 +430,17 @@ class SqliteSpool:
     async def hold(self, queue_id: str, held: bool) -> None:
         await self._change("UPDATE messages SET held=? WHERE queue_id=?", (int(held), queue_id), queue_id)
 
+    def flush_requested(self) -> float:
+        """When an admin last asked to retry now (``relay365 queue retry``, from any process)."""
+        try:
+            return (self.directory / "flush").stat().st_mtime
+        except FileNotFoundError:
+            return 0.0
+
     async def retry(self, queue_id: str, now: float) -> None:
+        (self.directory / "flush").touch()  # also tells a running server to retry held-back upstreams
         await self._change(
+
             "UPDATE recipients SET next_attempt=? WHERE queue_id=? AND state IN (?,?)",
             (now, queue_id, *_OPEN_STATES),
             queue_id,
