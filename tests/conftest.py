@@ -48,8 +48,7 @@ def make_settings(tmp_path: Path, **sections: Any) -> Settings:
     """Settings from TOML-shaped dicts; the spool goes under tmp_path. Defaults: one STARTTLS listener
     on port 0 and a device for 127.0.0.0/8."""
     data: dict[str, Any] = {
-        "server": {"hostname": "relay.test", "spool_dir": str(tmp_path / "spool"),
-                   "auth_failure_delay": 0.0},
+        "server": {"hostname": "relay.test", "spool_dir": str(tmp_path / "spool"), "auth_failure_delay": 0.0},
         "listener": [{"name": "lan", "port": 0, "tls": "starttls"}],
         "device": [{"name": "local", "ip_allow": ["127.0.0.0/8"]}],
         "delivery": {"min_backoff": 60, "max_backoff": 600, "poll_interval": 0.2},
@@ -100,8 +99,9 @@ class _UpstreamHandler:
     def __init__(self, upstream: RecordingUpstream) -> None:
         self.up = upstream
 
-    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope, address: str,
-                          options: list[str]) -> str:
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
         reply = self.up.plan.take("mail")
         if reply:
             return reply
@@ -109,8 +109,9 @@ class _UpstreamHandler:
         envelope.mail_options.extend(options)
         return "250 2.1.0 Ok"
 
-    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str,
-                          options: list[str]) -> str:
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
         reply = self.up.plan.take(f"rcpt:{address}") or self.up.plan.take("rcpt")
         if reply:
             return reply
@@ -124,11 +125,16 @@ class _UpstreamHandler:
         if reply:
             return reply
         assert isinstance(envelope.original_content, bytes)
-        self.up.messages.append(Received(
-            mail_from=envelope.mail_from or "", rcpt_tos=list(envelope.rcpt_tos),
-            content=envelope.original_content, peer=str(session.peer[0]),
-            tls=session.ssl is not None, auth=session.login_data,
-        ))
+        self.up.messages.append(
+            Received(
+                mail_from=envelope.mail_from or "",
+                rcpt_tos=list(envelope.rcpt_tos),
+                content=envelope.original_content,
+                peer=str(session.peer[0]),
+                tls=session.ssl is not None,
+                auth=session.auth_data,
+            )
+        )
         self.up.arrived.set()
         return "250 2.0.0 Ok: stored"
 
@@ -142,8 +148,13 @@ class _LenientSMTP(SMTP):
 class RecordingUpstream:
     """An aiosmtpd upstream on the test's own event loop that records what it receives."""
 
-    def __init__(self, *, tls_context: ssl.SSLContext | None = None, require_starttls: bool = False,
-                 auth: Callable[[str, str], bool] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        tls_context: ssl.SSLContext | None = None,
+        require_starttls: bool = False,
+        auth: Callable[[str, str], bool] | None = None,
+    ) -> None:
         self.messages: list[Received] = []
         self.connections = 0
         self.plan = UpstreamPlan()
@@ -160,16 +171,26 @@ class RecordingUpstream:
         if self._auth is not None:
             check = self._auth
 
-            def authenticator(server: Any, session: Any, envelope: Any, mechanism: str,
-                              auth_data: Any) -> Any:
+            def authenticator(
+                server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any
+            ) -> Any:
                 from aiosmtpd.smtp import AuthResult
 
                 ok = check(auth_data.login.decode(), auth_data.password.decode())
-                return AuthResult(success=ok, auth_data=auth_data.login.decode() if ok else None)
+                # handled=False: aiosmtpd then answers 535 itself (handled=True would leave it silent)
+                return AuthResult(
+                    success=ok, handled=False, auth_data=auth_data.login.decode() if ok else None
+                )
 
             kwargs["authenticator"] = authenticator
-        return _LenientSMTP(_UpstreamHandler(self), hostname="upstream.test", tls_context=self._tls,
-                    require_starttls=self._require, auth_require_tls=True, **kwargs)
+        return _LenientSMTP(
+            _UpstreamHandler(self),
+            hostname="upstream.test",
+            tls_context=self._tls,
+            require_starttls=self._require,
+            auth_require_tls=True,
+            **kwargs,
+        )
 
     async def start(self) -> RecordingUpstream:
         loop = asyncio.get_running_loop()
