@@ -54,7 +54,6 @@ class RawSMTP:
             await self.writer.wait_closed()
 
 
-
 def client_context(ca_file: str | None = None) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cafile=ca_file)
     if ca_file is None:

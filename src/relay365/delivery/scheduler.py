@@ -78,7 +78,6 @@ class Scheduler:
         self._suspended: dict[str, float] = {}
         self._flush_seen = spool.flush_requested()
 
-
     def wake(self, queue_id: str = "") -> None:
         self._wake.set()
 

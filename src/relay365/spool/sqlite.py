@@ -440,7 +440,6 @@ class SqliteSpool:
     async def retry(self, queue_id: str, now: float) -> None:
         (self.directory / "flush").touch()  # also tells a running server to retry held-back upstreams
         await self._change(
-
             "UPDATE recipients SET next_attempt=? WHERE queue_id=? AND state IN (?,?)",
             (now, queue_id, *_OPEN_STATES),
             queue_id,
