@@ -64,3 +64,32 @@ def test_memory_is_bounded_by_the_chunk() -> None:
     for _ in range(200):  # 200 x 64 KiB of one endless line
         parser.feed(b"x" * 65536)
         assert len(parser._buf) <= 8
+
+
+def reference(stream: bytes, mode: str) -> tuple[bytes, bytes, str | None]:
+    """RFC 5321 4.5.2 on the whole stream at once: the model the chunked parser must match."""
+    data = b"\r\n" + stream
+    end = data.find(b"\r\n.\r\n")
+    body, leftover = data[: end + 2], data[end + 5 :]
+    crlf = body.count(b"\r\n")
+    if b"\x00" in body or body.count(b"\r") != crlf or body.count(b"\n") != crlf:
+        if mode == "reject":
+            return b"", leftover, "bare CR, bare LF or NUL in message data"
+        body = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+        body = body.replace(b"\x00", b"")
+    return body.replace(b"\r\n.", b"\r\n")[2:], leftover, None
+
+
+@given(
+    st.binary(max_size=300).map(lambda b: bytes(b"\r\n.\x00ab"[x % 6] for x in b)),
+    st.lists(st.integers(min_value=0, max_value=400), max_size=10),
+    st.sampled_from(["reject", "normalize"]),
+)
+@settings(max_examples=1500, deadline=None)
+def test_chunked_parser_matches_the_whole_stream_model(body: bytes, cuts: list[int], mode: str) -> None:
+    stream = body + b"\r\n.\r\nQUIT\r\n"
+    content, leftover, invalid = run(stream, cuts, mode)
+    want_content, want_leftover, want_invalid = reference(stream, mode)
+    assert (leftover, invalid) == (want_leftover, want_invalid)
+    if invalid is None:  # an invalid message is discarded whole by the session, whatever came before
+        assert content == want_content

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -37,14 +38,15 @@ async def test_leftover_body_without_row_is_removed_at_start(
     kept = await spool.enqueue(ENV, BODY)
     # A crash during DATA: the body file is (partly) written, the row never was.
     crashed = spool.incoming()
-    crashed.write(b"Subject: half\r\n\r\nonly the first part of the mes")
-    crashed._file.flush()
+    crashed.write(b"Subject: half\r\n\r\n" + b"only the first part of the mes" * 5000)
+    await crashed.drain()  # over SPILL: the first part is written to the file
     crashed_path = crashed.path
     assert crashed_path.read_bytes().startswith(b"Subject: half")
     # And a stray file from a crash between fsync and row insert.
     (spool.messages_dir / "0193A4F2C81DDEADBEEF").write_bytes(b"Subject: x\r\n\r\nwhole\r\n")
-    crashed._file.close()
-    crashed._closed = True
+    assert crashed._fd is not None
+    os.close(crashed._fd)  # the crash: the process is gone, the file stays
+    crashed._fd = None
     await spool.close()
 
     # The CLI opens without recovery (the server may be running): nothing is touched.

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 _END = b"\r\n.\r\n"
+_DOT = b"\r\n."
 
 
 @dataclass(slots=True)
@@ -32,15 +33,25 @@ class DataParser:
         # and "CRLF ." finds a dot at the start of the first line.
         self._buf = bytearray(b"\r\n")
         self._first = True
+        self._line_start = False
         self.invalid: str | None = None
         self.done = False
 
     def feed(self, chunk: bytes) -> DataResult:
         buf = self._buf
         buf += chunk
-        end = buf.find(_END)
+        # One scan finds both the end of data and whether any line needs dot-unstuffing: every
+        # "CRLF ." is either the terminator (followed by CRLF) or a stuffed dot.
+        end, stuffed = -1, False
+        pos = buf.find(_DOT)
+        while pos != -1:
+            if buf[pos + 3 : pos + 5] == b"\r\n":
+                end = pos
+                break
+            stuffed = True
+            pos = buf.find(_DOT, pos + 3)
         if end >= 0:
-            segment, leftover = bytes(buf[: end + 2]), bytes(buf[end + 5 :])
+            segment, leftover = bytes(memoryview(buf)[: end + 2]), bytes(memoryview(buf)[end + 5 :])
             self._buf = bytearray()
             self.done = True
         else:
@@ -53,21 +64,33 @@ class DataParser:
                 cut = len(buf) - 1
             else:
                 cut = len(buf)
-            segment, leftover = bytes(buf[:cut]), None
+            segment, leftover = bytes(memoryview(buf)[:cut]), None
             del buf[:cut]
-        return DataResult(self._segment(segment), leftover)
+        return DataResult(self._segment(segment, stuffed), leftover)
 
-    def _segment(self, seg: bytes) -> bytes:
+    def _segment(self, seg: bytes, stuffed: bool) -> bytes:
+        if not seg:
+            return seg
         crlf = seg.count(b"\r\n")
         if b"\x00" in seg or seg.count(b"\n") != crlf or seg.count(b"\r") != crlf:
             if self._mode == "reject" or self.invalid:
                 self.invalid = self.invalid or "bare CR, bare LF or NUL in message data"
                 return b""
-            seg = seg.replace(b"\x00", b"").replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-            seg = seg.replace(b"\n", b"\r\n")
+            # Line ends first, then NUL: a NUL between CR and LF must not join them, or the result
+            # would depend on where TCP split the stream.
+            seg = seg.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+            seg = seg.replace(b"\x00", b"")
+            stuffed = True  # normalising may have made new "CRLF ." line starts
+            if not seg:
+                return seg
         if self.invalid:
             return b""
-        seg = seg.replace(b"\r\n.", b"\r\n")
+        # Segments of clean data never end at a line start; normalised ones may (a bare LF, NULs).
+        if self._line_start and seg.startswith(b"."):
+            seg = seg[1:]
+        self._line_start = seg.endswith(b"\r\n")
+        if stuffed:
+            seg = seg.replace(_DOT, b"\r\n")
         if self._first and seg:
             self._first = False
             seg = seg[2:]

@@ -98,6 +98,9 @@ class IncomingMessage(Protocol):
 
     def write(self, data: bytes) -> None: ...
 
+    async def drain(self) -> None:
+        """Called after each ``write``: the message may move buffered bytes to storage here."""
+
     async def commit(self, envelope: Envelope) -> str: ...
 
     async def abort(self) -> None: ...
