@@ -182,3 +182,44 @@ async def test_fallback_to_connector_when_graph_is_refused(
         assert store.list(folder="Internet")[0].endpoint == "mx"  # arrived through the connector
         await drained(relay)
         assert await relay.spool.list() == []
+
+
+async def test_graph_without_sent_items_copy_uses_json_sendmail(tmp_path: Path, sandbox: Sandbox) -> None:
+    msg = EmailMessage()
+    msg["From"], msg["To"], msg["Subject"] = "scanner@contoso.test", "alice@contoso.test", "no copy"
+    msg["X-Scanner-Job"] = "4711"
+    msg.set_content("The scan is attached.")
+    payload = os.urandom(300 * 1024)
+    msg.add_attachment(payload, maintype="application", subtype="pdf", filename="scan.pdf")
+    settings = make_settings(tmp_path, transport=[graph(sandbox, save_to_sent_items=False)])
+    store = sandbox.ctx.store
+    async with running_relay(settings) as relay:
+        await send(
+            relay,
+            "scanner@contoso.test",
+            ["alice@contoso.test", "hidden@example.org"],
+            msg.as_bytes(policy=email.policy.SMTP),
+        )
+        await wait_until(lambda: len(store.list(folder="Internet")) == 1)
+        await drained(relay)
+        assert await relay.spool.list() == []
+    assert store.list(folder="SentItems") == []  # the point of the setting
+    [inbox] = store.list(mailbox="alice@contoso.test", folder="Inbox")
+    [outside] = store.list(folder="Internet")
+    assert outside.mailbox == "hidden@example.org"  # the envelope Bcc, as SMTP would deliver it
+    for m in (inbox, outside):
+        got = message_from_bytes(store.content(m.id), policy=email.policy.default)
+        assert isinstance(got, EmailMessage)
+        assert got["Subject"] == "no copy" and got["X-Scanner-Job"] == "4711" and got["Bcc"] is None
+        [attachment] = got.iter_attachments()
+        assert attachment.get_filename() == "scan.pdf" and attachment.get_content() == payload
+
+
+async def test_graph_sent_items_copy_by_default(tmp_path: Path, sandbox: Sandbox) -> None:
+    settings = make_settings(tmp_path, transport=[graph(sandbox)])
+    body = b"From: scanner@contoso.test\r\nTo: alice@contoso.test\r\nSubject: copy\r\n\r\nkept\r\n"
+    async with running_relay(settings) as relay:
+        await send(relay, "scanner@contoso.test", ["alice@contoso.test"], body)
+        store = sandbox.ctx.store
+        await wait_until(lambda: len(store.list(mailbox="scanner@contoso.test", folder="SentItems")) == 1)
+        await drained(relay)

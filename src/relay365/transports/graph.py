@@ -6,7 +6,9 @@ exact: recipients of the envelope that are not in To/Cc are added as Bcc (Exchan
 submission). When To/Cc name someone who is *not* in this envelope (the message was split across
 routes), the message is created as a draft and its recipients are set to the envelope before it is
 sent. Above the ~4 MB request limit the message goes through a draft and upload sessions
-(``graph_large.py``). ``Retry-After`` on 429 is honoured; at most 4 requests per mailbox at once.
+(``graph_large.py``). A route with ``save_to_sent_items = false`` uses JSON sendMail instead, the only
+form in which Graph skips the Sent Items copy. ``Retry-After`` on 429 is honoured; at most 4 requests
+per mailbox at once.
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ from relay365.errors import TokenError, TransientDeliveryError
 from relay365.oauth import GRAPH_SCOPE, TokenSource
 from relay365.settings import TransportSettings
 from relay365.transports.base import OutboundMessage, Outcome, PaceLimits, RecipientResult
+from relay365.transports.graph_large import send_json, send_via_draft
 from relay365.transports.submission import token_source
 
 log = logging.getLogger(__name__)
 # Graph's request limit is 4 MB; base64 grows the message by a third, so MIME sendMail takes
 # messages up to ~2.9 MB and larger ones go through the upload path.
-MIME_LIMIT = 4 * 1024 * 1024 * 3 // 4 - 64 * 1024
+REQUEST_LIMIT = 4 * 1024 * 1024
+MIME_LIMIT = REQUEST_LIMIT * 3 // 4 - 64 * 1024
 # Graph throttling: 10,000 requests per 10 minutes per app and mailbox (exchange-online.md).
 GRAPH_REQUESTS_PER_WINDOW = 10_000
 GRAPH_WINDOW = 600.0
@@ -153,18 +157,28 @@ class GraphTransport:
         body = await asyncio.to_thread(message.read_body)
         to, cc, bcc, faithful = envelope_recipients(body, message.rcpt_tos)
         try:
-            if faithful and len(body) <= MIME_LIMIT:
-                reply = await self._send_mime(with_bcc(body, bcc))
-            else:
-                from relay365.transports.graph_large import send_via_draft
-
-                reply = await send_via_draft(self, body, to=to, cc=cc, bcc=bcc, small=len(body) <= MIME_LIMIT)
+            reply = await self._send(body, to, cc, bcc, faithful)
         except GraphError as e:
             outcome = classify(e)
             if outcome is Outcome.TRANSIENT and e.status in (401, 403, 404):
                 log.critical("ALERT %s: Graph refused %s: %s (mail waits)", self.name, self.mailbox, e.reply)
             return [RecipientResult(r, outcome, e.reply, e.retry_after) for r in message.rcpt_tos]
         return [RecipientResult(r, Outcome.DELIVERED, reply) for r in message.rcpt_tos]
+
+    async def _send(self, body: bytes, to: list[str], cc: list[str], bcc: list[str], faithful: bool) -> str:
+        if not self._s.m365.save_to_sent_items:
+            reply = await send_json(self, body, to=to, cc=cc, bcc=bcc, limit=REQUEST_LIMIT)
+            if reply is not None:
+                return reply
+            log.warning(
+                "%s: a %d-byte message is over Graph's request limit; it goes through a draft,"
+                " which Graph always keeps in Sent Items",
+                self.name,
+                len(body),
+            )
+        if faithful and len(body) <= MIME_LIMIT:
+            return await self._send_mime(with_bcc(body, bcc))
+        return await send_via_draft(self, body, to=to, cc=cc, bcc=bcc, small=len(body) <= MIME_LIMIT)
 
     async def _send_mime(self, body: bytes) -> str:
         payload = base64.b64encode(body)

@@ -1,5 +1,7 @@
-"""Graph's draft path: for messages over the ~4 MB request limit, and for messages whose To/Cc name
-someone outside this envelope.
+"""Graph's other paths: the draft path, for messages over the ~4 MB request limit and for messages
+whose To/Cc name someone outside this envelope; and the JSON ``sendMail`` path, the only form in
+which Graph can send without a Sent Items copy (``saveToSentItems: false``; MIME sendMail and draft
+send always keep one).
 
 Large: the message is taken apart (subject, body, attachments), a draft is created with the envelope's
 recipients, attachments under 3 MB are posted whole and larger ones go through an upload session in
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import email.policy
+import json
 from email.message import EmailMessage
 from email.parser import BytesParser
 from typing import TYPE_CHECKING, Any
@@ -29,6 +32,52 @@ def _people(addresses: list[str]) -> list[dict[str, Any]]:
 
 def _recipients(to: list[str], cc: list[str], bcc: list[str]) -> dict[str, Any]:
     return {"toRecipients": _people(to), "ccRecipients": _people(cc), "bccRecipients": _people(bcc)}
+
+
+# Graph takes at most 5 custom (X-) headers in internetMessageHeaders.
+MAX_CUSTOM_HEADERS = 5
+
+
+async def send_json(
+    t: GraphTransport, body: bytes, *, to: list[str], cc: list[str], bcc: list[str], limit: int
+) -> str | None:
+    """JSON sendMail with ``saveToSentItems: false``; None when the request would exceed ``limit``
+    (the caller then takes the draft path, which keeps a Sent Items copy). Not byte-faithful:
+    Exchange rebuilds the message from subject, body, recipients, attachments and X- headers."""
+    msg = BytesParser(policy=email.policy.default).parsebytes(body)
+    assert isinstance(msg, EmailMessage)
+    message = _draft(msg, to, cc, bcc)
+    sender = msg.get("From")
+    if sender is not None and sender.addresses:
+        message["from"] = _people([sender.addresses[0].addr_spec])[0]
+    custom = [
+        {"name": name, "value": str(value)} for name, value in msg.items() if name.lower().startswith("x-")
+    ]
+    if custom:
+        message["internetMessageHeaders"] = custom[:MAX_CUSTOM_HEADERS]
+    attachments = []
+    for part in msg.iter_attachments():
+        data = part.get_content()
+        raw = data if isinstance(data, bytes) else str(data).encode("utf-8")
+        attachment: dict[str, Any] = {
+            "@odata.type": "#microsoft.graph.fileAttachment",
+            "name": part.get_filename() or "attachment",
+            "contentType": part.get_content_type(),
+            "contentBytes": base64.b64encode(raw).decode("ascii"),
+        }
+        if part.get_content_disposition() == "inline" and part["Content-ID"]:
+            attachment["isInline"] = True
+            attachment["contentId"] = str(part["Content-ID"]).strip("<>")
+        attachments.append(attachment)
+    if attachments:
+        message["attachments"] = attachments
+    payload = json.dumps({"message": message, "saveToSentItems": False}).encode("utf-8")
+    if len(payload) > limit:
+        return None
+    await t.request(
+        "POST", f"{t._base}/sendMail", content=payload, headers={"Content-Type": "application/json"}
+    )
+    return "202 Accepted (Graph sendMail, no Sent Items copy)"
 
 
 async def send_via_draft(
