@@ -67,6 +67,7 @@ CREATE INDEX IF NOT EXISTS recipients_due ON recipients(state, next_attempt);
 CREATE TABLE IF NOT EXISTS pacing (key TEXT NOT NULL, at REAL NOT NULL, recipients INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS pacing_at ON pacing(at);
 """
+_IOV_MAX = 1024  # Linux UIO_MAXIOV: buffers per writev call
 PACING_HISTORY = 86_400.0  # the longest pacing window: 24 hours (recipients per rolling day)
 _OPEN_STATES = (RcptState.QUEUED.value, RcptState.DEFERRED.value)
 
@@ -106,37 +107,47 @@ class SqliteIncoming:
         self.queue_id = new_queue_id()
         self.path = spool.messages_dir / self.queue_id
         self.size = 0
-        self._buf = bytearray()
+        self._parts: list[bytes] = []  # kept as received and written with writev: no copies here
+        self._buffered = 0
         self._fd: int | None = None
         self._closed = False
         self._lock = threading.Lock()  # one file operation at a time, even after a cancellation
 
     def write(self, data: bytes) -> None:
-        self._buf += data
+        self._parts.append(data)
+        self._buffered += len(data)
         self.size += len(data)
 
-    async def drain(self) -> None:
-        if len(self._buf) >= self.SPILL:
-            chunk, self._buf = bytes(self._buf), bytearray()
-            await self._spool.run_io(lambda: self._spill(chunk))
+    def _take(self) -> list[bytes]:
+        parts, self._parts, self._buffered = self._parts, [], 0
+        return parts
 
-    def _spill(self, data: bytes | bytearray) -> None:
-        """In an I/O thread: create the file on first use and append ``data``."""
+    async def drain(self) -> None:
+        if self._buffered >= self.SPILL:
+            parts = self._take()
+            await self._spool.run_io(lambda: self._spill(parts))
+
+    def _spill(self, parts: list[bytes]) -> None:
+        """In an I/O thread: create the file on first use and append ``parts``."""
         with self._lock:
             if self._closed:
                 raise SpoolIOError(f"message {self.queue_id} was aborted")
             try:
                 if self._fd is None:
                     self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(self._fd, view) :]
+                for i in range(0, len(parts), _IOV_MAX):
+                    group = parts[i : i + _IOV_MAX]
+                    written = os.writev(self._fd, group)
+                    total = sum(len(p) for p in group)
+                    if written < total:  # a short write: finish the rest plainly
+                        view = memoryview(b"".join(group))[written:]
+                        while view:
+                            view = view[os.write(self._fd, view) :]
             except OSError as e:
                 raise spool_error(e) from e
 
     def _sync(self) -> None:
-        data, self._buf = self._buf, bytearray()
-        self._spill(data)
+        self._spill(self._take())
         with self._lock:
             assert self._fd is not None
             try:
@@ -158,7 +169,7 @@ class SqliteIncoming:
         return self.queue_id
 
     async def abort(self) -> None:
-        self._buf = bytearray()
+        self._take()
         with self._lock:
             self._closed = True
             if self._fd is not None:
