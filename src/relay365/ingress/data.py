@@ -71,8 +71,9 @@ class DataParser:
     def _segment(self, seg: bytes, stuffed: bool) -> bytes:
         if not seg:
             return seg
-        crlf = seg.count(b"\r\n")
-        if b"\x00" in seg or seg.count(b"\n") != crlf or seg.count(b"\r") != crlf:
+        # Every CRLF pair accounts for one CR and one LF, so the CR, LF and NUL bytes number exactly
+        # twice the pairs if and only if there is no bare CR, bare LF or NUL (two scans, not four).
+        if len(seg) - len(seg.translate(None, b"\r\n\x00")) != 2 * seg.count(b"\r\n"):
             if self._mode == "reject" or self.invalid:
                 self.invalid = self.invalid or "bare CR, bare LF or NUL in message data"
                 return b""
