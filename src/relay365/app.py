@@ -13,6 +13,8 @@ import ssl
 import time
 from collections.abc import Callable
 
+from relay365.admin.api import AdminServer
+from relay365.admin.metrics import Metrics
 from relay365.credentials import Redactor, load_secret
 from relay365.delivery.router import Router
 from relay365.delivery.scheduler import Scheduler
@@ -93,6 +95,8 @@ class Relay:
         self._servers: list[asyncio.Server] = []
         self._scheduler_task: asyncio.Task[None] | None = None
         self.ports: dict[str, int] = {}
+        self.metrics = Metrics()
+        self.admin: AdminServer | None = None
 
     def _tls(self, listener: ListenerSettings) -> ssl.SSLContext | None:
         if listener.tls == "none":
@@ -116,6 +120,7 @@ class Relay:
             hostname=s.server.hostname,
             clock=self._clock,
             explain=explain_reply,
+            metrics=self.metrics,
         )
         await self.scheduler.load_pacing()
         self.ingress = IngressContext(
@@ -126,6 +131,7 @@ class Relay:
             rates=RateLimiter(),
             hostname=s.server.hostname,
             on_queued=self.scheduler.wake,
+            metrics=self.metrics,
         )
         for listener in s.listeners:
             server = await start_listener(self.ingress, listener, self._tls(listener))
@@ -139,9 +145,20 @@ class Relay:
                 listener.tls,
             )
         self._scheduler_task = asyncio.create_task(self.scheduler.run(), name="scheduler")
+        if s.admin.port is not None:
+            self.admin = AdminServer(self, s.admin.address, s.admin.port)
+            await self.admin.start()
+            log.info(
+                "admin endpoint on http://%s:%d/ (metrics, health, queue)", s.admin.address, self.admin.port
+            )
+
+    def clock(self) -> float:
+        return self._clock()
 
     async def stop(self, *, grace: float = 30.0) -> None:
         """Stop accepting, let sessions finish their writes, then stop delivery and close the spool."""
+        if self.admin is not None:
+            await self.admin.stop()
         for server in self._servers:
             server.close()
         for server in self._servers:

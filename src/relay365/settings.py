@@ -89,6 +89,14 @@ class DeliverySettings:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminSettings:
+    """The read-only admin HTTP endpoint (metrics, health, queue view); off unless a port is set."""
+
+    address: str = "127.0.0.1"
+    port: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class SecretRef:
     """Where a secret comes from; the value itself is only read by ``relay365.secrets``."""
 
@@ -161,6 +169,7 @@ class Settings:
     transports: tuple[TransportSettings, ...]
     routes: tuple[RouteSettings, ...]
     source: Path | None = None
+    admin: AdminSettings = AdminSettings()
 
     def transport(self, name: str) -> TransportSettings:
         for t in self.transports:
@@ -405,6 +414,18 @@ def _delivery(t: _Table) -> DeliverySettings:
     return s
 
 
+def _admin(t: _Table) -> AdminSettings:
+    s = AdminSettings(address=t.get("address", str, "127.0.0.1"), port=t.opt("port", int))
+    try:
+        ipaddress.ip_address(s.address)
+    except ValueError:
+        raise ConfigError(t.key("address"), s.address, "Not an IP address.") from None
+    if s.port is not None and not 0 <= s.port <= 65535:
+        raise ConfigError(t.key("port"), s.port, "Must be from 0 to 65535 (0: any free port).")
+    t.done()
+    return s
+
+
 _TYPE_DEFAULTS: dict[str, tuple[str, int, str]] = {
     # type: (host, port, tls); "" host = the recipient domain's MX record (exchange-online.md)
     "smarthost": ("127.0.0.1", 25, "required"),
@@ -505,13 +526,14 @@ def parse_settings(data: Mapping[str, Any], *, base: Path, source: Path | None =
     transports = tuple(_transport(t) for t in root.tables("transport"))
     names = {t.name for t in transports}
     routes = tuple(_route(t, names) for t in root.tables("route"))
+    admin = _admin(root.table("admin"))
     root.done()
     _check_unique("listener", [(x.name, (x.address, x.port or x.name)) for x in listeners])
     _check_unique("device", [(d.name, d.username or d.name) for d in devices])
     _check_unique("transport", [(t.name, t.name) for t in transports])
     if transports and not routes:
         routes = (RouteSettings(name="default", transport=transports[0].name),)
-    return Settings(server, listeners, devices, delivery, transports, routes, source)
+    return Settings(server, listeners, devices, delivery, transports, routes, source, admin)
 
 
 def _check_unique(kind: str, items: list[tuple[str, object]]) -> None:

@@ -46,6 +46,9 @@ def parse(tmp_path: Path, data: dict[str, Any]) -> Any:
             "***",
         ),
         ({"transport": [{"name": "t"}], "route": [{"transport": "nope"}]}, "route[0].transport", "nope"),
+        ({"admin": {"port": 70000}}, "admin.port", 70000),
+        ({"admin": {"address": "localhost", "port": 9025}}, "admin.address", "localhost"),
+        ({"admin": {"metrics": True}}, "admin.metrics", True),
     ],
 )
 def test_errors_name_key_and_value(tmp_path: Path, data: dict[str, Any], key: str, value: object) -> None:

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from relay365.admin.metrics import Metrics
 from relay365.delivery import backoff
 from relay365.delivery.dsn import Failure, build_dsn, original_headers, status_of
 from relay365.delivery.pacing import Pacer, is_throttle_reply
@@ -61,8 +62,10 @@ class Scheduler:
         hostname: str,
         clock: Callable[[], float] = time.time,
         explain: Callable[[str], str | None] = lambda reply: None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._spool = spool
+        self._metrics = metrics or Metrics()
         self._router = router
         self._transports = transports
         self._settings = settings
@@ -127,6 +130,11 @@ class Scheduler:
                 until - self._clock(),
             )
             self._suspended[name] = until
+
+    def suspended(self) -> dict[str, float]:
+        """Transports held back as unreachable, with the time their hold ends."""
+        now = self._clock()
+        return {name: until for name, until in self._suspended.items() if until > now}
 
     def _all_suspended(self, now: float) -> float | None:
         """When every transport is suspended: the time the first one comes back."""
@@ -279,6 +287,7 @@ class Scheduler:
                 self._slow_down(paced, results)
             retry: list[str] = []
             for res in results:
+                self._metrics.results.labels(name, res.outcome.value).inc()
                 log.info(
                     "%s to=<%s> via=%s outcome=%s reply=%r",
                     entry.queue_id,
@@ -354,6 +363,7 @@ class Scheduler:
             explain=self._explain,
         )
         log.info("%s: bounce to <%s> for %d recipient(s)", entry.queue_id, sender, len(failures))
+        self._metrics.bounces.inc()
         return Bounce(body, Envelope(mail_from="", rcpt_tos=(sender,), device="relay365", is_dsn=True))
 
 

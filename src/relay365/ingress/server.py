@@ -19,12 +19,13 @@ import re
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, AnyStr
 
 import aiosmtpd.smtp
 from aiosmtpd.smtp import SMTP, Session
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
+from relay365.admin.metrics import Metrics
 from relay365.errors import SpoolError, SpoolFullError
 from relay365.ingress import policy
 from relay365.ingress.data import DataParser
@@ -54,6 +55,7 @@ class IngressContext:
     hostname: str
     on_queued: Callable[[str], None] = lambda queue_id: None
     background: set[asyncio.Task[Any]] = field(default_factory=set)
+    metrics: Metrics = field(default_factory=Metrics)
 
 
 class _Hooks:
@@ -148,6 +150,7 @@ class RelaySMTP(SMTP):
                     "refused connection peer=%s listener=%s: %s", self.peer_ip, self.listener.name, reason
                 )
                 assert isinstance(transport, asyncio.WriteTransport)
+                self.ctx.metrics.refusal(reason)
                 transport.write(reason.encode() + b"\r\n")
                 transport.close()
                 return
@@ -201,6 +204,12 @@ class RelaySMTP(SMTP):
 
     def _protocol(self) -> str:
         return "ESMTP" + ("S" if self.tls_active else "") + ("A" if self.login_device else "")
+
+    async def push(self, status: AnyStr) -> None:
+        text = status.decode("ascii", "replace") if isinstance(status, bytes) else status
+        if text[:1] in ("4", "5"):
+            self.ctx.metrics.refusal(text)
+        await super().push(status)
 
     async def _close_with(self, reply: str) -> None:
         await self.push(reply)
@@ -464,6 +473,7 @@ class RelaySMTP(SMTP):
             log.error("spool refused message peer=%s device=%s: %s", self.peer_ip, device.name, e)
             return _spool_reply(e)
         self.ctx.rates.accepted(device)
+        self.ctx.metrics.accepted.labels(self.listener.name, device.name).inc()
         self.ctx.on_queued(queue_id)
         log.info(
             "queued %s from=<%s> nrcpt=%d size=%d device=%s peer=%s listener=%s",

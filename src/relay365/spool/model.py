@@ -17,6 +17,15 @@ from typing import Protocol
 
 
 @dataclass(frozen=True, slots=True)
+class QueueStats:
+    """Counts for monitoring: recipients per state, messages on hold, oldest open message."""
+
+    recipients: dict[str, int]
+    held: int
+    oldest: float | None  # received_at of the oldest message with queued/deferred recipients
+
+
+@dataclass(frozen=True, slots=True)
 class PaceEvent:
     """One message sent as an upstream mailbox/app (for pacing windows that survive a restart)."""
 
@@ -112,6 +121,8 @@ class Spool(Protocol):
     async def close(self) -> None: ...
 
     def incoming(self) -> IncomingMessage: ...
+
+    async def stats(self) -> QueueStats: ...
 
     async def enqueue(self, envelope: Envelope, body: bytes) -> str: ...
 

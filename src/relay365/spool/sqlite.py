@@ -31,6 +31,7 @@ from relay365.spool.model import (
     Envelope,
     PaceEvent,
     QueueEntry,
+    QueueStats,
     RcptState,
     Recipient,
     RecipientUpdate,
@@ -453,6 +454,21 @@ class SqliteSpool:
     # -- administration --------------------------------------------------------------------------
     async def get(self, queue_id: str) -> QueueEntry:
         return await self._db(lambda conn: self._entry(conn, queue_id))
+
+    async def stats(self) -> QueueStats:
+        def query(conn: sqlite3.Connection) -> QueueStats:
+            counts = {state.value: 0 for state in RcptState}
+            for state, n in conn.execute("SELECT state, COUNT(*) FROM recipients GROUP BY state"):
+                counts[state] = n
+            held = conn.execute("SELECT COUNT(*) FROM messages WHERE held=1").fetchone()[0]
+            oldest = conn.execute(
+                "SELECT MIN(received_at) FROM messages WHERE queue_id IN"
+                " (SELECT queue_id FROM recipients WHERE state IN (?,?))",
+                _OPEN_STATES,
+            ).fetchone()[0]
+            return QueueStats(counts, int(held), oldest)
+
+        return await self._db(query)
 
     async def list(self) -> list[QueueEntry]:
         def query(conn: sqlite3.Connection) -> list[QueueEntry]:

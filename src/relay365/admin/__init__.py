@@ -1,0 +1,1 @@
+"""The admin endpoint: Prometheus metrics and a read-only JSON view of the relay."""

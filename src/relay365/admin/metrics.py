@@ -1,0 +1,62 @@
+"""What the relay counts, in its own Prometheus registry (one per Relay, so tests never share one).
+
+Counters are incremented where things happen (ingress replies and commits, scheduler results); the
+queue gauges are read from the spool when ``/metrics`` is scraped.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from relay365.spool.model import QueueStats
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.accepted = Counter(
+            "relay365_messages_accepted",
+            "Messages queued and acknowledged with 250 (after fsync)",
+            ["listener", "device"],
+            registry=r,
+        )
+        self.refused = Counter(
+            "relay365_smtp_refusals",
+            "4xx and 5xx replies sent to devices, by reply code",
+            ["code"],
+            registry=r,
+        )
+        self.results = Counter(
+            "relay365_delivery_results",
+            "Per-recipient delivery attempt results, by transport and outcome",
+            ["transport", "outcome"],
+            registry=r,
+        )
+        self.bounces = Counter("relay365_bounces", "Delivery status notifications generated", registry=r)
+        self.queue = Gauge(
+            "relay365_queue_recipients", "Recipients in the queue, by state", ["state"], registry=r
+        )
+        self.held = Gauge("relay365_queue_held_messages", "Messages on hold", registry=r)
+        self.oldest = Gauge(
+            "relay365_queue_oldest_seconds",
+            "Age of the oldest message that still has recipients to deliver (0: none)",
+            registry=r,
+        )
+        self.connections = Gauge("relay365_connections", "Open device connections", registry=r)
+        self.suspended = Gauge(
+            "relay365_transport_suspended",
+            "1 while a transport's mail is held back because its upstream is unreachable",
+            ["transport"],
+            registry=r,
+        )
+
+    def refusal(self, reply: str) -> None:
+        code = reply[:3]
+        if code.isdigit() and code[0] in "45":
+            self.refused.labels(code).inc()
+
+    def set_queue(self, stats: QueueStats, now: float) -> None:
+        for state, count in stats.recipients.items():
+            self.queue.labels(state).set(count)
+        self.held.set(stats.held)
+        self.oldest.set(max(0.0, now - stats.oldest) if stats.oldest is not None else 0.0)
