@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -96,9 +97,18 @@ def print_device_settings(console: Console, settings: Settings, relay: Relay, st
         "Internal recipients (@contoso.test, @fabrikam.test) go by Direct Send, others by SMTP AUTH"
         " submission with OAuth2, into the local Exchange Online sandbox.\n"
         f"Try:   swaks --server 127.0.0.1:{relay.ports.get(listener.name)} --to alice@contoso.test\n"
-        f"Then:  relay365 sandbox mail list --state-dir {state / 'sandbox'}",
+        f"Then:  {cli_command()} sandbox mail list --state-dir {state / 'sandbox'}",
         highlight=False,
     )
+
+
+def cli_command() -> str:
+    """How to type ``relay365`` in another shell: inside a virtual environment (``./scripts/run``
+    installs into .venv, which a new shell has not activated) the full path of its script."""
+    script = Path(sys.executable).parent / "relay365"
+    if sys.prefix != sys.base_prefix and script.exists():
+        return str(script)
+    return "relay365"
 
 
 async def run_demo(

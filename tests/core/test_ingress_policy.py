@@ -126,6 +126,30 @@ async def test_sender_rewrite(relay: Relay, upstream: RecordingUpstream) -> None
     await c.close()
 
 
+@pytest.mark.relay(
+    device=[{"name": "mfp", "ip_allow": ["127.0.0.1/32"], "rewrite_sender": "scanner@contoso.com"}]
+)
+async def test_unqualified_sender_is_fine_when_rewritten(relay: Relay, upstream: RecordingUpstream) -> None:
+    """Printers often send as root@printer; with a rewrite that address never goes upstream."""
+    c = await session(relay)
+    assert (await c.cmd("MAIL FROM:<root@printer>")).startswith("250")
+    assert (await c.cmd("RCPT TO:<bob@intranet>")).startswith("504 5.5.2 <bob@intranet>: Recipient")
+    assert (await c.cmd("RCPT TO:<bob@contoso.com>")).startswith("250")
+    assert (await c.cmd("DATA")).startswith("354")
+    assert (await c.cmd(b"From: root@printer\r\nSubject: scan\r\n\r\nbody\r\n.")).startswith("250 2.0.0")
+    [msg] = await upstream.wait_for(1)
+    assert msg.mail_from == "scanner@contoso.com" and msg.rcpt_tos == ["bob@contoso.com"]
+    await c.close()
+
+
+async def test_unqualified_sender_is_refused_without_rewrite(relay: Relay) -> None:
+    c = await session(relay)
+    reply = await c.cmd("MAIL FROM:<root@printer>")
+    assert reply.startswith("504 5.5.2 <root@printer>: Sender address rejected: need fully-qualified")
+    await c.close()
+    assert await queue_count(relay) == 0
+
+
 @pytest.mark.relay(device=[{"name": "app", "ip_allow": ["127.0.0.1/32"], "max_messages_per_minute": 2}])
 async def test_device_rate_limit(relay: Relay) -> None:
     c = await session(relay)

@@ -17,11 +17,12 @@ from relay365.settings import DeviceSettings, ListenerSettings
 
 # RFC 5321 4.1.2 dot-atom local part, minus the relay-routing characters '%' and '!'.
 _LOCAL = r"[A-Za-z0-9#$&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9#$&'*+/=?^_`{|}~-]+)*"
-# RFC 5321 4.1.2 domain: letters-digits-hyphen labels (UTF-8 allowed for SMTPUTF8), at least one dot.
+# RFC 5321 4.1.2 domain: letters-digits-hyphen labels (UTF-8 allowed for SMTPUTF8); a single label
+# ("root@printer") is valid syntax but not fully qualified, see address_reply.
 _LABEL = (
     r"(?:[A-Za-z0-9\u0080-\U0010ffff](?:[A-Za-z0-9\u0080-\U0010ffff-]{0,61}[A-Za-z0-9\u0080-\U0010ffff])?)"
 )
-_ADDRESS = re.compile(rf"^(?:{_LOCAL}|[\u0080-\U0010ffff\w.+-]+)@{_LABEL}(?:\.{_LABEL})+$")
+_ADDRESS = re.compile(rf"^(?:{_LOCAL}|[\u0080-\U0010ffff\w.+-]+)@{_LABEL}(?:\.{_LABEL})*$")
 _HELO = re.compile(r"^[A-Za-z0-9._:\-\[\]]{1,255}$")
 # RFC 5321 4.5.3.1.1 / 4.5.3.1.2 length limits
 MAX_LOCAL_PART = 64
@@ -34,8 +35,10 @@ def helo_reply(hostname: str) -> str | None:
     return None
 
 
-def address_reply(raw_arg: str, address: str, *, what: str) -> str | None:
-    """Refuse relay tricks and malformed addresses. ``raw_arg`` is the text after ``FROM:``/``TO:``."""
+def address_reply(raw_arg: str, address: str, *, what: str, fqdn: bool = True) -> str | None:
+    """Refuse relay tricks and malformed addresses. ``raw_arg`` is the text after ``FROM:``/``TO:``.
+    ``fqdn``: the address goes upstream, so its domain must be fully qualified (Postfix's
+    reject_non_fqdn_sender/recipient); a device whose sender is rewritten may use ``root@printer``."""
     if any(c in raw_arg for c in "\r\n\x00"):
         return "501 5.5.2 Control characters in address"
     if raw_arg.lstrip().startswith("<@"):
@@ -47,6 +50,8 @@ def address_reply(raw_arg: str, address: str, *, what: str) -> str | None:
         return f"553 5.1.3 Bad {what} address syntax"
     if not _ADDRESS.match(address) or "%" in local or "!" in local or '"' in local:
         return f"553 5.1.3 Bad {what} address syntax (relay forms are not accepted)"
+    if fqdn and "." not in address.rpartition("@")[2]:
+        return f"504 5.5.2 <{address}>: {what.capitalize()} address rejected: need fully-qualified address"
     return None
 
 

@@ -343,7 +343,7 @@ class RelaySMTP(SMTP):
                 return "530 5.7.0 Authentication required"
             return f"550 5.7.1 Client host [{self.peer_ip}] is not allowed to relay"
         reply = (
-            policy.address_reply(self._raw_arg, address, what="sender")
+            policy.address_reply(self._raw_arg, address, what="sender", fqdn=device.rewrite_sender is None)
             or policy.sender_reply(device, address)
             or self.ctx.rates.reply(device)
         )
