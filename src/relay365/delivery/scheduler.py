@@ -121,15 +121,12 @@ class Scheduler:
     def _suspend(self, name: str, reply: str) -> None:
         """An upstream that cannot be reached is not tried for every message (Postfix: a dead
         destination); its mail waits in the queue until the suspension ends."""
-        until = self._clock() + min(self._settings.min_backoff, SUSPEND_SECONDS)
-        if self._suspended.get(name, 0.0) < until:
-            log.warning(
-                "transport %s unreachable (%s); holding its mail for %.0fs",
-                name,
-                reply,
-                until - self._clock(),
-            )
-            self._suspended[name] = until
+        now = self._clock()
+        until = now + min(self._settings.min_backoff, SUSPEND_SECONDS)
+        held = self._suspended.get(name, 0.0)
+        if held <= now:  # one warning per hold, not one per delivery that was already under way
+            log.warning("transport %s unreachable (%s); holding its mail for %.0fs", name, reply, until - now)
+        self._suspended[name] = max(held, until)
 
     def suspended(self) -> dict[str, float]:
         """Transports held back as unreachable, with the time their hold ends."""
