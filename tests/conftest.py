@@ -44,6 +44,16 @@ def server_cert(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> tup
     return cert, key
 
 
+def merge_sections(data: dict[str, Any], sections: dict[str, Any]) -> dict[str, Any]:
+    """Test config defaults with ``sections`` applied: a table is extended, anything else replaced."""
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return data
+
+
 def make_settings(tmp_path: Path, **sections: Any) -> Settings:
     """Settings from TOML-shaped dicts; the spool goes under tmp_path. Defaults: one STARTTLS listener
     on port 0 and a device for 127.0.0.0/8."""
@@ -53,12 +63,7 @@ def make_settings(tmp_path: Path, **sections: Any) -> Settings:
         "device": [{"name": "local", "ip_allow": ["127.0.0.0/8"]}],
         "delivery": {"min_backoff": 60, "max_backoff": 600, "poll_interval": 0.2},
     }
-    for key, value in sections.items():
-        if isinstance(value, dict) and isinstance(data.get(key), dict):
-            data[key] = {**data[key], **value}
-        else:
-            data[key] = value
-    return parse_settings(data, base=tmp_path)
+    return parse_settings(merge_sections(data, sections), base=tmp_path)
 
 
 @contextlib.asynccontextmanager

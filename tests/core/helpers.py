@@ -24,6 +24,7 @@ from typing import Any
 
 from relay365.spool.model import QueueEntry, RcptState
 from relay365.spool.sqlite import SqliteSpool
+from tests.conftest import merge_sections
 
 RELAY365 = [sys.executable, "-c", "from relay365.cli import main; main()"]
 T0 = 1_800_000_000.0  # a fixed start for controllable clocks (2027-01-15)
@@ -91,12 +92,7 @@ def config_data(tmp_path: Path, **sections: Any) -> dict[str, Any]:
         "device": [{"name": "local", "ip_allow": ["127.0.0.0/8"]}],
         "delivery": {"min_backoff": 60, "max_backoff": 600, "poll_interval": 0.2},
     }
-    for key, value in sections.items():
-        if isinstance(value, dict) and isinstance(data.get(key), dict):
-            data[key] = {**data[key], **value}
-        else:
-            data[key] = value
-    return data
+    return merge_sections(data, sections)
 
 
 def write_config(tmp_path: Path, name: str = "relay365.toml", **sections: Any) -> Path:

@@ -8,9 +8,9 @@ import tomllib
 from pathlib import Path
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
+from relay365.cli import app
 from relay365.diagnostics.advisor import Answers, Option, recommend
 from relay365.diagnostics.advisor_output import (
     config_snippet,
@@ -19,7 +19,6 @@ from relay365.diagnostics.advisor_output import (
     mx_endpoint,
     to_dict,
 )
-from relay365.diagnostics.cli import register
 from relay365.errors import ConfigError
 from relay365.settings import Settings, parse_settings
 
@@ -271,17 +270,6 @@ def test_answers_validation() -> None:
         Answers.from_dict({**answers().to_dict(), "daily_recipients": -1})
 
 
-def _app() -> typer.Typer:
-    app = typer.Typer()
-
-    @app.callback()
-    def root() -> None:
-        """relay365"""
-
-    register(app)
-    return app
-
-
 FLAGS = ["--internal-only", "--no-tls12", "--no-oauth", "--not-port465-only", "--smtp-auth-enabled",
          "--allow-direct-send", "--static-ip", "--no-sent-items", "--own-network",
          "--daily-messages", "20", "--daily-recipients", "40"]  # fmt: skip
@@ -289,7 +277,7 @@ FLAGS = ["--internal-only", "--no-tls12", "--no-oauth", "--not-port465-only", "-
 
 def test_cli_flags_json() -> None:
     result = CliRunner().invoke(
-        _app(), ["advise", *FLAGS, "--domain", "fabrikam.com", "--public-ip", "203.0.113.9", "--json"]
+        app, ["advise", *FLAGS, "--domain", "fabrikam.com", "--public-ip", "203.0.113.9", "--json"]
     )
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
@@ -307,13 +295,13 @@ def test_cli_flags_json() -> None:
 def test_cli_answers_file_and_rich(tmp_path: Path) -> None:
     f = tmp_path / "answers.json"
     f.write_text(json.dumps({**answers(external_recipients=True, smtp_auth_disabled=True).to_dict()}))
-    result = CliRunner().invoke(_app(), ["advise", "--answers", str(f)])
+    result = CliRunner().invoke(app, ["advise", "--answers", str(f)])
     assert result.exit_code == 0, result.output
     assert "Recommended: relay365 in front of Microsoft Graph" in result.output
     assert "[[route]]" in result.output
     assert 'transport = "graph"' in result.output
     f.write_text(json.dumps({"tls12": "maybe"}))
-    bad = CliRunner().invoke(_app(), ["advise", "--answers", str(f), "--no-input"])
+    bad = CliRunner().invoke(app, ["advise", "--answers", str(f), "--no-input"])
     assert bad.exit_code == 2
 
 
@@ -321,12 +309,12 @@ def test_cli_interactive_prompts() -> None:
     # external, tls12, oauth, port465, smtp-auth-off, reject-direct-send, static-ip, sent-items,
     # cloud, msgs, rcpts
     typed = "\n".join(["y", "y", "y", "n", "n", "n", "n", "y", "n", "10", "10"]) + "\n"
-    result = CliRunner().invoke(_app(), ["advise", "--json"], input=typed)
+    result = CliRunner().invoke(app, ["advise", "--json"], input=typed)
     assert result.exit_code == 0, result.output
     data = json.loads(result.output[result.output.index("{") :])
     assert data["recommendation"]["transport"] == "submission"
     assert data["answers"]["sent_items"] is True
-    missing = CliRunner().invoke(_app(), ["advise", "--no-input", "--external"])
+    missing = CliRunner().invoke(app, ["advise", "--no-input", "--external"])
     assert missing.exit_code == 2
 
 

@@ -6,11 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
+from relay365.cli import app
 from relay365.diagnostics.checks import Status
-from relay365.diagnostics.cli import register
 from relay365.diagnostics.dnsserver import DnsServer, ThreadedDnsServer
 from relay365.diagnostics.doctor import DoctorOptions, run_doctor, worst
 
@@ -80,17 +79,6 @@ async def test_run_doctor_failures(certs: Certs) -> None:
     assert not any(r.name.endswith(f":{port}") and not r.name.startswith("TCP") for r in results)
 
 
-def _app() -> typer.Typer:
-    app = typer.Typer()
-
-    @app.callback()
-    def root() -> None:
-        """relay365"""
-
-    register(app)
-    return app
-
-
 def test_cli_doctor_json_and_table(certs: Certs) -> None:
     with ThreadedDnsServer(ZONE) as dns_srv, LoopThread() as lt:
         lis = SmtpListener(SmtpBehaviour(tls=certs.server_context(certs.valid)))
@@ -99,22 +87,22 @@ def test_cli_doctor_json_and_table(certs: Certs) -> None:
             args = ["doctor", "--domain", "contoso.test", "--public-ip", "203.0.113.5", "--nameserver",
                     dns_srv.nameserver, "--smtp-host", "127.0.0.1", "--smtp-port", str(lis.port),
                     "--ca-file", certs.ca_file, "--timeout", "10"]  # fmt: skip
-            result = CliRunner().invoke(_app(), [*args, "--json"])
+            result = CliRunner().invoke(app, [*args, "--json"])
             assert result.exit_code == 0, result.output
             data = json.loads(result.output)
             assert data["status"] == "pass"
             assert {c["status"] for c in data["checks"]} == {"pass"}
-            table = CliRunner().invoke(_app(), args)
+            table = CliRunner().invoke(app, args)
             assert table.exit_code == 0
             assert "relay365 doctor" in table.output and "0 fail" in table.output
             failing = CliRunner().invoke(
-                _app(), ["doctor", "--domain", "fabrikam.test", "--nameserver", dns_srv.nameserver]
+                app, ["doctor", "--domain", "fabrikam.test", "--nameserver", dns_srv.nameserver]
             )
             assert failing.exit_code == 1
             assert "1 pass, 0 warn, 2 fail" in failing.output
         finally:
             lt.run(lis.__aexit__(None, None, None))
-    nothing = CliRunner().invoke(_app(), ["doctor"])
+    nothing = CliRunner().invoke(app, ["doctor"])
     assert nothing.exit_code == 2
 
 

@@ -4,27 +4,15 @@ from __future__ import annotations
 
 import json
 
-import typer
 from typer.testing import CliRunner
 
-from relay365.diagnostics.cli import register
+from relay365.cli import app
 from relay365.diagnostics.explain import explain
-
-
-def _app() -> typer.Typer:
-    app = typer.Typer()
-
-    @app.callback()
-    def root() -> None:  # a group, as the real root app is
-        """relay365"""
-
-    register(app)
-    return app
 
 
 def test_explain_ndr_line_rich() -> None:
     result = CliRunner().invoke(
-        _app(), ["explain", "Remote Server returned '550 5.7.64 TenantAttribution; Relay Access Denied'"]
+        app, ["explain", "Remote Server returned '550 5.7.64 TenantAttribution; Relay Access Denied'"]
     )
     assert result.exit_code == 0, result.output
     assert "5.7.64" in result.output
@@ -33,7 +21,7 @@ def test_explain_ndr_line_rich() -> None:
 
 
 def test_explain_json() -> None:
-    result = CliRunner().invoke(_app(), ["explain", "--json", "535 5.7.3 Authentication unsuccessful"])
+    result = CliRunner().invoke(app, ["explain", "--json", "535 5.7.3 Authentication unsuccessful"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert data["enhanced_code"] == "5.7.3"
@@ -44,11 +32,11 @@ def test_explain_json() -> None:
 
 
 def test_explain_bare_code_and_unknown() -> None:
-    result = CliRunner().invoke(_app(), ["explain", "--json", "451 4.7.555"])
+    result = CliRunner().invoke(app, ["explain", "--json", "451 4.7.555"])
     data = json.loads(result.output)
     assert data["entry"]["code"] == "4.7.500-699"
     assert data["transient"] is True
-    unknown = CliRunner().invoke(_app(), ["explain", "5.9.250"])
+    unknown = CliRunner().invoke(app, ["explain", "5.9.250"])
     assert unknown.exit_code == 1
     assert "not in relay365's catalogue" in unknown.output
 

@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 import trustme
-import typer
 from typer.testing import CliRunner
 
+from relay365.cli import app
 from relay365.diagnostics.catalogue import summary
 from relay365.diagnostics.checks import CheckResult, Status
 from relay365.diagnostics.checks.relaycfg import SPOOL_FAIL_BYTES, SPOOL_WARN_BYTES
-from relay365.diagnostics.cli import register
 from relay365.diagnostics.dnsserver import DnsServer
 from relay365.diagnostics.doctor import worst
 from relay365.diagnostics.doctor_config import ConfigDoctorOptions, run_config_doctor
@@ -156,27 +155,16 @@ async def test_deferred_past_half_the_queue_lifetime_fails(tmp_path: Path) -> No
     assert oldest.status is Status.FAIL and "it will bounce" in oldest.detail
 
 
-def _app() -> typer.Typer:
-    app = typer.Typer()
-
-    @app.callback()
-    def root() -> None:
-        """relay365"""
-
-    register(app)
-    return app
-
-
 def test_cli_config_json(tmp_path: Path) -> None:
     good = write_config(tmp_path)
-    result = CliRunner().invoke(_app(), ["doctor", "--config", str(good), "--json"])
+    result = CliRunner().invoke(app, ["doctor", "--config", str(good), "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert data["status"] == "pass"  # plain loopback listener, empty spool, no transports
     assert any(c["name"] == f"Config {good}" and c["status"] == "pass" for c in data["checks"])
     bad = tmp_path / "bad.toml"
     bad.write_text('[[transport]]\nname = "x"\ntype = "carrier-pigeon"\n')
-    result = CliRunner().invoke(_app(), ["doctor", "--config", str(bad)])
+    result = CliRunner().invoke(app, ["doctor", "--config", str(bad)])
     assert result.exit_code == 1
     assert "carrier-pigeon" in result.output and "fail" in result.output
 

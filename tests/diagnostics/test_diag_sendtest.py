@@ -10,12 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
 from relay365.app import Relay
+from relay365.cli import app
 from relay365.diagnostics.checks import CheckResult, Status
-from relay365.diagnostics.cli import register
 from relay365.diagnostics.doctor_config import ConfigDoctorOptions, run_config_doctor
 from relay365.diagnostics.sendcheck import SendTestOptions
 from relay365.sandbox.runner import Sandbox
@@ -116,17 +115,6 @@ async def test_send_test_refused_recipient(tmp_path: Path, sandbox: Sandbox) -> 
     assert row.status is Status.FAIL and row.detail.startswith("refused: 5")
 
 
-def _app() -> typer.Typer:
-    app = typer.Typer()
-
-    @app.callback()
-    def root() -> None:
-        """relay365"""
-
-    register(app)
-    return app
-
-
 def test_cli_send_test(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(SECRET_ENV, APP_SECRET)
     with LoopThread() as lt:
@@ -142,7 +130,7 @@ def test_cli_send_test(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
                     "--relay-port", str(relay.ports["lan"]), "--sandbox-url", sb.base_url,
                     "--ca-file", str(sb.ca_path), "--wait", "20", "--no-dns", "--json",
                 ]  # fmt: skip
-                result = CliRunner().invoke(_app(), args)
+                result = CliRunner().invoke(app, args)
             finally:
                 lt.run(relay.stop(grace=5))
         finally:

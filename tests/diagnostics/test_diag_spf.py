@@ -6,11 +6,10 @@ import asyncio
 import json
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
+from relay365.cli import app
 from relay365.diagnostics import spf
-from relay365.diagnostics.cli import register
 from relay365.diagnostics.dnsserver import DnsServer, ThreadedDnsServer
 from relay365.diagnostics.resolver import make_resolver
 
@@ -111,22 +110,11 @@ async def test_report_merges_with_published_record() -> None:
         assert broken.proposed == spf.recommended_record("203.0.113.5")
 
 
-def _app() -> typer.Typer:
-    app = typer.Typer()
-
-    @app.callback()
-    def root() -> None:
-        """relay365"""
-
-    register(app)
-    return app
-
-
 def test_cli_spf_json_and_rich() -> None:
     with ThreadedDnsServer(ZONE) as srv:
         runner = CliRunner()
         result = runner.invoke(
-            _app(),
+            app,
             ["spf", "--ip", "203.0.113.5", "--domain", "soft.test", "--nameserver", srv.nameserver, "--json"],
         )
         assert result.exit_code == 0, result.output
@@ -134,14 +122,14 @@ def test_cli_spf_json_and_rich() -> None:
         assert data["proposed"] == "v=spf1 ip4:203.0.113.5 mx include:spf.protection.outlook.com ~all"
         assert data["current_result"] == "softfail"
         rich_out = runner.invoke(
-            _app(), ["spf", "--ip", "203.0.113.5", "--domain", "merged.test", "--nameserver", srv.nameserver]
+            app, ["spf", "--ip", "203.0.113.5", "--domain", "merged.test", "--nameserver", srv.nameserver]
         )
         assert rich_out.exit_code == 0, rich_out.output
         assert "SPF pass for 203.0.113.5" in rich_out.output
-    plain = CliRunner().invoke(_app(), ["spf", "--ip", "2001:db8::5", "--json"])
+    plain = CliRunner().invoke(app, ["spf", "--ip", "2001:db8::5", "--json"])
     assert (
         json.loads(plain.output)["recommended"]
         == "v=spf1 ip6:2001:db8::5 include:spf.protection.outlook.com ~all"
     )
-    bad = CliRunner().invoke(_app(), ["spf", "--ip", "nope"])
+    bad = CliRunner().invoke(app, ["spf", "--ip", "nope"])
     assert bad.exit_code == 2

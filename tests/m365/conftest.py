@@ -23,10 +23,10 @@ async def sandbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncItera
         yield sb
 
 
-def oauth(sb: Sandbox) -> dict[str, Any]:
+def oauth(sb: Sandbox, *, client_id: str = APP_ID) -> dict[str, Any]:
     return {
         "tenant": sb.ctx.tenant.tenant_id,
-        "client_id": APP_ID,
+        "client_id": client_id,
         "client_secret_env": SECRET_ENV,
         "authority": sb.base_url,
         "authority_ca_file": str(sb.ca_path),

@@ -29,7 +29,8 @@ async def _refresh(relay: Relay) -> dict[str, Any]:
     stats = await relay.spool.stats()
     now = relay.clock()
     m.set_queue(stats, now)
-    m.connections.set(relay.ingress.limiter.active if relay.ingress else 0)
+    connections = relay.ingress.limiter.active if relay.ingress else 0
+    m.connections.set(connections)
     suspended = relay.scheduler.suspended() if relay.scheduler else {}
     for name in relay.transports:
         m.suspended.labels(name).set(1 if name in suspended else 0)
@@ -39,7 +40,7 @@ async def _refresh(relay: Relay) -> dict[str, Any]:
             "held_messages": stats.held,
             "oldest_seconds": round(now - stats.oldest, 1) if stats.oldest is not None else None,
         },
-        "connections": relay.ingress.limiter.active if relay.ingress else 0,
+        "connections": connections,
         "suspended_transports": {n: round(until - now, 1) for n, until in suspended.items()},
     }
 
