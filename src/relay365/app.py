@@ -19,10 +19,11 @@ from relay365.credentials import Redactor, load_secret
 from relay365.delivery.router import Router
 from relay365.delivery.scheduler import Scheduler
 from relay365.errors import ConfigError
+from relay365.ingress.handshake import HandshakeLog
 from relay365.ingress.identity import AuthGuard, ConnectionLimiter, DeviceDirectory
 from relay365.ingress.policy import RateLimiter
 from relay365.ingress.server import IngressContext, start_listener
-from relay365.ingress.tls import self_signed, server_context
+from relay365.ingress.tls import self_signed_chains, server_context
 from relay365.settings import ListenerSettings, Settings, TransportSettings
 from relay365.spool.sqlite import SqliteSpool
 from relay365.transports.base import Transport
@@ -102,10 +103,11 @@ class Relay:
         if listener.tls == "none":
             return None
         if listener.cert_file and listener.key_file:
-            cert, key = listener.cert_file, listener.key_file
+            chains = [(listener.cert_file, listener.key_file)]
         else:
-            cert, key = self_signed(self.settings.server.spool_dir / "tls", self.settings.server.hostname)
-        return server_context(listener, cert=cert, key=key)
+            s = self.settings.server
+            chains = self_signed_chains(s.spool_dir / "tls", s.hostname, listener)
+        return server_context(listener, chains=chains)
 
     async def start(self) -> None:
         s = self.settings
@@ -132,6 +134,7 @@ class Relay:
             hostname=s.server.hostname,
             on_queued=self.scheduler.wake,
             metrics=self.metrics,
+            tls_failures=HandshakeLog(clock=self._clock),
         )
         for listener in s.listeners:
             server = await start_listener(self.ingress, listener, self._tls(listener))
@@ -164,6 +167,8 @@ class Relay:
         for server in self._servers:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(server.wait_closed(), grace)
+        if self.ingress is not None:
+            self.ingress.tls_failures.close()
         if self.ingress is not None and self.ingress.background:
             await asyncio.gather(*self.ingress.background, return_exceptions=True)
         if self.scheduler is not None:
