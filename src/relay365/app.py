@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import ssl
@@ -24,6 +25,7 @@ from relay365.ingress.identity import AuthGuard, ConnectionLimiter, DeviceDirect
 from relay365.ingress.policy import RateLimiter
 from relay365.ingress.server import IngressContext, start_listener
 from relay365.ingress.tls import self_signed_chains, server_context
+from relay365.preflight import PreflightReport, preflight
 from relay365.settings import ListenerSettings, Settings, TransportSettings
 from relay365.spool.sqlite import SqliteSpool
 from relay365.transports.base import Transport
@@ -85,6 +87,13 @@ def secrets_of(settings: Settings) -> list[str]:
     return values
 
 
+async def preflight_for(settings: Settings) -> PreflightReport:
+    """The preflight ``serve`` runs before it binds a port, and ``config check`` runs on its own."""
+    return await preflight(
+        settings, build_transport=functools.partial(build_transport, hostname=settings.server.hostname)
+    )
+
+
 class Relay:
     def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
@@ -111,8 +120,10 @@ class Relay:
 
     async def start(self) -> None:
         s = self.settings
-        for t in s.transports:
-            self.transports[t.name] = build_transport(t, hostname=s.server.hostname)
+        report = await preflight_for(s)
+        for warning in report.warnings:
+            log.warning("%s", warning)
+        self.transports.update(report.transports)
         await self.spool.open(recover=True)
         self.scheduler = Scheduler(
             spool=self.spool,

@@ -46,10 +46,19 @@ OFFERED = "relay365_offered"  # attribute a failed handshake's SSLError carries:
 _FILES: dict[KeyType, str] = {"ecdsa": "selfsigned", "rsa": "selfsigned-rsa"}
 
 
+def self_signed_paths(directory: Path, key_type: KeyType = "ecdsa") -> tuple[Path, Path]:
+    stem = _FILES[key_type]
+    return directory / f"{stem}.crt", directory / f"{stem}.key"
+
+
+def self_signed_types(listener: ListenerSettings) -> tuple[KeyType, ...]:
+    """The key types of a listener's default certificates: ECDSA, plus RSA when legacy."""
+    return ("ecdsa", "rsa") if listener.legacy else ("ecdsa",)
+
+
 def self_signed(directory: Path, hostname: str, *, key_type: KeyType = "ecdsa") -> tuple[Path, Path]:
     """Return (cert, key) under ``directory``, generating a self-signed pair the first time."""
-    stem = _FILES[key_type]
-    cert_path, key_path = directory / f"{stem}.crt", directory / f"{stem}.key"
+    cert_path, key_path = self_signed_paths(directory, key_type)
     if cert_path.is_file() and key_path.is_file():
         return cert_path, key_path
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -89,11 +98,8 @@ def self_signed(directory: Path, hostname: str, *, key_type: KeyType = "ecdsa") 
 
 
 def self_signed_chains(directory: Path, hostname: str, listener: ListenerSettings) -> list[tuple[Path, Path]]:
-    """The default certificates of a listener without ``cert_file``: ECDSA, plus RSA when legacy."""
-    chains = [self_signed(directory, hostname)]
-    if listener.legacy:
-        chains.append(self_signed(directory, hostname, key_type="rsa"))
-    return chains
+    """The default certificates of a listener without ``cert_file``, made the first time."""
+    return [self_signed(directory, hostname, key_type=k) for k in self_signed_types(listener)]
 
 
 class _SniffingSSLObject(ssl.SSLObject):
