@@ -22,7 +22,15 @@ import pytest
 
 from relay365.app import Relay
 from relay365.ingress.clienthello import describe
-from relay365.ingress.handshake import PER_PEER_PER_WINDOW, WINDOW, HandshakeThrottle
+from relay365.ingress.handshake import (
+    PER_PEER_PER_WINDOW,
+    WINDOW,
+    HandshakeLog,
+    HandshakeThrottle,
+    ImplicitTLSAcceptor,
+)
+from relay365.ingress.tls import server_context
+from relay365.settings import ListenerSettings
 from tests.conftest import RecordingUpstream, make_settings, running_relay, smarthost
 from tests.core.helpers import Clock
 from tests.core.smtpraw import RawSMTP, client_context
@@ -265,3 +273,40 @@ def test_describe_what_the_client_offered() -> None:
     # An SSL 2.0-format hello as very old clients send it (RFC 5246 E.2): offering TLS 1.0.
     assert describe(b"\x80\x2e\x01\x03\x01" + b"\x00" * 44) == "TLSv1.0 in an SSLv2-format hello"
     assert describe(b"") is None
+
+
+async def test_silent_client_is_cut_at_the_handshake_timeout(
+    server_cert: tuple[Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Connect to the implicit TLS port and say nothing: cut at the handshake timeout (30 s in the
+    relay, short here), one line, and no SMTP session is ever made for it."""
+    caplog.set_level(logging.INFO)
+    listener = ListenerSettings(name="smtps", tls="implicit")
+    sessions: list[asyncio.Protocol] = []
+
+    def session() -> asyncio.Protocol:
+        sessions.append(asyncio.Protocol())
+        return sessions[-1]
+
+    failures = HandshakeLog()
+    server = await asyncio.get_running_loop().create_server(
+        lambda: ImplicitTLSAcceptor(
+            session=session,
+            context=server_context(listener, chains=[server_cert]),
+            listener=listener,
+            failures=failures,
+            timeout=0.3,
+        ),
+        "127.0.0.1",
+        0,
+    )
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+        assert await asyncio.wait_for(reader.read(), 20) == b""  # the relay closed it
+        writer.close()
+        [line] = await lines_reach(caplog, 1)
+        assert "listener=smtps (implicit TLS) offered=-" in line and "timed out" in line, line
+        assert sessions == []
+    finally:
+        server.close()
+        await server.wait_closed()
