@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import ssl
@@ -19,10 +20,12 @@ from relay365.credentials import Redactor, load_secret
 from relay365.delivery.router import Router
 from relay365.delivery.scheduler import Scheduler
 from relay365.errors import ConfigError
+from relay365.ingress.handshake import HandshakeLog
 from relay365.ingress.identity import AuthGuard, ConnectionLimiter, DeviceDirectory
 from relay365.ingress.policy import RateLimiter
 from relay365.ingress.server import IngressContext, start_listener
-from relay365.ingress.tls import self_signed, server_context
+from relay365.ingress.tls import self_signed_chains, server_context
+from relay365.preflight import PreflightReport, preflight
 from relay365.settings import ListenerSettings, Settings, TransportSettings
 from relay365.spool.sqlite import SqliteSpool
 from relay365.transports.base import Transport
@@ -84,6 +87,13 @@ def secrets_of(settings: Settings) -> list[str]:
     return values
 
 
+async def preflight_for(settings: Settings) -> PreflightReport:
+    """The preflight ``serve`` runs before it binds a port, and ``config check`` runs on its own."""
+    return await preflight(
+        settings, build_transport=functools.partial(build_transport, hostname=settings.server.hostname)
+    )
+
+
 class Relay:
     def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
@@ -102,15 +112,18 @@ class Relay:
         if listener.tls == "none":
             return None
         if listener.cert_file and listener.key_file:
-            cert, key = listener.cert_file, listener.key_file
+            chains = [(listener.cert_file, listener.key_file)]
         else:
-            cert, key = self_signed(self.settings.server.spool_dir / "tls", self.settings.server.hostname)
-        return server_context(listener, cert=cert, key=key)
+            s = self.settings.server
+            chains = self_signed_chains(s.spool_dir / "tls", s.hostname, listener)
+        return server_context(listener, chains=chains)
 
     async def start(self) -> None:
         s = self.settings
-        for t in s.transports:
-            self.transports[t.name] = build_transport(t, hostname=s.server.hostname)
+        report = await preflight_for(s)
+        for warning in report.warnings:
+            log.warning("%s", warning)
+        self.transports.update(report.transports)
         await self.spool.open(recover=True)
         self.scheduler = Scheduler(
             spool=self.spool,
@@ -132,6 +145,7 @@ class Relay:
             hostname=s.server.hostname,
             on_queued=self.scheduler.wake,
             metrics=self.metrics,
+            tls_failures=HandshakeLog(clock=self._clock),
         )
         for listener in s.listeners:
             server = await start_listener(self.ingress, listener, self._tls(listener))
@@ -164,6 +178,8 @@ class Relay:
         for server in self._servers:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(server.wait_closed(), grace)
+        if self.ingress is not None:
+            self.ingress.tls_failures.close()
         if self.ingress is not None and self.ingress.background:
             await asyncio.gather(*self.ingress.background, return_exceptions=True)
         if self.scheduler is not None:

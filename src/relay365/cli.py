@@ -13,6 +13,7 @@ from typing import Annotated, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from relay365.app import Relay
@@ -45,7 +46,7 @@ ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="relay365.toml")
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}", highlight=False)
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False)
     return typer.Exit(code)
 
 
@@ -58,8 +59,23 @@ def _settings(path: Path) -> Settings:
 
 @config_app.command("check")
 def config_check(file: Annotated[Path, typer.Argument(help="relay365.toml to validate")]) -> None:
-    """Validate FILE; print a summary, or the key and value that are wrong."""
+    """Validate FILE and run serve's preflight (secrets, certificates, ports, spool): passes exactly
+    when 'relay365 serve' would start. Prints a summary, or every problem with its key and file."""
+    from relay365.app import preflight_for
+
     s = _settings(file)
+
+    async def check() -> list[str]:
+        report = await preflight_for(s)
+        await report.close()
+        return report.warnings
+
+    try:
+        warnings = asyncio.run(check())
+    except Relay365Error as e:
+        raise _fail(str(e)) from None
+    for warning in warnings:
+        err.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False)
     console.print(
         f"[green]ok[/green] {file}: {len(s.listeners)} listener(s), {len(s.devices)} device(s),"
         f" {len(s.transports)} transport(s), {len(s.routes)} route(s)",

@@ -5,6 +5,7 @@
     Relay365Error
      ├── ConfigError                 a configuration key has a bad value (names key and value)
      ├── SecretError                 a secret could not be loaded (env var missing, file mode too open)
+     ├── PreflightError              serve cannot start: every problem the preflight found, one a line
      ├── SpoolError                  the spool could not store or read a message
      │    ├── SpoolFullError         no space left: ingress answers 452 4.3.1
      │    └── SpoolIOError           any other I/O error: ingress answers 451 4.3.0
@@ -37,6 +38,15 @@ class ConfigError(Relay365Error):
 
 class SecretError(Relay365Error):
     """A secret could not be loaded. The message never contains the secret itself."""
+
+
+class PreflightError(Relay365Error):
+    """``relay365 serve`` cannot start (and ``config check`` fails) for these reasons, one a line."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = tuple(problems)
+        lines = "".join(f"\n  - {p}" for p in self.problems)
+        super().__init__(f"relay365 cannot start: {len(self.problems)} problem(s):{lines}")
 
 
 class SpoolError(Relay365Error):

@@ -22,13 +22,14 @@ from dataclasses import dataclass, field
 from typing import Any, AnyStr
 
 import aiosmtpd.smtp
-from aiosmtpd.smtp import SMTP, Session
+from aiosmtpd.smtp import SMTP, Session, TLSSetupException
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from relay365.admin.metrics import Metrics
 from relay365.errors import SpoolError, SpoolFullError
 from relay365.ingress import policy
 from relay365.ingress.data import DataParser
+from relay365.ingress.handshake import HandshakeLog, implicit_tls
 from relay365.ingress.headers import HeaderEditor, HeaderTooLarge, received_field
 from relay365.ingress.identity import AuthGuard, ConnectionLimiter, DeviceDirectory, peer_certificate
 from relay365.settings import DeviceSettings, ListenerSettings
@@ -56,6 +57,7 @@ class IngressContext:
     on_queued: Callable[[str], None] = lambda queue_id: None
     background: set[asyncio.Task[Any]] = field(default_factory=set)
     metrics: Metrics = field(default_factory=Metrics)
+    tls_failures: HandshakeLog = field(default_factory=HandshakeLog)
 
 
 class _Hooks:
@@ -210,6 +212,14 @@ class RelaySMTP(SMTP):
         if text[:1] in ("4", "5"):
             self.ctx.metrics.refusal(text)
         await super().push(status)
+
+    async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, TLSSetupException):  # a failed STARTTLS handshake: one line, no traceback
+            cause = error.__cause__ or error
+            failures = self.ctx.tls_failures
+            failures.failed(peer=self.peer_ip, listener=self.listener, how="STARTTLS", error=cause)
+            return "454 4.7.0 TLS handshake failed"  # aiosmtpd closes the connection without a reply
+        return await super().handle_exception(error)
 
     async def _close_with(self, reply: str) -> None:
         await self.push(reply)
@@ -505,12 +515,10 @@ async def start_listener(
     ctx: IngressContext, listener: ListenerSettings, tls_context: ssl.SSLContext | None
 ) -> asyncio.Server:
     loop = asyncio.get_running_loop()
+    factory: Callable[[], asyncio.Protocol] = lambda: RelaySMTP(ctx, listener, tls_context)  # noqa: E731
+    if listener.tls == "implicit":  # the handshake runs in the relay's code (ingress/handshake.py)
+        assert tls_context is not None
+        factory = implicit_tls(factory, context=tls_context, listener=listener, failures=ctx.tls_failures)
     return await loop.create_server(
-        lambda: RelaySMTP(ctx, listener, tls_context),
-        host=listener.address,
-        port=listener.port,
-        ssl=tls_context if listener.tls == "implicit" else None,
-        reuse_address=True,
-        backlog=1024,
-        ssl_handshake_timeout=30 if listener.tls == "implicit" else None,
+        factory, host=listener.address, port=listener.port, reuse_address=True, backlog=1024
     )
