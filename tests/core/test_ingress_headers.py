@@ -110,6 +110,7 @@ async def test_folded_first_line_is_refused(
     received = m.get_all("Received")
     assert len(received) == 1 and "by relay.test (relay365)" in str(received[0])
     assert b"evil" not in msg.content
+    assert msg.content.endswith(b"\r\nSubject: scan\r\n\r\nbody\r\n") and m.get_content() == "body\r\n"
 
 
 @pytest.mark.parametrize("relay", [True], ids=["rewrite"], indirect=True)

@@ -139,7 +139,8 @@ class HeaderEditor:
     def _release(self) -> None:
         assert self._section is not None and self._new_from is not None
         section, self._section = bytes(self._section), None
-        self._sink(rewrite_from(section, self._new_from))
+        blank = b"" if self._in_header else b"\r\n"  # the empty line that ended the section
+        self._sink(rewrite_from(section[: len(section) - len(blank)], self._new_from) + blank)
 
     def finish(self) -> None:
         """End of data: a message without a blank line is all header section."""
