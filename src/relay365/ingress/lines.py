@@ -11,8 +11,8 @@ response) first:
   the line (``500 5.5.2``) and closes the connection, so nothing after the bare LF is ever read as a
   command (sendmail and chasquid also drop the session; waiting for a CRLF instead would leave a client
   that ends every line with LF hanging until the idle timeout);
-* a bare CR or NUL inside a line is refused (``500 5.5.2``); the line still ended at CRLF, so the
-  session stays in sync;
+* a bare CR or NUL inside a line is refused (``500 5.5.2``) in both modes: aiosmtpd never ends a
+  line at a bare CR, so the line still ended at CRLF and the session stays in sync;
 * a line that is not UTF-8 is refused (``500 5.5.2``): SMTPUTF8 allows UTF-8 only (RFC 6531 3.3).
 
 It also tells the session whether it is idle (waiting for a command), for the 421 on shutdown.
