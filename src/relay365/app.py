@@ -84,7 +84,7 @@ def null_route_reply(router: Router) -> Callable[[str, str, str], str | None]:
         try:
             router.choose(rcpt=rcpt, sender=sender, device=device, size=0)
         except NoRoute as e:
-            return f"550 5.7.1 <{rcpt}>: {e}"
+            return f"550 5.7.1 {e}"
         return None
 
     return reply
