@@ -17,13 +17,14 @@ from collections.abc import Callable
 from relay365.admin.api import AdminServer
 from relay365.admin.metrics import Metrics
 from relay365.credentials import Redactor, load_secret
-from relay365.delivery.router import Router
+from relay365.delivery.router import NoRoute, Router
 from relay365.delivery.scheduler import Scheduler
 from relay365.errors import ConfigError
+from relay365.ingress.context import IngressContext, shutdown
 from relay365.ingress.handshake import HandshakeLog
 from relay365.ingress.identity import AuthGuard, ConnectionLimiter, DeviceDirectory
 from relay365.ingress.policy import RateLimiter
-from relay365.ingress.server import IngressContext, start_listener
+from relay365.ingress.server import start_listener
 from relay365.ingress.tls import self_signed_chains, server_context
 from relay365.preflight import PreflightReport, preflight
 from relay365.settings import ListenerSettings, Settings, TransportSettings
@@ -67,6 +68,31 @@ def build_transport(settings: TransportSettings, *, hostname: str) -> Transport:
     return kinds[settings.type](settings, helo_name=hostname)
 
 
+# The transports that can send mail from the null sender <> as it is (RFC 5321 4.5.5). SMTP AUTH
+# submission sends as its mailbox: Exchange refuses any other sender, <> included, with 5.7.60 (a
+# login may send only as itself or a mailbox it has Send As on); Graph has no envelope sender at all
+# (the mailbox in the URL becomes the sender and would get the bounces). An MX (Direct Send,
+# connector) or a smart host accepts <> like any SMTP server must. See README, "The null sender".
+NULL_SENDER_TYPES = frozenset({"smarthost", "direct_send", "connector"})
+
+
+def null_sender_transports(settings: Settings) -> frozenset[str]:
+    return frozenset(t.name for t in settings.transports if t.type in NULL_SENDER_TYPES)
+
+
+def null_route_reply(router: Router) -> Callable[[str, str, str], str | None]:
+    """For ingress: refuse at RCPT a recipient of mail from <> that no route can carry."""
+
+    def reply(sender: str, rcpt: str, device: str) -> str | None:
+        try:
+            router.choose(rcpt=rcpt, sender=sender, device=device, size=0)
+        except NoRoute as e:
+            return f"550 5.7.1 {e}"
+        return None
+
+    return reply
+
+
 def transport_rules(settings: Settings) -> dict[str, Callable[[str], bool]]:
     """Each transport's own recipient rule (Direct Send: only the tenant's accepted domains)."""
     rules: dict[str, Callable[[str], bool]] = {}
@@ -95,10 +121,18 @@ async def preflight_for(settings: Settings) -> PreflightReport:
 
 
 class Relay:
-    def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``clock``: wall time for the queue; ``monotonic``: for the AUTH guard and rate limits."""
         self.settings = settings
         self.spool = SqliteSpool(settings.server.spool_dir, clock=clock)
         self._clock = clock
+        self._monotonic = monotonic
         self.transports: dict[str, Transport] = {}
         self.scheduler: Scheduler | None = None
         self.ingress: IngressContext | None = None
@@ -125,9 +159,10 @@ class Relay:
             log.warning("%s", warning)
         self.transports.update(report.transports)
         await self.spool.open(recover=True)
+        router = Router(s.routes, accepts=transport_rules(s), null_sender=null_sender_transports(s))
         self.scheduler = Scheduler(
             spool=self.spool,
-            router=Router(s.routes, accepts=transport_rules(s)),
+            router=router,
             transports=self.transports,
             settings=s.delivery,
             hostname=s.server.hostname,
@@ -140,12 +175,13 @@ class Relay:
             spool=self.spool,
             devices=DeviceDirectory(s.devices),
             limiter=ConnectionLimiter(total=s.server.max_connections, per_ip=s.server.max_connections_per_ip),
-            guard=AuthGuard(s.server),
-            rates=RateLimiter(),
+            guard=AuthGuard(s.server, clock=self._monotonic),
+            rates=RateLimiter(clock=self._monotonic),
             hostname=s.server.hostname,
             on_queued=self.scheduler.wake,
             metrics=self.metrics,
             tls_failures=HandshakeLog(clock=self._clock),
+            route_reply=null_route_reply(router),
         )
         for listener in s.listeners:
             server = await start_listener(self.ingress, listener, self._tls(listener))
@@ -170,11 +206,14 @@ class Relay:
         return self._clock()
 
     async def stop(self, *, grace: float = 30.0) -> None:
-        """Stop accepting, let sessions finish their writes, then stop delivery and close the spool."""
+        """Stop accepting, tell open sessions 421 4.3.2 (a message in DATA finishes first, within
+        ``grace``), let commits finish, then stop delivery and close the spool."""
         if self.admin is not None:
             await self.admin.stop()
         for server in self._servers:
             server.close()
+        if self.ingress is not None:
+            await shutdown(self.ingress, grace=grace)
         for server in self._servers:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(server.wait_closed(), grace)
@@ -206,7 +245,7 @@ async def serve(settings: Settings, *, ready: Callable[[Relay], None] = lambda r
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-        await relay.stop()
+        await relay.stop(grace=settings.server.shutdown_grace)
 
 
 def make_redactor(settings: Settings) -> Redactor:

@@ -10,6 +10,9 @@
      │    ├── SpoolFullError         no space left: ingress answers 452 4.3.1
      │    └── SpoolIOError           any other I/O error: ingress answers 451 4.3.0
      ├── QueueEntryNotFound          a queue id that is not in the spool
+     ├── Refusal                     ingress refuses what a device sent; carries the SMTP reply
+     │    ├── CommandRefused         a command line (bare LF/CR, NUL, not UTF-8) or a shutdown
+     │    └── MessageRefused         the message's header section (folded first line, limits)
      ├── TokenError                  an OAuth token could not be obtained (always transient for mail)
      └── DeliveryError               raised by a transport for the whole message
           ├── TransientDeliveryError retry later, optionally not before ``retry_after`` seconds
@@ -63,6 +66,27 @@ class SpoolIOError(SpoolError):
 
 class QueueEntryNotFound(Relay365Error):
     """No queue entry has this id."""
+
+
+class Refusal(Relay365Error):
+    """Ingress refuses what a device sent; ``reply`` is the exact SMTP reply to answer with."""
+
+    def __init__(self, reply: str) -> None:
+        self.reply = reply
+        super().__init__(reply)
+
+
+class CommandRefused(Refusal):
+    """A command line is refused; ``close``: the connection is closed after the reply, because
+    nothing the client sends after it can be trusted to be in sync (a bare LF, a shutdown)."""
+
+    def __init__(self, reply: str, *, close: bool = False) -> None:
+        super().__init__(reply)
+        self.close = close
+
+
+class MessageRefused(Refusal):
+    """The message is refused at the end of DATA (its header section breaks a rule)."""
 
 
 class TokenError(Relay365Error):

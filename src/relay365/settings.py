@@ -28,6 +28,10 @@ TLS_VERSIONS: tuple[TlsVersion, ...] = ("1.0", "1.1", "1.2", "1.3")
 DEFAULT_MAX_MESSAGE_SIZE = 35 * 1024 * 1024
 # Exchange Online's default recipients per message (exchange-online.md, "Message size").
 DEFAULT_MAX_RECIPIENTS = 500
+# Exchange Online limits, "Message limits": message header size limit 256 KB (a bigger header section
+# is refused by Microsoft with an NDR, so relay365 refuses it while the device is still connected).
+DEFAULT_MAX_HEADER_SIZE = 256 * 1024
+NULL_SENDER = "<>"  # the null reverse-path (RFC 5321 4.5.5) in allowed_senders and route senders
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +44,7 @@ class ServerSettings:
     auth_failures_before_block: int = 5
     auth_block_seconds: float = 300.0
     auth_failure_delay: float = 1.0
+    shutdown_grace: float = 30.0  # SIGTERM: seconds a session in DATA gets to finish its message
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +65,7 @@ class ListenerSettings:
     bare_newlines: Literal["reject", "normalize"] = "reject"
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     max_recipients: int = DEFAULT_MAX_RECIPIENTS
+    max_header_size: int = DEFAULT_MAX_HEADER_SIZE
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,10 +298,12 @@ def _port(t: _Table, name: str, default: int) -> int:
 
 
 def _sender_pattern(key: str, value: str) -> str:
+    """An address, ``@domain``, ``*`` (any sender, the null sender included) or ``<>`` (the null
+    sender only)."""
     v = value.lower()
-    if v == "*" or (v.startswith("@") and "." in v) or ("@" in v and not v.startswith("@")):
+    if v in ("*", NULL_SENDER) or (v.startswith("@") and "." in v) or ("@" in v and not v.startswith("@")):
         return v
-    raise ConfigError(key, value, "Use an address, '@domain' or '*'.")
+    raise ConfigError(key, value, "Use an address, '@domain', '<>' (the null sender) or '*'.")
 
 
 _SERVER = ServerSettings()
@@ -313,6 +321,7 @@ def _server(t: _Table) -> ServerSettings:
         ),
         auth_block_seconds=t.positive("auth_block_seconds", float, 300.0),
         auth_failure_delay=t.get("auth_failure_delay", float, 1.0),
+        shutdown_grace=t.positive("shutdown_grace", float, _SERVER.shutdown_grace),
     )
     t.done()
     return s
@@ -349,6 +358,7 @@ def _listener(t: _Table) -> ListenerSettings:
         ),
         max_message_size=t.positive("max_message_size", int, DEFAULT_MAX_MESSAGE_SIZE),
         max_recipients=t.positive("max_recipients", int, DEFAULT_MAX_RECIPIENTS),
+        max_header_size=t.positive("max_header_size", int, DEFAULT_MAX_HEADER_SIZE),
     )
     try:
         ipaddress.ip_address(s.address)

@@ -117,7 +117,7 @@ async def test_no_secret_in_logs_or_spool(
     assert len(upstream.messages) == 2 and all(m.tls for m in upstream.messages)
     assert logins and set(logins) == {(UPSTREAM_USER, UPSTREAM_SECRET)}
     log = server.log_text()
-    assert " DEBUG " in log and "authentication failed peer=127.0.0.1" in log
+    assert " DEBUG " in log and "refused peer=127.0.0.1 device=- listener=lan command=AUTH" in log
     assert "authenticated peer=127.0.0.1 device=printer" in log
     leaks = (
         forms("printer", DEVICE_SECRET)

@@ -46,6 +46,8 @@ async def mx_host(resolver: dns.asyncresolver.Resolver, domain: str) -> str:
         answer = await resolver.resolve(domain, "MX")
     except dns.resolver.NXDOMAIN:
         raise PermanentDeliveryError(f"550 5.1.2 Domain {domain} does not exist (DNS NXDOMAIN)") from None
+    except dns.exception.SyntaxError as e:  # e.g. an internationalized label too long once encoded
+        raise PermanentDeliveryError(f"553 5.1.2 Domain {domain} is not a valid DNS name: {e}") from None
     except (dns.resolver.NoAnswer, dns.resolver.NoNameservers, dns.exception.Timeout) as e:
         raise TransientDeliveryError(f"451 4.4.3 MX lookup for {domain} failed: {type(e).__name__}") from e
     records = sorted(answer, key=lambda r: r.preference)

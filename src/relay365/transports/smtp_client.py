@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import aiosmtplib
 from aiosmtplib import SMTPResponse
@@ -110,16 +112,20 @@ async def send_over(pool: SessionPool, message: OutboundMessage, *, upstream: st
     slot, or failing to connect, never holds the message in memory.
     """
     body: bytes | None = None
-    options = ["SMTPUTF8"] if message.smtputf8 else []
+    whole = message
     for attempt in (1, 2):
         data_started = False
         try:
             async with pool.session() as (smtp, reused):
+                message, refused = await _smtputf8_plan(smtp, whole, upstream)
+                if not message.rcpt_tos:
+                    return refused
+                options = ["SMTPUTF8"] if message.smtputf8 else []
                 try:
                     errors = await _envelope(smtp, message, options)
                     if len(errors) == len(message.rcpt_tos):
                         await _rset(smtp)
-                        return _results(message.rcpt_tos, errors, "")
+                        return _results(message.rcpt_tos, errors, "") + refused
                     if body is None:
                         body = await asyncio.to_thread(message.read_body)
                     data_started = True
@@ -134,7 +140,7 @@ async def send_over(pool: SessionPool, message: OutboundMessage, *, upstream: st
                         )
                         continue
                     raise
-            return _results(message.rcpt_tos, errors, reply_text(response.code, response.message))
+            return _results(message.rcpt_tos, errors, reply_text(response.code, response.message)) + refused
         except aiosmtplib.SMTPAuthenticationError as e:
             # A credential or token problem is the admin's to fix; mail waits (reliability.md).
             log.critical("ALERT %s: authentication refused: %s", upstream, reply_text(e.code, e.message))
@@ -158,6 +164,38 @@ async def send_over(pool: SessionPool, message: OutboundMessage, *, upstream: st
                 )
             raise TransientDeliveryError(f"451 4.4.1 {upstream}: {type(e).__name__}: {e}") from e
     raise TransientDeliveryError(f"451 4.4.1 {upstream}: connection closed")
+
+
+async def _smtputf8_plan(
+    smtp: aiosmtplib.SMTP, message: OutboundMessage, upstream: str
+) -> tuple[OutboundMessage, list[RecipientResult]]:
+    """RFC 6531 3.4: a message with a non-ASCII address (or sent with SMTPUTF8) goes with SMTPUTF8
+    when the upstream offers it. When it does not, what needs it is refused here, for good (5.6.7,
+    one DSN; never an attempt that fails every cool-down): all of it if the sender or the header
+    section is non-ASCII, else the non-ASCII recipients, the others going without SMTPUTF8 (like
+    Postfix, which bounces only mail whose envelope or headers need it). Returns what to send and
+    the recipients refused."""
+    addresses = (message.mail_from, *message.rcpt_tos)
+    utf8 = message.smtputf8 or not all(a.isascii() for a in addresses)
+    if utf8 and smtp.is_ehlo_or_helo_needed:
+        await smtp.ehlo()  # the extensions are known from EHLO on
+    if not utf8 or smtp.supports_extension("smtputf8"):
+        return dataclasses.replace(message, smtputf8=utf8), []
+    reply = f"553 5.6.7 {upstream} does not offer SMTPUTF8, which this message needs (RFC 6531)"
+    if message.mail_from.isascii() and await asyncio.to_thread(_head_is_ascii, message.body_path):
+        refuse = [r for r in message.rcpt_tos if not r.isascii()]
+    else:
+        refuse = list(message.rcpt_tos)
+    rest = tuple(r for r in message.rcpt_tos if r not in refuse)
+    results = [RecipientResult(r, Outcome.PERMANENT, reply) for r in refuse]
+    return dataclasses.replace(message, rcpt_tos=rest, smtputf8=False), results
+
+
+def _head_is_ascii(path: Path) -> bool:
+    with path.open("rb") as f:
+        head = f.read(1 << 20)  # more than any header section the ingress accepts
+    end = head.find(b"\r\n\r\n")
+    return (head if end < 0 else head[:end]).isascii()
 
 
 async def _envelope(
