@@ -87,7 +87,9 @@ def secrets_of(settings: Settings) -> list[str]:
 class Relay:
     def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
-        self.spool = SqliteSpool(settings.server.spool_dir, clock=clock)
+        self.spool = SqliteSpool(
+            settings.server.spool_dir, clock=clock, min_free=settings.server.spool_min_free
+        )
         self._clock = clock
         self.transports: dict[str, Transport] = {}
         self.scheduler: Scheduler | None = None

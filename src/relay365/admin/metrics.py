@@ -49,6 +49,11 @@ class Metrics:
             ["transport"],
             registry=r,
         )
+        self.delivery_stopped = Gauge(
+            "relay365_delivery_stopped",
+            "1 while all delivery is stopped because the spool cannot record delivery outcomes",
+            registry=r,
+        )
 
     def refusal(self, reply: str) -> None:
         code = reply[:3]

@@ -59,6 +59,8 @@ class OutcomeRecorder:
             await self._write(outcome)
         except SpoolError as e:
             self._kept.append(outcome)
+            if self._fault is not None:  # another attempt under way at the same time found it first
+                return
             self._fault = str(e)
             log.error(
                 "%s: the spool cannot record this delivery outcome (%s): all delivery stopped until it"
