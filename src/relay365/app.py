@@ -130,7 +130,9 @@ class Relay:
     ) -> None:
         """``clock``: wall time for the queue; ``monotonic``: for the AUTH guard and rate limits."""
         self.settings = settings
-        self.spool = SqliteSpool(settings.server.spool_dir, clock=clock)
+        self.spool = SqliteSpool(
+            settings.server.spool_dir, clock=clock, min_free=settings.server.spool_min_free
+        )
         self._clock = clock
         self._monotonic = monotonic
         self.transports: dict[str, Transport] = {}

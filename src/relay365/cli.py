@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import getpass
+import json
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -19,7 +20,7 @@ from rich.table import Table
 from relay365.app import Relay
 from relay365.errors import ConfigError, QueueEntryNotFound, Relay365Error
 from relay365.settings import Settings, load_settings
-from relay365.spool.model import QueueEntry
+from relay365.spool.model import QueueEntry, QueueFilter, QueueState, entry_dict
 from relay365.spool.sqlite import SqliteSpool
 
 app = typer.Typer(
@@ -234,15 +235,42 @@ def _age(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+StateOpt = Annotated[
+    QueueState | None,
+    typer.Option(help="messages with a recipient in this state, or 'held' for messages on hold"),
+]
+DeviceOpt = Annotated[str | None, typer.Option(help="messages from this device")]
+SenderOpt = Annotated[
+    str | None, typer.Option(help="envelope sender: an address, @domain, a * pattern, or <>")
+]
+RecipientOpt = Annotated[str | None, typer.Option(help="a recipient: an address, @domain or a * pattern")]
+
+
 @queue_app.command("list")
-def queue_list(config: ConfigOpt = DEFAULT_CONFIG) -> None:
-    """One row per queued message."""
-    entries = _with_spool(config, lambda spool: spool.list())
-    table = Table(title=f"{len(entries)} message(s) in the queue")
+def queue_list(
+    state: StateOpt = None,
+    device: DeviceOpt = None,
+    sender: SenderOpt = None,
+    recipient: RecipientOpt = None,
+    limit: Annotated[int, typer.Option(min=0, help="show at most N messages, oldest first (0: all)")] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON (for scripts)")] = False,
+    config: ConfigOpt = DEFAULT_CONFIG,
+) -> None:
+    """One row per queued message, oldest first; filters combine (all must hold)."""
+    where = QueueFilter(state=state, device=device, sender=sender, recipient=recipient)
+    page = _with_spool(config, lambda spool: spool.query(where, limit=limit or None))
+    if as_json:
+        shown = [entry_dict(e) for e in page.entries]
+        typer.echo(json.dumps({"total": page.total, "shown": len(shown), "messages": shown}, indent=1))
+        return
+    title = f"{page.total} message(s) in the queue" + ("" if where.is_empty() else " match")
+    if len(page.entries) < page.total:
+        title += f"; showing the oldest {len(page.entries)} (--limit)"
+    table = Table(title=title)
     for col in ("queue id", "age", "size", "from", "device", "recipients", "state", "last reply"):
         table.add_column(col, overflow="fold")
     now = time.time()
-    for e in entries:
+    for e in page.entries:
         states = sorted({r.state.value for r in e.recipients})
         last = next((r.last_reply for r in e.recipients if r.last_reply), "")
         table.add_row(
@@ -294,10 +322,38 @@ def queue_release(queue_id: str, config: ConfigOpt = DEFAULT_CONFIG) -> None:
 
 
 @queue_app.command("retry")
-def queue_retry(queue_id: str, config: ConfigOpt = DEFAULT_CONFIG) -> None:
-    """Make a deferred message due now (the server picks it up within its poll interval)."""
-    _with_spool(config, lambda spool: spool.retry(queue_id, time.time()))
-    console.print(f"{queue_id} scheduled for delivery now")
+def queue_retry(
+    queue_ids: Annotated[list[str] | None, typer.Argument(help="queue ids", show_default=False)] = None,
+    every: Annotated[bool, typer.Option("--all", help="every message in the queue")] = False,
+    state: StateOpt = None,
+    device: DeviceOpt = None,
+    sender: SenderOpt = None,
+    recipient: RecipientOpt = None,
+    config: ConfigOpt = DEFAULT_CONFIG,
+) -> None:
+    """Make messages due now: by queue id, --all, or by filter (the server picks them up within its
+    poll interval and stops holding back unreachable upstreams). Held messages stay held."""
+    where = QueueFilter(state=state, device=device, sender=sender, recipient=recipient)
+    chosen = [bool(queue_ids), every, not where.is_empty()]
+    if sum(chosen) != 1:
+        raise _fail(
+            "name the messages one way: queue ids, --all, or filters"
+            " (--state, --device, --sender, --recipient)"
+        )
+    now = time.time()
+    if queue_ids:
+        ids = queue_ids
+
+        async def each(spool: SqliteSpool) -> None:
+            for qid in ids:
+                await spool.retry(qid, now)
+
+        _with_spool(config, each)
+        for qid in ids:
+            console.print(f"{qid} scheduled for delivery now")
+        return
+    count = _with_spool(config, lambda spool: spool.retry_matching(where, now))
+    console.print(f"{count} message(s) scheduled for delivery now")
 
 
 @queue_app.command("delete")

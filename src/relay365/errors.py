@@ -16,9 +16,14 @@
      ├── TokenError                  an OAuth token could not be obtained (always transient for mail)
      └── DeliveryError               raised by a transport for the whole message
           ├── TransientDeliveryError retry later, optionally not before ``retry_after`` seconds
+          │    ├── UpstreamUnreachableError  no session at all (connect, TLS, greeting): the
+          │    │                             upstream's mail is held back at once
+          │    └── ConnectionLostError       the session was up, then broke: this message waits;
+          │                                  the upstream is held only after several in a row
           └── PermanentDeliveryError the upstream refused for good: bounce with a DSN
 
-Transports raise only the ``DeliveryError`` family; the scheduler catches only that family.
+Transports raise only the ``DeliveryError`` family. Anything else escaping a transport is a bug: the
+scheduler records it as a transient failure of that attempt (``451 4.3.0 internal error: ...``).
 The transient/permanent decision is made once, in the transport.
 """
 
@@ -107,6 +112,16 @@ class TransientDeliveryError(DeliveryError):
     def __init__(self, reply: str, *, retry_after: float | None = None) -> None:
         super().__init__(reply)
         self.retry_after = retry_after
+
+
+class UpstreamUnreachableError(TransientDeliveryError):
+    """No session could be set up (connection refused or timed out, TLS handshake, 5xx greeting):
+    RFC 3463 X.4.1 "no answer from host". Every message to this upstream would fail the same way."""
+
+
+class ConnectionLostError(TransientDeliveryError):
+    """The session was up and broke before the transaction completed (RFC 3463 X.4.2 "bad
+    connection"): a fault of this attempt, not proof that the upstream is down."""
 
 
 class PermanentDeliveryError(DeliveryError):

@@ -45,6 +45,9 @@ class ServerSettings:
     auth_block_seconds: float = 300.0
     auth_failure_delay: float = 1.0
     shutdown_grace: float = 30.0  # SIGTERM: seconds a session in DATA gets to finish its message
+    # Free space kept for the queue's own bookkeeping (delivery outcomes, DSNs): below it devices
+    # get 452 4.3.1 (Postfix: queue_minfree; RFC 1870 6.1 for an announced SIZE).
+    spool_min_free: int = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,7 +325,10 @@ def _server(t: _Table) -> ServerSettings:
         auth_block_seconds=t.positive("auth_block_seconds", float, 300.0),
         auth_failure_delay=t.get("auth_failure_delay", float, 1.0),
         shutdown_grace=t.positive("shutdown_grace", float, _SERVER.shutdown_grace),
+        spool_min_free=t.get("spool_min_free", int, _SERVER.spool_min_free),
     )
+    if s.spool_min_free < 0:
+        raise ConfigError(t.key("spool_min_free"), s.spool_min_free, "Must be 0 or more (bytes).")
     t.done()
     return s
 

@@ -53,6 +53,11 @@ class Metrics:
             ["transport"],
             registry=r,
         )
+        self.delivery_stopped = Gauge(
+            "relay365_delivery_stopped",
+            "1 while all delivery is stopped because the spool cannot record delivery outcomes",
+            registry=r,
+        )
 
     def refusal(self, reply: str) -> None:
         """Count a 4xx/5xx reply by code and RFC 3463 status (``5.7.1`` and ``5.7.60`` are different

@@ -410,10 +410,17 @@ class RelaySMTP(SMTP):
         )
         if reply:
             return reply
+        announced = 0
         for opt in options:
             name, _, value = opt.partition("=")
             if name == "SIZE" and value.isdigit() and int(value) > policy.max_size(device, self.listener):
                 return "552 5.3.4 Message size exceeds fixed maximum message size"
+            if name == "SIZE" and value.isdigit():
+                announced = int(value)
+        try:  # free space above the spool's reserve (RFC 1870 6.1: 452 for temporary lack of room)
+            self.ctx.spool.check_room(announced)
+        except SpoolError as e:
+            return _spool_reply(e)
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return "250 2.1.0 Ok"

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from relay365.errors import SpoolIOError
+
 
 class Outcome(enum.StrEnum):
     DELIVERED = "delivered"
@@ -33,7 +35,14 @@ class OutboundMessage:
     smtputf8: bool = False
 
     def read_body(self) -> bytes:
-        return self.body_path.read_bytes()
+        """The spooled bytes. A file that cannot be read is the spool's fault, not the upstream's:
+        ``SpoolIOError``, which the scheduler records as this attempt's failure."""
+        try:
+            return self.body_path.read_bytes()
+        except OSError as e:
+            raise SpoolIOError(
+                f"cannot read message file {self.body_path.name}: {type(e).__name__}: {e.strerror}"
+            ) from e
 
 
 @dataclass(frozen=True, slots=True)

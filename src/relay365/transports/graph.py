@@ -24,7 +24,7 @@ from typing import Any
 
 import httpx
 
-from relay365.errors import TokenError, TransientDeliveryError
+from relay365.errors import ConnectionLostError, TokenError, TransientDeliveryError, UpstreamUnreachableError
 from relay365.oauth import GRAPH_SCOPE, TokenSource
 from relay365.settings import TransportSettings
 from relay365.transports.base import OutboundMessage, Outcome, PaceLimits, RecipientResult
@@ -142,10 +142,14 @@ class GraphTransport:
         async with self._slots:
             try:
                 response = await self._client.request(method, url, headers=headers, **kwargs)
-            except httpx.HTTPError as e:
-                raise TransientDeliveryError(
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.ProxyError) as e:
+                # RFC 3463 X.4.1: no connection at all; every request would fail the same way.
+                raise UpstreamUnreachableError(
                     f"451 4.4.1 Graph {method} failed: {type(e).__name__}: {e}"
                 ) from e
+            except httpx.HTTPError as e:
+                # X.4.2: the connection broke during this request (read error, timeout, reset).
+                raise ConnectionLostError(f"451 4.4.2 Graph {method} failed: {type(e).__name__}: {e}") from e
         if response.status_code >= 400:
             error = graph_error(response)
             if error.status == 401:

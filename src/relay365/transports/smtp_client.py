@@ -18,7 +18,12 @@ from pathlib import Path
 import aiosmtplib
 from aiosmtplib import SMTPResponse
 
-from relay365.errors import PermanentDeliveryError, TransientDeliveryError
+from relay365.errors import (
+    ConnectionLostError,
+    PermanentDeliveryError,
+    TransientDeliveryError,
+    UpstreamUnreachableError,
+)
 from relay365.transports.base import OutboundMessage, Outcome, RecipientResult
 
 log = logging.getLogger(__name__)
@@ -114,9 +119,10 @@ async def send_over(pool: SessionPool, message: OutboundMessage, *, upstream: st
     body: bytes | None = None
     whole = message
     for attempt in (1, 2):
-        data_started = False
+        data_started = connected = False
         try:
             async with pool.session() as (smtp, reused):
+                connected = True
                 message, refused = await _smtputf8_plan(smtp, whole, upstream)
                 if not message.rcpt_tos:
                     return refused
@@ -149,12 +155,14 @@ async def send_over(pool: SessionPool, message: OutboundMessage, *, upstream: st
             # A 5xx greeting says nothing about this message: the server will not talk to us now.
             # Postfix skips such a server (smtp_skip_5xx_greeting = yes; bouncing "appears to
             # contradict RFC 2821"), so the mail waits instead of the whole queue bouncing.
-            raise TransientDeliveryError(
+            raise UpstreamUnreachableError(
                 f"451 4.4.1 {upstream} greeted with {reply_text(e.code, e.message)}"
             ) from e
         except aiosmtplib.SMTPResponseException as e:  # EHLO or STARTTLS refused
             raise_for_reply(e.code, e.message)
         except (aiosmtplib.SMTPException, OSError, TimeoutError, ssl.SSLError) as e:
+            if not connected:  # RFC 3463 X.4.1: no answer from host
+                raise UpstreamUnreachableError(f"451 4.4.1 {upstream}: {type(e).__name__}: {e}") from e
             if data_started:
                 log.warning(
                     "%s: %s lost after DATA began; the upstream may have it already, a retry"
@@ -162,8 +170,9 @@ async def send_over(pool: SessionPool, message: OutboundMessage, *, upstream: st
                     message.queue_id,
                     upstream,
                 )
-            raise TransientDeliveryError(f"451 4.4.1 {upstream}: {type(e).__name__}: {e}") from e
-    raise TransientDeliveryError(f"451 4.4.1 {upstream}: connection closed")
+            # RFC 3463 X.4.2: bad connection (established, then lost before the transaction ended)
+            raise ConnectionLostError(f"451 4.4.2 {upstream}: {type(e).__name__}: {e}") from e
+    raise ConnectionLostError(f"451 4.4.2 {upstream}: connection closed")
 
 
 async def _smtputf8_plan(
