@@ -23,6 +23,7 @@ from relay365.ingress.identity import AuthGuard, ConnectionLimiter, DeviceDirect
 from relay365.ingress.policy import RateLimiter
 from relay365.ingress.server import IngressContext, start_listener
 from relay365.ingress.tls import self_signed, server_context
+from relay365.replies import classify
 from relay365.settings import ListenerSettings, Settings, TransportSettings
 from relay365.spool.sqlite import SqliteSpool
 from relay365.transports.base import Transport
@@ -37,10 +38,6 @@ log = logging.getLogger(__name__)
 
 def explain_reply(reply: str) -> str | None:
     """A one-line admin hint for a reply, from the reply-code catalogue when it knows the code."""
-    try:
-        from relay365.diagnostics.catalogue import classify
-    except ImportError:
-        return None
     entry = classify(reply)
     if entry is None:
         return None

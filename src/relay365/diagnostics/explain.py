@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
-from relay365.diagnostics.catalogue import CatalogueEntry, ParsedReply, classify, is_transient, parse_reply
+from relay365.replies import ParsedReply, ReplyEntry, classify, is_transient, parse_reply
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,7 +19,7 @@ class Explanation:
 
     query: str
     parsed: ParsedReply
-    entry: CatalogueEntry | None
+    entry: ReplyEntry | None
     transient: bool
 
     @property

@@ -20,10 +20,10 @@ import aiosmtplib
 import httpx
 import jwt
 
-from relay365.diagnostics.catalogue import summary
 from relay365.diagnostics.checks.result import CheckResult, failed, passed, warned
 from relay365.errors import Relay365Error
 from relay365.oauth import GRAPH_SCOPE, SMTP_SCOPE
+from relay365.replies import summary
 from relay365.settings import TransportSettings
 from relay365.transports.submission import token_source
 
