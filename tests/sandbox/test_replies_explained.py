@@ -57,6 +57,7 @@ SMTP_EXPECTED: list[tuple[str, str, Category, bool]] = [
     ("InvalidLicenseException", "5.2.0", Category.AUTH, True),
     ("SubmissionQuotaExceededException", "5.2.0", Category.THROTTLING, True),
     ("554 5.2.252 SendAsDenied", "5.2.0", Category.SENDER, False),
+    ("550 5.1.90", "5.1.90", Category.THROTTLING, True),  # Graph over the daily recipients: the NDR
 ]
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import ssl
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,6 +21,7 @@ from relay365.sandbox.clock import Clock
 from relay365.sandbox.faults import Faults
 from relay365.sandbox.store import MailStore
 from relay365.sandbox.tenant import Tenant
+from relay365.sandbox.throttle import SubmissionThrottle
 
 if TYPE_CHECKING:
     from relay365.sandbox.tokens import TokenIssuer
@@ -114,6 +115,12 @@ class SandboxContext:
     clock: Clock
     issuer: TokenIssuer
     tls: SandboxTLS
+    # The mailboxes' sending limits, shared by every protocol that submits as a mailbox (SMTP AUTH and
+    # Graph): Exchange counts a mailbox's recipients and messages whatever client sent them.
+    sending: SubmissionThrottle = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sending = SubmissionThrottle(limits=lambda: self.tenant.limits, clock=self.clock)
 
 
 def create_context(
