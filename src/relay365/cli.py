@@ -59,12 +59,16 @@ def _settings(path: Path) -> Settings:
 @config_app.command("check")
 def config_check(file: Annotated[Path, typer.Argument(help="relay365.toml to validate")]) -> None:
     """Validate FILE; print a summary, or the key and value that are wrong."""
+    from relay365.diagnostics.sendas import send_as_risks
+
     s = _settings(file)
     console.print(
         f"[green]ok[/green] {file}: {len(s.listeners)} listener(s), {len(s.devices)} device(s),"
         f" {len(s.transports)} transport(s), {len(s.routes)} route(s)",
         highlight=False,
     )
+    for risk in send_as_risks(s):  # valid, but Microsoft will refuse these senders (5.7.60)
+        console.print(f"[yellow]warning[/yellow] {risk.message}\n  fix: {risk.fix}", highlight=False)
 
 
 @device_app.command("passwd")
@@ -142,24 +146,34 @@ def route_test(
     """Explain which route and transport each recipient would take, and why."""
     from relay365.app import transport_rules
     from relay365.delivery.router import NoRoute, Router
+    from relay365.diagnostics.sendas import sender_risk
 
     settings = _settings(config)
+    rewrite = next((d.rewrite_sender for d in settings.devices if d.name == device), None)
+    sender = rewrite or mail_from  # the relay rewrites before it routes
     router = Router(settings.routes, accepts=transport_rules(settings))
-    table = Table(title=f"from=<{mail_from}> size={size} device={device or '-'}")
+    shown = f"<{mail_from}>" + (f" rewritten to <{rewrite}>" if rewrite else "")
+    table = Table(title=f"from={shown} size={size} device={device or '-'}")
     for col in ("recipient", "route", "transport", "why"):
         table.add_column(col, overflow="fold")
     unroutable = False
+    warnings: set[str] = set()
     for rcpt in to:
         try:
-            c = router.choose(rcpt=rcpt, sender=mail_from, device=device, size=size)
+            c = router.choose(rcpt=rcpt, sender=sender, device=device, size=size)
             kind = settings.transport(c.transport).type
             then = f"; if it is refused: {', '.join(c.fallbacks)}" if c.fallbacks else ""
             table.add_row(rcpt, c.route, f"{c.transport} ({kind})", c.reason + then)
-
+            for name in (c.transport, *c.fallbacks):
+                risk = sender_risk(settings, transport=name, sender=sender)
+                if risk:
+                    warnings.add(risk)
         except NoRoute as e:
             unroutable = True
             table.add_row(rcpt, "-", "-", f"[red]bounced at once[/red]: {e}")
     console.print(table)
+    for warning in sorted(warnings):
+        console.print(f"[yellow]warning[/yellow] {warning}", highlight=False)
     if unroutable:
         raise typer.Exit(1)
 
