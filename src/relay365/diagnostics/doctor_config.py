@@ -23,6 +23,7 @@ from relay365.diagnostics.checks.auth import (
     check_token,
     check_xoauth2,
 )
+from relay365.diagnostics.checks.client_cert import check_client_certificate
 from relay365.diagnostics.checks.dns import check_mx
 from relay365.diagnostics.checks.network import check_tcp
 from relay365.diagnostics.checks.relaycfg import (
@@ -159,8 +160,13 @@ async def transport_auth(
     return [replace(r, name=f"[{t.name}] {r.name}") for r in results]
 
 
-async def _transport(t: TransportSettings, timeout_s: float, risks: list[SendAsRisk]) -> list[CheckResult]:
+async def _transport(
+    t: TransportSettings, opts: ConfigDoctorOptions, risks: list[SendAsRisk]
+) -> list[CheckResult]:
+    timeout_s = opts.timeout_s
     results = await transport_network(t, timeout_s=timeout_s)
+    if t.type == "connector":  # the causes of 5.7.64 the relay's side can show
+        results += await asyncio.to_thread(check_client_certificate, t, now=opts.now)
     if t.type in OAUTH_TYPES:
         addresses = tuple(dict.fromkeys(a for r in risks if r.transport == t.name for a in r.addresses))
         results += await transport_auth(t, timeout_s=timeout_s, send_as=addresses)
@@ -206,7 +212,7 @@ async def run_config_doctor(opts: ConfigDoctorOptions) -> list[CheckResult]:
         return [loaded]
     risks = send_as_risks(settings)
     jobs: list[Awaitable[list[CheckResult]]] = [relay_checks(settings, opts)]
-    jobs += [_transport(t, opts.timeout_s, risks) for t in settings.transports]
+    jobs += [_transport(t, opts, risks) for t in settings.transports]
     if opts.check_dns:
         jobs += _dns_jobs(settings, opts)
     batches = await asyncio.gather(*jobs)
