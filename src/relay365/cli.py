@@ -98,23 +98,43 @@ def serve(
         Path | None, typer.Option("--config", "-c", help="relay365.toml (default: ./relay365.toml)")
     ] = None,
     demo_dir: Annotated[Path, typer.Option(help="state of the no-config demo")] = Path("var/demo"),
-    demo_port: Annotated[int, typer.Option(help="device port of the no-config demo")] = 2525,
+    port: Annotated[
+        int, typer.Option("--port", "--demo-port", help="device port of the no-config demo")
+    ] = 2525,
+    sandbox_submission_port: Annotated[
+        int, typer.Option(help="demo: the sandbox's SMTP AUTH port (0: any free port)")
+    ] = 0,
+    sandbox_mx_port: Annotated[int, typer.Option(help="demo: the sandbox's MX port (0: any free port)")] = 0,
+    sandbox_http_port: Annotated[
+        int, typer.Option(help="demo: the sandbox's HTTPS port, token endpoint and Graph (0: any)")
+    ] = 0,
 ) -> None:
     """Run the relay until SIGTERM/SIGINT. With no relay365.toml: the relay in front of the built-in
-    Exchange Online sandbox (a working demo on 127.0.0.1:2525)."""
+    Exchange Online sandbox (a working demo on 127.0.0.1:2525; --port and --sandbox-*-port pin the
+    ports so it runs beside other services)."""
     from relay365.credentials import Redactor
     from relay365.logsetup import configure_logging
 
+    demo_ports = (port, sandbox_submission_port, sandbox_mx_port, sandbox_http_port)
+    for value in demo_ports:
+        if not 0 <= value <= 65535:
+            raise _fail(f"port {value} is not a TCP port (0-65535)")
     if config is None and not DEFAULT_CONFIG.exists():
-        from relay365.demo import run_demo
+        from relay365.demo import SandboxPorts, run_demo
 
         configure_logging("INFO", Redactor())
         err.print("No relay365.toml here: starting the demo (relay365 + local Exchange Online sandbox).")
+        ports = SandboxPorts(submission=sandbox_submission_port, mx=sandbox_mx_port, http=sandbox_http_port)
         try:
-            asyncio.run(run_demo(demo_dir.absolute(), port=demo_port))
+            asyncio.run(run_demo(demo_dir.absolute(), port=port, sandbox_ports=ports))
         except (Relay365Error, OSError) as e:
             raise _fail(str(e)) from None
         return
+    if demo_ports != (2525, 0, 0, 0):
+        raise _fail(
+            "--port and --sandbox-*-port are for the demo (no relay365.toml); with a config, "
+            "set each [[listener]] port in the file"
+        )
     from relay365.app import make_redactor
     from relay365.app import serve as run
 
