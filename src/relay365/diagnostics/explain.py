@@ -39,6 +39,7 @@ class Explanation:
             if entry is None
             else {
                 "code": entry.code,
+                "protocol": entry.protocol,
                 "typical_reply": entry.typical_reply,
                 "category": entry.category.value,
                 "meaning": entry.meaning,
