@@ -61,10 +61,12 @@ class _Verdict:
     def __init__(self) -> None:
         self.error: tuple[int, int] | None = None  # (errno, depth)
 
-    def __call__(self, conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
-        if not ok and self.error is None:
-            self.error = (errno, depth)
-        return True  # never abort the handshake: the SMTP session decides (5.7.64)
+
+def _accept_any(conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
+    verdict = conn.get_app_data()
+    if not ok and isinstance(verdict, _Verdict) and verdict.error is None:
+        verdict.error = (errno, depth)
+    return True  # never abort the handshake: the SMTP session decides (5.7.64)
 
 
 class LenientClientCertContext:
@@ -75,20 +77,15 @@ class LenientClientCertContext:
     check_hostname = False
 
     def __init__(self, *, cert_chain: Path, key: Path, trusted_cas: Sequence[Path]) -> None:
-        self._trusted_cas = tuple(trusted_cas)
-        self._cert_chain = cert_chain
-        self._key = key
-
-    def _context(self, verdict: _Verdict) -> SSL.Context:
         context = SSL.Context(SSL.TLS_SERVER_METHOD)
         context.set_min_proto_version(SSL.TLS1_2_VERSION)  # Exchange Online: TLS 1.2 or later
-        context.use_certificate_chain_file(str(self._cert_chain))
-        context.use_privatekey_file(str(self._key))
-        for ca in self._trusted_cas:
+        context.use_certificate_chain_file(str(cert_chain))
+        context.use_privatekey_file(str(key))
+        for ca in trusted_cas:
             context.load_verify_locations(str(ca))
             context.load_client_ca(str(ca).encode())
-        context.set_verify(SSL.VERIFY_PEER, verdict)  # ask; FAIL_IF_NO_PEER_CERT is not set
-        return context
+        context.set_verify(SSL.VERIFY_PEER, _accept_any)  # ask; FAIL_IF_NO_PEER_CERT is not set
+        self._context = context
 
     def wrap_bio(
         self,
@@ -101,7 +98,8 @@ class LenientClientCertContext:
         if not server_side:
             raise ValueError("the lenient context is for the server side only")
         verdict = _Verdict()
-        connection = SSL.Connection(self._context(verdict), None)
+        connection = SSL.Connection(self._context, None)
+        connection.set_app_data(verdict)
         connection.set_accept_state()
         return LenientSSLObject(connection, incoming, outgoing, verdict)
 
