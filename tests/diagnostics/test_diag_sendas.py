@@ -118,3 +118,16 @@ def test_config_check_and_route_test_warn(tmp_path: Path) -> None:
     )  # fmt: skip
     assert rewritten.exit_code == 0 and "rewritten to <scanner@contoso.com>" in rewritten.output
     assert "5.7.60" not in rewritten.output
+
+
+def test_the_null_sender_never_reaches_a_mailbox_transport(tmp_path: Path) -> None:
+    """The router sends <> only to transports that carry it (Direct Send, connector, smart host)."""
+    import dataclasses
+
+    s = settings(
+        tmp_path,
+        config([{"name": "app", "ip_allow": ["10.0.0.0/24"]}], [O365], [{"name": "r", "transport": "o365"}]),
+    )
+    device = dataclasses.replace(s.devices[0], allowed_senders=("<>", "scanner@contoso.com"))
+    assert send_as_risks(dataclasses.replace(s, devices=(device,))) == []
+    assert sender_risk(s, transport="o365", sender="") is None

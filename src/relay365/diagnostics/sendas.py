@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from relay365.settings import DeviceSettings, RouteSettings, Settings, TransportSettings
 
 MAILBOX_TRANSPORTS = ("submission", "graph")
+NULL_SENDER = "<>"  # in allowed_senders: the null reverse-path (RFC 5321 4.5.5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +126,8 @@ def send_as_risks(settings: Settings) -> list[SendAsRisk]:
             if transport is None or transport.type not in MAILBOX_TRANSPORTS or not transport.m365.mailbox:
                 continue
             mailbox = transport.m365.mailbox.lower()
-            others = tuple(s for s in passing if s != mailbox)
+            # The null sender <> never reaches a mailbox transport (the router sends it elsewhere).
+            others = tuple(s for s in passing if s not in (mailbox, NULL_SENDER))
             if others and (device.name, name) not in seen:
                 seen.add((device.name, name))
                 risks.append(
@@ -146,10 +148,10 @@ def sender_risk(settings: Settings, *, transport: str, sender: str) -> str | Non
     t = _transport(settings, transport)
     if t is None or t.type not in MAILBOX_TRANSPORTS or not t.m365.mailbox:
         return None
-    if sender.lower() == t.m365.mailbox.lower():
+    if sender.lower() == t.m365.mailbox.lower() or sender in ("", NULL_SENDER):
         return None
     refusal = "403 ErrorSendAsDenied" if t.type == "graph" else "5.7.60"
     return (
-        f"transport '{transport}' sends as {t.m365.mailbox}: Microsoft refuses <{sender or '<>'}> with "
+        f"transport '{transport}' sends as {t.m365.mailbox}: Microsoft refuses <{sender}> with "
         f"{refusal} unless {t.m365.mailbox} has Send As on it (or the device rewrites the sender)"
     )
