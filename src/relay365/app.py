@@ -27,6 +27,7 @@ from relay365.ingress.policy import RateLimiter
 from relay365.ingress.server import start_listener
 from relay365.ingress.tls import self_signed_chains, server_context
 from relay365.preflight import PreflightReport, preflight
+from relay365.replies import classify
 from relay365.settings import ListenerSettings, Settings, TransportSettings
 from relay365.spool.sqlite import SqliteSpool
 from relay365.transports.base import Transport
@@ -41,10 +42,6 @@ log = logging.getLogger(__name__)
 
 def explain_reply(reply: str) -> str | None:
     """A one-line admin hint for a reply, from the reply-code catalogue when it knows the code."""
-    try:
-        from relay365.diagnostics.catalogue import classify
-    except ImportError:
-        return None
     entry = classify(reply)
     if entry is None:
         return None

@@ -61,8 +61,10 @@ def _settings(path: Path) -> Settings:
 @config_app.command("check")
 def config_check(file: Annotated[Path, typer.Argument(help="relay365.toml to validate")]) -> None:
     """Validate FILE and run serve's preflight (secrets, certificates, ports, spool): passes exactly
-    when 'relay365 serve' would start. Prints a summary, or every problem with its key and file."""
+    when 'relay365 serve' would start. Prints a summary, or every problem with its key and file, and
+    warns about senders Microsoft will refuse (5.7.60)."""
     from relay365.app import preflight_for
+    from relay365.diagnostics.sendas import send_as_risks
 
     s = _settings(file)
 
@@ -82,6 +84,8 @@ def config_check(file: Annotated[Path, typer.Argument(help="relay365.toml to val
         f" {len(s.transports)} transport(s), {len(s.routes)} route(s)",
         highlight=False,
     )
+    for risk in send_as_risks(s):  # valid, but Microsoft will refuse these senders (5.7.60)
+        console.print(f"[yellow]warning[/yellow] {risk.message}\n  fix: {risk.fix}", highlight=False)
 
 
 @device_app.command("passwd")
@@ -111,23 +115,43 @@ def serve(
         Path | None, typer.Option("--config", "-c", help="relay365.toml (default: ./relay365.toml)")
     ] = None,
     demo_dir: Annotated[Path, typer.Option(help="state of the no-config demo")] = Path("var/demo"),
-    demo_port: Annotated[int, typer.Option(help="device port of the no-config demo")] = 2525,
+    port: Annotated[
+        int, typer.Option("--port", "--demo-port", help="device port of the no-config demo")
+    ] = 2525,
+    sandbox_submission_port: Annotated[
+        int, typer.Option(help="demo: the sandbox's SMTP AUTH port (0: any free port)")
+    ] = 0,
+    sandbox_mx_port: Annotated[int, typer.Option(help="demo: the sandbox's MX port (0: any free port)")] = 0,
+    sandbox_http_port: Annotated[
+        int, typer.Option(help="demo: the sandbox's HTTPS port, token endpoint and Graph (0: any)")
+    ] = 0,
 ) -> None:
     """Run the relay until SIGTERM/SIGINT. With no relay365.toml: the relay in front of the built-in
-    Exchange Online sandbox (a working demo on 127.0.0.1:2525)."""
+    Exchange Online sandbox (a working demo on 127.0.0.1:2525; --port and --sandbox-*-port pin the
+    ports so it runs beside other services)."""
     from relay365.credentials import Redactor
     from relay365.logsetup import configure_logging
 
+    demo_ports = (port, sandbox_submission_port, sandbox_mx_port, sandbox_http_port)
+    for value in demo_ports:
+        if not 0 <= value <= 65535:
+            raise _fail(f"port {value} is not a TCP port (0-65535)")
     if config is None and not DEFAULT_CONFIG.exists():
-        from relay365.demo import run_demo
+        from relay365.demo import SandboxPorts, run_demo
 
         configure_logging("INFO", Redactor())
         err.print("No relay365.toml here: starting the demo (relay365 + local Exchange Online sandbox).")
+        ports = SandboxPorts(submission=sandbox_submission_port, mx=sandbox_mx_port, http=sandbox_http_port)
         try:
-            asyncio.run(run_demo(demo_dir.absolute(), port=demo_port))
+            asyncio.run(run_demo(demo_dir.absolute(), port=port, sandbox_ports=ports))
         except (Relay365Error, OSError) as e:
             raise _fail(str(e)) from None
         return
+    if demo_ports != (2525, 0, 0, 0):
+        raise _fail(
+            "--port and --sandbox-*-port are for the demo (no relay365.toml); with a config, "
+            "set each [[listener]] port in the file"
+        )
     from relay365.app import make_redactor
     from relay365.app import serve as run
 
@@ -159,24 +183,34 @@ def route_test(
     """Explain which route and transport each recipient would take, and why."""
     from relay365.app import transport_rules
     from relay365.delivery.router import NoRoute, Router
+    from relay365.diagnostics.sendas import sender_risk
 
     settings = _settings(config)
+    rewrite = next((d.rewrite_sender for d in settings.devices if d.name == device), None)
+    sender = rewrite or mail_from  # the relay rewrites before it routes
     router = Router(settings.routes, accepts=transport_rules(settings))
-    table = Table(title=f"from=<{mail_from}> size={size} device={device or '-'}")
+    shown = f"<{mail_from}>" + (f" rewritten to <{rewrite}>" if rewrite else "")
+    table = Table(title=f"from={shown} size={size} device={device or '-'}")
     for col in ("recipient", "route", "transport", "why"):
         table.add_column(col, overflow="fold")
     unroutable = False
+    warnings: set[str] = set()
     for rcpt in to:
         try:
-            c = router.choose(rcpt=rcpt, sender=mail_from, device=device, size=size)
+            c = router.choose(rcpt=rcpt, sender=sender, device=device, size=size)
             kind = settings.transport(c.transport).type
             then = f"; if it is refused: {', '.join(c.fallbacks)}" if c.fallbacks else ""
             table.add_row(rcpt, c.route, f"{c.transport} ({kind})", c.reason + then)
-
+            for name in (c.transport, *c.fallbacks):
+                risk = sender_risk(settings, transport=name, sender=sender)
+                if risk:
+                    warnings.add(risk)
         except NoRoute as e:
             unroutable = True
             table.add_row(rcpt, "-", "-", f"[red]bounced at once[/red]: {e}")
     console.print(table)
+    for warning in sorted(warnings):
+        console.print(f"[yellow]warning[/yellow] {warning}", highlight=False)
     if unroutable:
         raise typer.Exit(1)
 

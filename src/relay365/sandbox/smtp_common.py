@@ -18,11 +18,12 @@ import ssl
 from asyncio import sslproto
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from aiosmtpd.smtp import SMTP, TLSSetupException, syntax
 
 from relay365.sandbox.context import SandboxContext
+from relay365.sandbox.mx_tls import LenientClientCertContext
 
 logger = logging.getLogger(__name__)
 
@@ -74,18 +75,6 @@ def _strip_params(arg: str, names: tuple[str, ...]) -> str:
     return " ".join(kept)
 
 
-def peer_certificate_names(peercert: dict[str, Any] | None) -> list[str]:
-    """The DNS names (SAN first, then subject CN) of a verified peer certificate."""
-    if not peercert:
-        return []
-    names = [value.lower() for kind, value in peercert.get("subjectAltName", ()) if kind == "DNS"]
-    for rdn in peercert.get("subject", ()):
-        for key, value in rdn:
-            if key == "commonName":
-                names.append(str(value).lower())
-    return names
-
-
 class ExchangeSMTP(SMTP):
     """One SMTP session of a sandbox endpoint (aiosmtpd protocol with Exchange Online texts)."""
 
@@ -95,7 +84,8 @@ class ExchangeSMTP(SMTP):
     line_length_limit = AUTH_LINE_LIMIT
     command_size_limit = AUTH_LINE_LIMIT  # before EHLO (then per-command limits apply)
 
-    def __init__(self, *, ctx: SandboxContext, host_name: str, tls_context: ssl.SSLContext | None,
+    def __init__(self, *, ctx: SandboxContext, host_name: str,
+                 tls_context: ssl.SSLContext | LenientClientCertContext | None,
                  on_close: Callable[[ExchangeSMTP], None]) -> None:  # fmt: skip
         self.ctx = ctx
         self._on_close = on_close
@@ -107,7 +97,8 @@ class ExchangeSMTP(SMTP):
             self,
             hostname=host_name,
             ident=self.make_ident(),
-            tls_context=tls_context,
+            # The MX endpoint's LenientClientCertContext is duck-typed for asyncio's sslproto (mx_tls).
+            tls_context=cast(ssl.SSLContext | None, tls_context),
             data_size_limit=None,
             enable_SMTPUTF8=True,
             decode_data=False,
@@ -137,12 +128,6 @@ class ExchangeSMTP(SMTP):
     @property
     def tls_active(self) -> bool:
         return self._tls_protocol is not None
-
-    def peer_cert(self) -> dict[str, Any] | None:
-        if not self.tls_active or self.transport is None:
-            return None
-        cert = self.transport.get_extra_info("peercert")
-        return cert if isinstance(cert, dict) else None
 
     def diag(self) -> str:
         """The ``[host timestamp id]`` trailer Exchange puts on authentication replies."""

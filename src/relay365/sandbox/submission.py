@@ -315,7 +315,7 @@ class SubmissionSMTP(ExchangeSMTP):
 
 def submission_endpoint(ctx: SandboxContext) -> SmtpEndpoint:
     """The submission endpoint (not yet listening; call ``start``)."""
-    throttle = SubmissionThrottle(limits=lambda: ctx.tenant.limits, clock=ctx.clock)
+    throttle = ctx.sending
     host_name = server_name("outlook.office365.com")
     tls_context = ctx.tls.server_context()
 

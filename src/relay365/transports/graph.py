@@ -29,6 +29,7 @@ from relay365.oauth import GRAPH_SCOPE, TokenSource
 from relay365.settings import TransportSettings
 from relay365.transports.base import OutboundMessage, Outcome, PaceLimits, RecipientResult
 from relay365.transports.graph_large import send_json, send_via_draft
+from relay365.transports.replies import is_transient_graph
 from relay365.transports.submission import token_source
 
 log = logging.getLogger(__name__)
@@ -69,14 +70,9 @@ def graph_error(response: httpx.Response) -> GraphError:
 
 
 def classify(e: GraphError) -> Outcome:
-    """The one transient/permanent decision for Graph answers."""
-    if e.status in (401, 408, 429) or e.status >= 500:
-        return Outcome.TRANSIENT
-    if e.status == 403 and e.code != "ErrorSendAsDenied":
-        return Outcome.TRANSIENT  # permission/scope: the admin's to fix; mail waits (reliability.md)
-    if e.status == 404 and e.code in ("ErrorInvalidUser", "ResourceNotFound"):
-        return Outcome.TRANSIENT  # the configured mailbox is wrong: a configuration problem
-    return Outcome.PERMANENT
+    """The one transient/permanent decision for Graph answers: the reply catalogue's (permission,
+    scope and a wrong mailbox are the admin's to fix, so mail waits; reliability.md)."""
+    return Outcome.TRANSIENT if is_transient_graph(e.status, e.code, e.message) else Outcome.PERMANENT
 
 
 def envelope_recipients(body: bytes, rcpts: tuple[str, ...]) -> tuple[list[str], list[str], list[str], bool]:

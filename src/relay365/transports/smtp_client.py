@@ -25,6 +25,7 @@ from relay365.errors import (
     UpstreamUnreachableError,
 )
 from relay365.transports.base import OutboundMessage, Outcome, RecipientResult
+from relay365.transports.replies import is_transient_reply
 
 log = logging.getLogger(__name__)
 IDLE_REUSE_SECONDS = 10.0  # Postfix smtp_connection_cache_time_limit is 2 s; Exchange idles out later
@@ -32,8 +33,6 @@ IDLE_REUSE_SECONDS = 10.0  # Postfix smtp_connection_cache_time_limit is 2 s; Ex
 
 def classify(code: int, text: str) -> Outcome:
     """The one transient/permanent decision for SMTP replies (RFC 5321 4.2.1: 4yz transient)."""
-    from relay365.transports.replies import is_transient_reply
-
     if 200 <= code < 300:
         return Outcome.DELIVERED
     return Outcome.TRANSIENT if is_transient_reply(code, text) else Outcome.PERMANENT
