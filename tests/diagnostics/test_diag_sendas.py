@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 from typer.testing import CliRunner
 
 from relay365.cli import app
@@ -93,13 +94,15 @@ def _write(tmp_path: Path, data: dict[str, Any]) -> Path:
     return path
 
 
-def test_config_check_and_route_test_warn(tmp_path: Path) -> None:
+def test_config_check_and_route_test_warn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # config check runs serve's preflight, so the app's secret must be there for the check to pass
+    monkeypatch.setenv("RELAY365_TEST_O365_SECRET", "not-used")
     data = config(
         [
             {"name": "scanner", "ip_allow": ["10.0.0.0/24"], "allowed_senders": ["@contoso.com"]},
             {"name": "mfp", "ip_allow": ["10.0.1.0/24"], "rewrite_sender": "scanner@contoso.com"},
         ],
-        [O365],
+        [{**O365, "client_secret_env": "RELAY365_TEST_O365_SECRET"}],
         [{"name": "all", "transport": "o365"}],
     )
     path = _write(tmp_path, data)
