@@ -157,11 +157,11 @@ def route_test(
     config: ConfigOpt = DEFAULT_CONFIG,
 ) -> None:
     """Explain which route and transport each recipient would take, and why."""
-    from relay365.app import transport_rules
     from relay365.delivery.router import NoRoute, Router
+    from relay365.transports.registry import recipient_rules
 
     settings = _settings(config)
-    router = Router(settings.routes, accepts=transport_rules(settings))
+    router = Router(settings.routes, accepts=recipient_rules(settings))
     table = Table(title=f"from=<{mail_from}> size={size} device={device or '-'}")
     for col in ("recipient", "route", "transport", "why"):
         table.add_column(col, overflow="fold")
@@ -187,8 +187,7 @@ def login(
     config: ConfigOpt = DEFAULT_CONFIG,
 ) -> None:
     """Sign in once with the device code flow; the refresh token then renews itself unattended."""
-    from relay365.oauth import GRAPH_SCOPE, SMTP_SCOPE
-    from relay365.transports.submission import token_source
+    from relay365.oauth import GRAPH_SCOPE, SMTP_SCOPE, token_source
 
     settings = _settings(config)
     try:
