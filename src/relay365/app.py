@@ -15,27 +15,22 @@ import time
 from collections.abc import Callable
 
 from relay365.admin.api import AdminServer
-from relay365.admin.metrics import Metrics
 from relay365.credentials import Redactor, load_secret
 from relay365.delivery.router import NoRoute, Router
 from relay365.delivery.scheduler import Scheduler
-from relay365.errors import ConfigError
 from relay365.ingress.context import IngressContext, shutdown
 from relay365.ingress.handshake import HandshakeLog
 from relay365.ingress.identity import AuthGuard, ConnectionLimiter, DeviceDirectory
 from relay365.ingress.policy import RateLimiter
 from relay365.ingress.server import start_listener
 from relay365.ingress.tls import self_signed_chains, server_context
+from relay365.observability.metrics import Metrics
 from relay365.preflight import PreflightReport, preflight
 from relay365.replies import classify
-from relay365.settings import ListenerSettings, Settings, TransportSettings
+from relay365.settings import ListenerSettings, Settings
 from relay365.spool.sqlite import SqliteSpool
 from relay365.transports.base import Transport
-from relay365.transports.connector import ConnectorTransport
-from relay365.transports.direct_send import DirectSendTransport, domain_rule
-from relay365.transports.graph import GraphTransport
-from relay365.transports.smarthost import SmartHostTransport
-from relay365.transports.submission import SubmissionTransport
+from relay365.transports.registry import build_transport, null_sender_transports, recipient_rules
 
 log = logging.getLogger(__name__)
 
@@ -46,35 +41,6 @@ def explain_reply(reply: str) -> str | None:
     if entry is None:
         return None
     return f"{entry.meaning} Fix: {entry.fix}"
-
-
-def build_transport(settings: TransportSettings, *, hostname: str) -> Transport:
-    kinds: dict[str, Callable[..., Transport]] = {
-        "smarthost": SmartHostTransport,
-        "submission": SubmissionTransport,
-        "direct_send": DirectSendTransport,
-        "connector": ConnectorTransport,
-        "graph": GraphTransport,
-    }
-    if settings.type not in kinds:
-        raise ConfigError(
-            f"transport {settings.name}.type",
-            settings.type,
-            "This transport type is not available in this build.",
-        )
-    return kinds[settings.type](settings, helo_name=hostname)
-
-
-# The transports that can send mail from the null sender <> as it is (RFC 5321 4.5.5). SMTP AUTH
-# submission sends as its mailbox: Exchange refuses any other sender, <> included, with 5.7.60 (a
-# login may send only as itself or a mailbox it has Send As on); Graph has no envelope sender at all
-# (the mailbox in the URL becomes the sender and would get the bounces). An MX (Direct Send,
-# connector) or a smart host accepts <> like any SMTP server must. See README, "The null sender".
-NULL_SENDER_TYPES = frozenset({"smarthost", "direct_send", "connector"})
-
-
-def null_sender_transports(settings: Settings) -> frozenset[str]:
-    return frozenset(t.name for t in settings.transports if t.type in NULL_SENDER_TYPES)
 
 
 def null_route_reply(router: Router) -> Callable[[str, str, str], str | None]:
@@ -88,15 +54,6 @@ def null_route_reply(router: Router) -> Callable[[str, str, str], str | None]:
         return None
 
     return reply
-
-
-def transport_rules(settings: Settings) -> dict[str, Callable[[str], bool]]:
-    """Each transport's own recipient rule (Direct Send: only the tenant's accepted domains)."""
-    rules: dict[str, Callable[[str], bool]] = {}
-    for t in settings.transports:
-        if t.type == "direct_send":
-            rules[t.name] = domain_rule(t.m365.accepted_domains)
-    return rules
 
 
 def secrets_of(settings: Settings) -> list[str]:
@@ -158,7 +115,7 @@ class Relay:
             log.warning("%s", warning)
         self.transports.update(report.transports)
         await self.spool.open(recover=True)
-        router = Router(s.routes, accepts=transport_rules(s), null_sender=null_sender_transports(s))
+        router = Router(s.routes, accepts=recipient_rules(s), null_sender=null_sender_transports(s))
         self.scheduler = Scheduler(
             spool=self.spool,
             router=router,

@@ -181,14 +181,16 @@ def route_test(
     config: ConfigOpt = DEFAULT_CONFIG,
 ) -> None:
     """Explain which route and transport each recipient would take, and why."""
-    from relay365.app import transport_rules
     from relay365.delivery.router import NoRoute, Router
     from relay365.diagnostics.sendas import sender_risk
+    from relay365.transports.registry import null_sender_transports, recipient_rules
 
     settings = _settings(config)
     rewrite = next((d.rewrite_sender for d in settings.devices if d.name == device), None)
     sender = rewrite or mail_from  # the relay rewrites before it routes
-    router = Router(settings.routes, accepts=transport_rules(settings))
+    router = Router(
+        settings.routes, accepts=recipient_rules(settings), null_sender=null_sender_transports(settings)
+    )
     shown = f"<{mail_from}>" + (f" rewritten to <{rewrite}>" if rewrite else "")
     table = Table(title=f"from={shown} size={size} device={device or '-'}")
     for col in ("recipient", "route", "transport", "why"):
@@ -221,8 +223,7 @@ def login(
     config: ConfigOpt = DEFAULT_CONFIG,
 ) -> None:
     """Sign in once with the device code flow; the refresh token then renews itself unattended."""
-    from relay365.oauth import GRAPH_SCOPE, SMTP_SCOPE
-    from relay365.transports.submission import token_source
+    from relay365.oauth import GRAPH_SCOPE, SMTP_SCOPE, token_source
 
     settings = _settings(config)
     try:

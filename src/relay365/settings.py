@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 
 from relay365.errors import ConfigError
+from relay365.netdns import parse_nameserver
 
 TlsMode = Literal["none", "starttls", "starttls-required", "implicit"]
 UpstreamTls = Literal["none", "opportunistic", "required", "implicit"]
@@ -503,6 +504,11 @@ def _m365(t: _Table, kind: str) -> M365Options:
         connections=t.positive("connections", int, 4 if kind == "graph" else 3),
         pacing_window=t.positive("pacing_window", float, 60.0),
     )
+    ports = {parse_nameserver(ns, key=t.key("nameservers"))[1] for ns in o.nameservers}
+    if len(ports) > 1:
+        raise ConfigError(
+            t.key("nameservers"), list(o.nameservers), "All name servers must use the same port."
+        )
     needs_mailbox = kind == "graph" or (kind == "submission")
     if needs_mailbox and not o.mailbox:
         raise ConfigError(t.key("mailbox"), None, f"A {kind} transport sends as a mailbox; name it.")

@@ -20,7 +20,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from relay365.admin.metrics import Metrics
 from relay365.delivery import backoff
 from relay365.delivery.dsn import Failure, build_dsn, original_headers, status_of
 from relay365.delivery.holds import UpstreamHolds
@@ -34,6 +33,7 @@ from relay365.errors import (
     TransientDeliveryError,
     UpstreamUnreachableError,
 )
+from relay365.observability.metrics import Metrics
 from relay365.settings import DeliverySettings
 from relay365.spool.model import (
     Bounce,

@@ -19,9 +19,9 @@ from relay365.diagnostics import spf as spf_mod
 from relay365.diagnostics.checks import CheckResult, Status
 from relay365.diagnostics.doctor_config import ConfigDoctorOptions, run_config_doctor
 from relay365.diagnostics.render import render_spf
-from relay365.diagnostics.resolver import make_resolver
 from relay365.diagnostics.sendcheck import SendTestOptions
 from relay365.errors import ConfigError
+from relay365.netdns import make_resolver
 
 
 def _print_json(data: Any) -> None:

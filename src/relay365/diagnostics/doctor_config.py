@@ -39,9 +39,9 @@ from relay365.diagnostics.checks.smtp import check_ehlo
 from relay365.diagnostics.checks.spf_check import check_spf
 from relay365.diagnostics.checks.tls import _certificate_result, check_tls, verifying_context
 from relay365.diagnostics.doctor import _soften
-from relay365.diagnostics.resolver import make_async_resolver, make_resolver
 from relay365.diagnostics.sendas import SendAsRisk, send_as_risks
 from relay365.diagnostics.sendcheck import SendTestOptions, send_test_checks
+from relay365.netdns import make_async_resolver, make_resolver
 from relay365.settings import Settings, TransportSettings
 
 OAUTH_TYPES = ("submission", "graph")

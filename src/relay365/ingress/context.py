@@ -16,10 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from relay365.admin.metrics import Metrics
 from relay365.ingress import policy
 from relay365.ingress.handshake import HandshakeLog
 from relay365.ingress.identity import AuthGuard, ConnectionLimiter, DeviceDirectory
+from relay365.observability.metrics import Metrics
 from relay365.spool.model import Spool
 
 log = logging.getLogger(__name__)

@@ -25,12 +25,11 @@ from typing import Any
 import httpx
 
 from relay365.errors import ConnectionLostError, TokenError, TransientDeliveryError, UpstreamUnreachableError
-from relay365.oauth import GRAPH_SCOPE, TokenSource
+from relay365.oauth import GRAPH_SCOPE, TokenSource, token_source
 from relay365.settings import TransportSettings
-from relay365.transports.base import OutboundMessage, Outcome, PaceLimits, RecipientResult
+from relay365.transports.base import OutboundMessage, Outcome, PaceLimits, RecipientResult, TransportKind
 from relay365.transports.graph_large import send_json, send_via_draft
 from relay365.transports.replies import is_transient_graph
-from relay365.transports.submission import token_source
 
 log = logging.getLogger(__name__)
 # Graph's request limit is 4 MB; base64 grows the message by a third, so MIME sendMail takes
@@ -190,3 +189,11 @@ class GraphTransport:
     async def close(self) -> None:
         await self._client.aclose()
         self._tokens.close()
+
+
+# Graph sendMail has no envelope sender: the mailbox in the URL sends (and would get the bounces).
+KIND = TransportKind(
+    type="graph",
+    factory=lambda settings, helo: GraphTransport(settings, helo_name=helo),
+    carries_null_sender=False,
+)

@@ -22,10 +22,9 @@ import jwt
 
 from relay365.diagnostics.checks.result import CheckResult, failed, passed, warned
 from relay365.errors import Relay365Error
-from relay365.oauth import GRAPH_SCOPE, SMTP_SCOPE
+from relay365.oauth import GRAPH_SCOPE, SMTP_SCOPE, token_source
 from relay365.replies import summary
 from relay365.settings import TransportSettings
-from relay365.transports.submission import token_source
 
 log = logging.getLogger(__name__)
 
