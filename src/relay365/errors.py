@@ -6,6 +6,7 @@
      ├── ConfigError                 a configuration key has a bad value (names key and value)
      ├── SecretError                 a secret could not be loaded (env var missing, file mode too open)
      ├── PreflightError              serve cannot start: every problem the preflight found, one a line
+     ├── DependencyVersionError      a pinned library whose internals relay365 uses has another version
      ├── SpoolError                  the spool could not store or read a message
      │    ├── SpoolFullError         no space left: ingress answers 452 4.3.1
      │    └── SpoolIOError           any other I/O error: ingress answers 451 4.3.0
@@ -55,6 +56,10 @@ class PreflightError(Relay365Error):
         self.problems = tuple(problems)
         lines = "".join(f"\n  - {p}" for p in self.problems)
         super().__init__(f"relay365 cannot start: {len(self.problems)} problem(s):{lines}")
+
+
+class DependencyVersionError(Relay365Error):
+    """A library relay365 reaches into (aiosmtpd, see ``ingress/compat.py``) is not the pinned version."""
 
 
 class SpoolError(Relay365Error):

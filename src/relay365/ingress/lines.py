@@ -21,12 +21,10 @@ It also tells the session whether it is idle (waiting for a command), for the 42
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Literal, cast
+from typing import Literal
 
 from relay365.errors import CommandRefused
-
-if TYPE_CHECKING:
-    from asyncio.streams import _ReaduntilBuffer
+from relay365.ingress.compat import SessionReader, retype
 
 BARE_LF = "500 5.5.2 Bare LF in command line: lines must end with CRLF (RFC 5321 2.3.8); closing connection"
 BARE_CR = "500 5.5.2 Bare CR or NUL in command line (RFC 5321 2.3.8)"
@@ -34,7 +32,7 @@ NOT_UTF8 = "500 5.5.2 Command line is not valid UTF-8 (RFC 6531 3.3)"
 SHUTTING_DOWN = "421 4.3.2 Service shutting down"
 
 
-class CommandReader(asyncio.StreamReader):
+class CommandReader(SessionReader):
     """A session's StreamReader with checked command lines; made by :meth:`adopt`."""
 
     bare_newlines: Literal["reject", "normalize"]
@@ -48,16 +46,13 @@ class CommandReader(asyncio.StreamReader):
         cls, reader: asyncio.StreamReader, *, bare_newlines: Literal["reject", "normalize"]
     ) -> CommandReader:
         """Turn the reader aiosmtpd made into a CommandReader (same object, same buffer)."""
-        reader.__class__ = cls
-        adopted = cast(CommandReader, reader)
+        adopted = retype(reader, cls)
         adopted.bare_newlines = bare_newlines
         adopted.closing = adopted.finished = adopted.waiting = False
         adopted.command = "-"
         return adopted
 
-    async def readuntil(self, separator: _ReaduntilBuffer = b"\n") -> bytes:
-        if separator != b"\n":  # not a command line
-            return await super().readuntil(separator)
+    async def read_command_line(self) -> bytes:
         line = await self.read_line()
         self.command = _verb(line)
         return line
@@ -71,7 +66,7 @@ class CommandReader(asyncio.StreamReader):
             raise CommandRefused(SHUTTING_DOWN, close=True)
         self.waiting = True
         try:
-            line = await super().readuntil(b"\n")
+            line = await self.read_raw_line()
         finally:
             self.waiting = False
         if self.finished:  # the session said goodbye while waiting: the line is not read
@@ -85,7 +80,7 @@ class CommandReader(asyncio.StreamReader):
             text = line[:-1]
             if self.bare_newlines == "reject":
                 self.finished = True
-                self._buffer.clear()  # type: ignore[attr-defined]  # asyncio-internal: never read
+                self.discard_buffered()  # never read
                 raise CommandRefused(BARE_LF, close=True)
             line = text + b"\r\n"
         if b"\r" in text or b"\x00" in text:

@@ -1,7 +1,8 @@
 """The device-facing SMTP server: aiosmtpd 1.4.6 with the holes a production relay must close.
 
-aiosmtpd gives the command loop, STARTTLS (with the RFC 3207 buffer discard) and the command syntax.
-This subclass adds what it lacks: connection caps (421 4.7.0), checked command lines (``lines``),
+aiosmtpd gives the command loop, STARTTLS (with the RFC 3207 buffer discard) and the command syntax;
+it is reached through ``compat`` (the one module that touches its internals). This subclass adds what
+it lacks: connection caps (421 4.7.0), checked command lines (``lines``),
 device identity (IP, AUTH, client certificate), case-insensitive AUTH PLAIN/LOGIN with brute-force
 protection, per-device policy, the null sender, a recipient limit, a streaming DATA that checks the
 header section and writes to the spool as it arrives, refuses bare CR/LF/NUL, and answers 250 only
@@ -13,19 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import inspect
 import logging
-import re
 import ssl
 from collections.abc import Callable
-from typing import Any, AnyStr
+from typing import AnyStr
 
-import aiosmtpd.smtp
-from aiosmtpd.smtp import SMTP, Session, TLSSetupException
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
+from aiosmtpd.smtp import Session, TLSSetupException
 
 from relay365.errors import CommandRefused, MessageRefused, SpoolError, SpoolFullError
 from relay365.ingress import auth, policy
+from relay365.ingress.compat import CompatHandler, CompatSMTP, SessionReader
 from relay365.ingress.context import IngressContext
 from relay365.ingress.data import DataParser
 from relay365.ingress.handshake import implicit_tls
@@ -37,10 +36,6 @@ from relay365.spool.model import Envelope, IncomingMessage
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 16
-# <local@domain> with dot-atoms only (RFC 5321 4.1.2): the form nearly every client sends. aiosmtpd's
-# email-header parser gives the same address for it; anything else still goes through that parser.
-_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_SIMPLE_PATH = re.compile(rf"[ \t]*<({_ATOM}(?:\.{_ATOM})*@{_ATOM}(?:\.{_ATOM})*)>")
 
 
 def log_refusal(
@@ -59,7 +54,7 @@ def log_refusal(
     )
 
 
-class _Hooks:
+class _Hooks(CompatHandler):
     """aiosmtpd calls these after its own syntax checks; the verdicts come from ``policy``."""
 
     async def handle_MAIL(
@@ -73,36 +68,7 @@ class _Hooks:
         return server.on_rcpt(envelope, address, options)
 
 
-class _AuthMemberCache:
-    """aiosmtpd 1.4.6 runs ``inspect.getmembers`` on the session and on the handler at every
-    connection to find ``auth_*`` methods: 12% of the CPU of a one-message session. For relay365's
-    own classes the same members are found from names cached per class; everything else is
-    ``inspect`` itself."""
-
-    def __init__(self) -> None:
-        self._names: dict[type, tuple[str, ...]] = {}
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(inspect, name)
-
-    def getmembers(
-        self, obj: object, predicate: Callable[[Any], bool] | None = None
-    ) -> list[tuple[str, Any]]:
-        if predicate is not None or not isinstance(obj, RelaySMTP | _Hooks):
-            return inspect.getmembers(obj, predicate)
-        cls = type(obj)
-        names = self._names.get(cls)
-        if names is None:
-            names = self._names[cls] = tuple(
-                n for n in dir(cls) if n.startswith("auth_") and inspect.isfunction(getattr(cls, n))
-            )
-        return [(n, getattr(obj, n)) for n in names]
-
-
-aiosmtpd.smtp.inspect = _AuthMemberCache()  # type: ignore[attr-defined,assignment]
-
-
-class RelaySMTP(SMTP):
+class RelaySMTP(CompatSMTP):
     # The stream reader's limit doubles as the DATA chunk buffer; command lines are still held to
     # 512 octets (RFC 5321 4.5.3.1.4) by aiosmtpd's command_size_limit after the read.
     line_length_limit = CHUNK
@@ -141,7 +107,7 @@ class RelaySMTP(SMTP):
 
     # -- connection ------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if not self._admitted and self._original_transport is None:
+        if not self._admitted and not self.starttls_started:
             peer = transport.get_extra_info("peername") or ("", 0)
             self.peer_ip = str(peer[0])
             if self.ctx.closing:
@@ -168,13 +134,11 @@ class RelaySMTP(SMTP):
             self.ctx.sessions.add(self)
             self.ip_device = self.ctx.devices.by_ip(self.peer_ip, self.listener.name)
         super().connection_made(transport)
-        if self._implicit_tls or self._tls_protocol is not None:
+        if self.tls_active:
             self._identify_certificate(transport)
 
-    def _cb_client_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # aiosmtpd-internal: the one place where the session's StreamReader can be replaced before
-        # aiosmtpd reads the first command line from it (see ``lines``).
-        super()._cb_client_connected(reader, writer)
+    def reader_connected(self, reader: SessionReader) -> None:
+        # Before aiosmtpd reads the first command line from it: command lines are checked (``lines``).
         self._lines = CommandReader.adopt(reader, bare_newlines=self.listener.bare_newlines)
 
     def connection_lost(self, error: Exception | None) -> None:
@@ -215,7 +179,7 @@ class RelaySMTP(SMTP):
 
     @property
     def tls_active(self) -> bool:
-        return self._implicit_tls or self._tls_protocol is not None
+        return self._implicit_tls or super().tls_active
 
     @property
     def offers_auth(self) -> bool:
@@ -304,7 +268,7 @@ class RelaySMTP(SMTP):
         if bad:
             await self.push(bad)
             return
-        self._set_rset_state()  # type: ignore[no-untyped-call]
+        self.reset_transaction_state()
         self.sess().extended_smtp = True
         self.sess().host_name = hostname
         lines = [
@@ -373,13 +337,6 @@ class RelaySMTP(SMTP):
         return None if text == "*" else text
 
     # -- envelope --------------------------------------------------------------------------------
-    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        m = _SIMPLE_PATH.match(arg)
-        rest = arg[m.end() :].lstrip(" \t") if m else "("
-        if m is None or rest.startswith("(") or m.group(1).index("@") > (self.local_part_limit or 1 << 30):
-            return super()._getaddr(arg)
-        return m.group(1), rest
-
     async def smtp_MAIL(self, arg: str | None) -> None:
         self._raw_arg = (arg or "")[5:] if (arg or "").upper().startswith("FROM:") else (arg or "")
         await super().smtp_MAIL(arg)
@@ -468,7 +425,7 @@ class RelaySMTP(SMTP):
         finally:
             if not committing:
                 await incoming.abort()
-            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            self.reset_after_data()
 
     async def _receive(self, incoming: IncomingMessage, device: DeviceSettings) -> str | None:
         """Read DATA to its end; return None when the message is ready to commit, else the reply."""
@@ -492,10 +449,10 @@ class RelaySMTP(SMTP):
         size, failure = 0, None
         deadline = self.loop.time() + self.listener.data_timeout
         while True:
-            chunk = await self._reader.read(CHUNK)
+            chunk = await self.reader.read(CHUNK)
             if not chunk:
                 raise ConnectionResetError("client closed the connection during DATA")
-            self._reset_timeout()
+            self.reset_idle_timer()
             if self.loop.time() > deadline:
                 await self._close_with("421 4.4.2 Timeout during DATA, closing connection")
                 raise ConnectionResetError("DATA deadline exceeded")
@@ -513,7 +470,7 @@ class RelaySMTP(SMTP):
                     self._note(f"spool: {e}", logging.ERROR)
                     failure = _spool_reply(e)
             if result.leftover is not None:
-                self._reader._buffer[0:0] = result.leftover  # type: ignore[attr-defined]
+                self.reader.unread(result.leftover)  # pipelined commands after the end of DATA
                 break
         if parser.invalid:
             self._note(parser.invalid)

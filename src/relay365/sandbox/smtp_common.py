@@ -1,6 +1,7 @@
 """What both sandbox SMTP endpoints share: Exchange Online's session texts, faults, TLS, lifecycle.
 
-Built on aiosmtpd 1.4.6's ``SMTP`` protocol, one instance per connection, served by
+Built on aiosmtpd 1.4.6's ``SMTP`` protocol (through ``relay365.ingress.compat``, which holds every use
+of its internals), one instance per connection, served by
 ``loop.create_server`` on the caller's event loop. Texts follow Exchange Online transcripts:
 banner ``220 <host> Microsoft ESMTP MAIL Service ready at <RFC 5322 date>``, ``EHLO`` answered with
 ``250-<host> Hello [<ip>]``, ``STARTTLS`` answered with ``220 2.0.0 SMTP server ready``,
@@ -15,13 +16,13 @@ import logging
 import re
 import secrets
 import ssl
-from asyncio import sslproto
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, ClassVar, cast
 
-from aiosmtpd.smtp import SMTP, TLSSetupException, syntax
+from aiosmtpd.smtp import TLSSetupException, syntax
 
+from relay365.ingress.compat import CompatSMTP
 from relay365.sandbox.context import SandboxContext
 from relay365.sandbox.mx_tls import LenientClientCertContext
 
@@ -75,7 +76,7 @@ def _strip_params(arg: str, names: tuple[str, ...]) -> str:
     return " ".join(kept)
 
 
-class ExchangeSMTP(SMTP):
+class ExchangeSMTP(CompatSMTP):
     """One SMTP session of a sandbox endpoint (aiosmtpd protocol with Exchange Online texts)."""
 
     endpoint: ClassVar[str] = ""
@@ -125,10 +126,6 @@ class ExchangeSMTP(SMTP):
         peer = self.session.peer if self.session is not None else None
         return str(peer[0]) if isinstance(peer, tuple) and peer else ""
 
-    @property
-    def tls_active(self) -> bool:
-        return self._tls_protocol is not None
-
     def diag(self) -> str:
         """The ``[host timestamp id]`` trailer Exchange puts on authentication replies."""
         stamp = datetime.fromtimestamp(self.ctx.clock.now(), UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3]
@@ -156,7 +153,7 @@ class ExchangeSMTP(SMTP):
         await self.push(self.reject(reply))
 
     def abort_connection(self) -> None:
-        raw = self._original_transport or self.transport
+        raw = self.raw_transport
         if isinstance(raw, asyncio.WriteTransport):
             raw.abort()
 
@@ -176,14 +173,14 @@ class ExchangeSMTP(SMTP):
 
     # -- lifecycle ----------------------------------------------------------------------------
 
-    async def _handle_client(self) -> None:
+    async def before_greeting(self) -> bool:
         reply = await self.fault("connect")
         if reply is not None:
             await self.send_reply(reply)
             if self.transport is not None:
                 self.transport.close()
-            return
-        await super()._handle_client()
+            return False
+        return True
 
     def connection_lost(self, error: Exception | None) -> None:
         self._on_close(self)
@@ -263,7 +260,7 @@ class ExchangeSMTP(SMTP):
             await self.push("501 5.5.4 Invalid arguments")
             return
         size, last = int(parts[0]), len(parts) == 2
-        chunk = await self._reader.readexactly(size)  # read even when refusing (RFC 3030 section 4)
+        chunk = await self.reader.readexactly(size)  # read even when refusing (RFC 3030 section 4)
         envelope = self.envelope
         if await self.check_helo_needed() or envelope is None:
             return
@@ -286,16 +283,15 @@ class ExchangeSMTP(SMTP):
         self._bdat.clear()
         self._bdat_started, self._bdat_failed = False, None
         if failed is not None:
-            self._set_post_data_state()
+            self.reset_after_data()
             await self.send_reply(failed)
             return
         envelope.content = envelope.original_content = content
-        status = await self._call_handler_hook("DATA")
-        self._set_post_data_state()
+        status = await self.call_handler_hook("DATA")
+        self.reset_after_data()
         await self.push(status)
 
-    def _set_post_data_state(self) -> None:
-        super()._set_post_data_state()  # type: ignore[no-untyped-call]
+    def transaction_reset(self) -> None:
         self._bdat = bytearray()
         self._bdat_started = False
         self._bdat_failed = None
@@ -314,22 +310,11 @@ class ExchangeSMTP(SMTP):
             await self.send_reply(reply)
             return
         await self.push("220 2.0.0 SMTP server ready")
-        # From aiosmtpd 1.4.6 SMTP.smtp_STARTTLS: layer TLS over the connection.
-        waiter = self.loop.create_future()
-        self._tls_protocol = sslproto.SSLProtocol(self.loop, self, self.tls_context, waiter, server_side=True)
-        original = self.transport
-        assert original is not None
-        self._original_transport = original
-        original.set_protocol(self._tls_protocol)
-        self.transport = self._tls_protocol._app_transport
-        self._tls_protocol.connection_made(original)
         try:
-            await waiter
-        except asyncio.CancelledError:
-            raise
-        except Exception as error:
+            await self.start_tls()
+        except TLSSetupException:
             self.ctx.store.count_rejection(self.endpoint, "tls handshake")
-            raise TLSSetupException() from error
+            raise
 
 
 class SmtpEndpoint:
@@ -363,7 +348,7 @@ class SmtpEndpoint:
         tasks = []
         for session in list(self.sessions):
             session.abort_connection()
-            task = session._handler_coroutine
+            task = session.session_task
             if task is not None:
                 task.cancel()
                 tasks.append(task)
