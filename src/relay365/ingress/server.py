@@ -29,9 +29,12 @@ from relay365.admin.metrics import Metrics
 from relay365.errors import SpoolError, SpoolFullError
 from relay365.ingress import policy
 from relay365.ingress.data import DataParser
+from relay365.ingress.facts import HeaderFacts
 from relay365.ingress.handshake import HandshakeLog, implicit_tls
 from relay365.ingress.headers import HeaderEditor, HeaderTooLarge, received_field
 from relay365.ingress.identity import AuthGuard, ConnectionLimiter, DeviceDirectory, peer_certificate
+from relay365.observability.activity import DeviceActivity
+from relay365.observability.tracking import EventKind, MemoryTrackingLog, TrackingEvent, TrackingLog
 from relay365.settings import DeviceSettings, ListenerSettings
 from relay365.spool.model import Envelope, IncomingMessage, Spool
 
@@ -58,6 +61,8 @@ class IngressContext:
     background: set[asyncio.Task[Any]] = field(default_factory=set)
     metrics: Metrics = field(default_factory=Metrics)
     tls_failures: HandshakeLog = field(default_factory=HandshakeLog)
+    tracking: TrackingLog = field(default_factory=MemoryTrackingLog)
+    activity: DeviceActivity = field(default_factory=DeviceActivity)
 
 
 class _Hooks:
@@ -135,6 +140,8 @@ class RelaySMTP(SMTP):
         self.cert_device: DeviceSettings | None = None
         self.login_device: DeviceSettings | None = None
         self._raw_arg = ""
+        self._facts = HeaderFacts()
+        self._rcpt_arg = ""  # the RCPT argument being answered (refusals name the recipient)
 
     # -- connection ------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -153,11 +160,13 @@ class RelaySMTP(SMTP):
                 )
                 assert isinstance(transport, asyncio.WriteTransport)
                 self.ctx.metrics.refusal(reason)
+                self._track_refusal(reason)
                 transport.write(reason.encode() + b"\r\n")
                 transport.close()
                 return
             self._admitted = True
             self.ip_device = self.ctx.devices.by_ip(self.peer_ip, self.listener.name)
+            self._seen(self.ip_device)
         super().connection_made(transport)
         if self._implicit_tls or self._tls_protocol is not None:
             self._identify_certificate(transport)
@@ -211,7 +220,42 @@ class RelaySMTP(SMTP):
         text = status.decode("ascii", "replace") if isinstance(status, bytes) else status
         if text[:1] in ("4", "5"):
             self.ctx.metrics.refusal(text)
+            self._track_refusal(text)
         await super().push(status)
+
+    # -- tracking log and device activity (what the console shows) ------------------------------
+    def _tls_version(self) -> str:
+        ssl_object = self.transport.get_extra_info("ssl_object") if self.transport else None
+        return str(ssl_object.version() or "") if ssl_object is not None else ""
+
+    def _seen(self, device: DeviceSettings | None) -> None:
+        self.ctx.activity.seen(
+            device.name if device else None,
+            address=self.peer_ip,
+            listener=self.listener.name,
+            tls_version=self._tls_version(),
+        )
+
+    def _track_refusal(self, reply: str) -> None:
+        device = self.device()
+        env = self.envelope
+        self.ctx.activity.refused(device.name if device else None, address=self.peer_ip, reply=reply)
+        self.ctx.tracking.record(
+            TrackingEvent(
+                kind=EventKind.REFUSED,
+                at=self.ctx.activity.now(),
+                sender=(env.mail_from or "") if env is not None else "",
+                recipient=(
+                    self._rcpt_arg.strip().split(" ")[0].strip("<>")
+                    or (",".join(env.rcpt_tos) if env is not None else "")
+                )[:320],
+                device=device.name if device else "",
+                peer=self.peer_ip,
+                listener=self.listener.name,
+                reply=reply.strip(),
+                detail=self._tls_version(),
+            )
+        )
 
     async def handle_exception(self, error: Exception) -> str:
         if isinstance(error, TLSSetupException):  # a failed STARTTLS handshake: one line, no traceback
@@ -340,10 +384,12 @@ class RelaySMTP(SMTP):
 
     async def smtp_MAIL(self, arg: str | None) -> None:
         self._raw_arg = (arg or "")[5:] if (arg or "").upper().startswith("FROM:") else (arg or "")
+        self._rcpt_arg = ""
         await super().smtp_MAIL(arg)
 
     async def smtp_RCPT(self, arg: str | None) -> None:
         self._raw_arg = (arg or "")[3:] if (arg or "").upper().startswith("TO:") else (arg or "")
+        self._rcpt_arg = self._raw_arg
         await super().smtp_RCPT(arg)
 
     def on_mail(self, envelope: SmtpEnvelope, address: str, options: list[str]) -> str:
@@ -365,6 +411,7 @@ class RelaySMTP(SMTP):
                 return "552 5.3.4 Message size exceeds fixed maximum message size"
         envelope.mail_from = address
         envelope.mail_options.extend(options)
+        self._seen(device)
         return "250 2.1.0 Ok"
 
     def on_rcpt(self, envelope: SmtpEnvelope, address: str, options: list[str]) -> str:
@@ -427,6 +474,8 @@ class RelaySMTP(SMTP):
             ),
         )
         size, failure = 0, None
+        facts = self._facts = HeaderFacts()
+        self._rcpt_arg = ""  # refusals from here on concern every recipient
         deadline = self.loop.time() + self.listener.data_timeout
         while True:
             chunk = await self._reader.read(CHUNK)
@@ -441,6 +490,8 @@ class RelaySMTP(SMTP):
             if failure is None and size > limit:
                 failure = "552 5.3.4 Message size exceeds fixed maximum message size"
             if failure is None and result.content:
+                if not facts.done:
+                    facts.feed(result.content)
                 try:
                     editor.write(result.content)
                     await incoming.drain()
@@ -455,6 +506,7 @@ class RelaySMTP(SMTP):
             log.warning("refused message peer=%s device=%s: %s", self.peer_ip, device.name, parser.invalid)
             return "550 5.6.11 Message refused: bare CR, bare LF or NUL in data (RFC 5321 2.3.8)"
         if failure is None:
+            facts.finish()
             try:
                 editor.finish()
             except SpoolError as e:
@@ -471,6 +523,8 @@ class RelaySMTP(SMTP):
             peer=self.peer_ip,
             listener=self.listener.name,
             smtputf8=bool(env.smtp_utf8),
+            subject=self._facts.subject,
+            message_id=self._facts.message_id,
         )
         # Shielded: once the commit has started it finishes (row + file, or neither) even if the
         # client disconnects now; the entry is then complete, which is allowed (at-least-once).
@@ -484,6 +538,8 @@ class RelaySMTP(SMTP):
             return _spool_reply(e)
         self.ctx.rates.accepted(device)
         self.ctx.metrics.accepted.labels(self.listener.name, device.name).inc()
+        self.ctx.activity.accepted(device.name, address=self.peer_ip)
+        self._track_received(queue_id, envelope, incoming.size)
         self.ctx.on_queued(queue_id)
         log.info(
             "queued %s from=<%s> nrcpt=%d size=%d device=%s peer=%s listener=%s",
@@ -496,6 +552,25 @@ class RelaySMTP(SMTP):
             self.listener.name,
         )
         return f"250 2.0.0 Ok: queued as {queue_id}"
+
+    def _track_received(self, queue_id: str, envelope: Envelope, size: int) -> None:
+        now = self.ctx.activity.now()
+        for rcpt in envelope.rcpt_tos:
+            self.ctx.tracking.record(
+                TrackingEvent(
+                    kind=EventKind.RECEIVED,
+                    at=now,
+                    queue_id=queue_id,
+                    message_id=envelope.message_id,
+                    subject=envelope.subject,
+                    sender=envelope.mail_from,
+                    recipient=rcpt,
+                    device=envelope.device,
+                    peer=envelope.peer,
+                    listener=envelope.listener,
+                    detail=f"size={size} {self._protocol()} {self._tls_version()}".strip(),
+                )
+            )
 
 
 def _b64(text: str) -> bytes:
