@@ -17,7 +17,7 @@ from typing import Any
 from relay365.admin.metrics import Metrics
 from relay365.delivery import backoff
 from relay365.delivery.dsn import Failure, build_dsn, original_headers, status_of
-from relay365.delivery.pacing import Pacer, is_throttle_reply
+from relay365.delivery.pacing import Headroom, Pacer, is_throttle_reply
 from relay365.delivery.router import NoRoute, Router
 from relay365.errors import PermanentDeliveryError, TransientDeliveryError
 from relay365.observability.tracking import EventKind, MemoryTrackingLog, TrackingEvent, TrackingLog
@@ -131,6 +131,10 @@ class Scheduler:
         if held <= now:  # one warning per hold, not one per delivery that was already under way
             log.warning("transport %s unreachable (%s); holding its mail for %.0fs", name, reply, until - now)
         self._suspended[name] = max(held, until)
+
+    def headroom(self, transport: PacedTransport) -> Headroom:
+        """Pacing headroom of a paced transport's mailbox (read-only, for the console)."""
+        return self._pacer.headroom(transport.pacing_key, transport.pacing)
 
     def suspended(self) -> dict[str, float]:
         """Transports held back as unreachable, with the time their hold ends."""

@@ -97,6 +97,7 @@ class TraceQuery:
     message_id: str | None = None
     queue_id: str | None = None
     device: str | None = None
+    transport: str | None = None
     kinds: tuple[EventKind, ...] = ()
     since: float | None = None
     until: float | None = None
@@ -132,6 +133,10 @@ class TrackingLog(Protocol):
         """The id of the newest event written (live updates poll it cheaply)."""
         ...
 
+    async def counts(self, since: float) -> dict[EventKind, int]:
+        """How many events of each kind since ``since`` (the overview's last hour and day)."""
+        ...
+
 
 def normalize_message_id(value: str) -> str:
     v = value.strip()
@@ -165,6 +170,7 @@ def matches(q: TraceQuery, e: TrackingEvent) -> bool:
         and (q.message_id is None or normalize_message_id(q.message_id) == e.message_id)
         and (q.queue_id is None or q.queue_id.strip().upper() == e.queue_id)
         and (q.device is None or q.device == e.device)
+        and (q.transport is None or q.transport == e.transport)
         and (not q.kinds or e.kind in q.kinds)
         and (q.since is None or e.at >= q.since)
         and (q.until is None or e.at <= q.until)
@@ -208,3 +214,11 @@ class MemoryTrackingLog:
     def last_id(self) -> int:
         with self._lock:
             return self._events[-1].id if self._events else 0
+
+    async def counts(self, since: float) -> dict[EventKind, int]:
+        out = dict.fromkeys(EventKind, 0)
+        with self._lock:
+            for e in self._events:
+                if e.at >= since:
+                    out[e.kind] += 1
+        return out

@@ -119,6 +119,9 @@ def where_sql(q: TraceQuery) -> tuple[str, list[Any]]:
     if q.device is not None:
         clauses.append("device = ?")
         params.append(q.device)
+    if q.transport is not None:
+        clauses.append("transport = ?")
+        params.append(q.transport)
     if q.kinds:
         clauses.append(f"kind IN ({', '.join('?' * len(q.kinds))})")
         params.extend(k.value for k in q.kinds)
@@ -316,6 +319,17 @@ class SqliteTrackingLog:
             ).fetchall()
             events = [_event(r) for r in rows[:limit]]
             return TracePage(events, events[-1].id if len(rows) > limit else None)
+
+        return await self._read(read)
+
+    async def counts(self, since: float) -> dict[EventKind, int]:
+        def read(conn: sqlite3.Connection) -> dict[EventKind, int]:
+            out = dict.fromkeys(EventKind, 0)
+            for kind, n in conn.execute(
+                "SELECT kind, COUNT(*) FROM events WHERE at >= ? GROUP BY kind", (since,)
+            ):
+                out[EventKind(kind)] = int(n)
+            return out
 
         return await self._read(read)
 
