@@ -21,6 +21,7 @@ from starlette.routing import Route
 from relay365.admin.actions import MAX_BULK, Action, act, matching_ids
 from relay365.admin.auth import Caller
 from relay365.admin.console import Console
+from relay365.admin.forms import FormError
 from relay365.admin.openapi import document
 from relay365.admin.views import BadRequest, entry_json, event_json, queue_query, trace_query, when
 from relay365.errors import QueueEntryNotFound, SpoolError
@@ -225,7 +226,7 @@ def api_routes(c: Console) -> list[Route]:
         async def run(request: Request) -> Response:
             try:
                 return await fn(request)
-            except BadRequest as e:
+            except (BadRequest, FormError) as e:
                 return error(400, str(e))
             except SpoolError as e:
                 return error(503, f"spool unavailable: {e}")

@@ -11,6 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from relay365.admin.accounts import AccountStore, Principal
+from relay365.admin.forms import form
 from relay365.admin.sessions import LoginThrottle, Session, SessionStore
 from relay365.observability.tracking import EventKind, TrackingEvent, TrackingLog
 
@@ -84,10 +85,8 @@ class Guard:
             raise Forbidden(f"{c.principal.name} is a viewer: only operators may do this")
         if request.method not in SAFE_METHODS and c.session is not None:
             sent = request.headers.get("x-csrf-token")
-            if sent is None and request.headers.get("content-type", "").startswith(
-                ("application/x-www-form-urlencoded", "multipart/form-data")
-            ):
-                sent = str((await request.form()).get("csrf", ""))
+            if sent is None:
+                sent = (await form(request)).get("csrf", "")
             if not sent or not hmac.compare_digest(sent, c.session.csrf):
                 raise Forbidden("missing or wrong CSRF token: reload the page and try again")
         return c

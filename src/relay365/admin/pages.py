@@ -19,6 +19,8 @@ from relay365.admin.actions import Action, act, matching_ids
 from relay365.admin.api import client_address
 from relay365.admin.auth import Caller, LockedOut, NotLoggedIn
 from relay365.admin.console import Console
+from relay365.admin.forms import FormError
+from relay365.admin.forms import form as read_form
 from relay365.admin.security import SANDBOX_CSP
 from relay365.admin.views import AGES, BadRequest, age, entry_json, event_json, queue_query, trace_query, when
 from relay365.errors import SpoolError
@@ -78,7 +80,7 @@ def page_routes(c: Console) -> list[Route]:
         )
 
     async def login(request: Request) -> Response:
-        form = await request.form()
+        form = await read_form(request)
         name, password = str(form.get("username", "")), str(form.get("password", ""))
         target = safe_next(str(form.get("next", "/")))
         try:
@@ -131,7 +133,7 @@ def page_routes(c: Console) -> list[Route]:
 
     async def queue_action(request: Request) -> Response:
         who = await c.guard.require(request, operator=True)
-        form = await request.form()
+        form = await read_form(request)
         action = str(form.get("action", ""))
         if action not in set(Action):
             raise BadRequest(f"action must be one of {', '.join(Action)}")
@@ -257,7 +259,7 @@ def page_routes(c: Console) -> list[Route]:
         async def run(request: Request) -> Response:
             try:
                 return await fn(request)
-            except BadRequest as e:
+            except (BadRequest, FormError) as e:
                 who = c.guard.caller(request)
                 return render(request, "error.html", who, 400, error=str(e))
             except SpoolError as e:

@@ -8,7 +8,9 @@ import email.header
 import re
 
 SCAN_LIMIT = 32 * 1024  # the fields a device writes come first; a header section larger is rare
-_FIELD = re.compile(rb"^(subject|message-id)[ \t]*:(.*(?:\r\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE)
+_FIELD = re.compile(
+    rb"^(subject|message-id)[ \t]*:([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)", re.IGNORECASE | re.MULTILINE
+)
 _MAX_TEXT = 998  # RFC 5322 2.1.1: a line is at most 998 characters
 
 
