@@ -13,14 +13,15 @@ from pathlib import Path
 
 import httpx
 
-from tests.console.support import OPERATOR, bearer, login, running_console, wait_for
 from tests.conftest import RecordingUpstream, smarthost
+from tests.console.support import OPERATOR, bearer, login, running_console, wait_for
 from tests.core.helpers import closed_port
 
 
 def send(port: int, rcpts: list[str], subject: str, sender: str = "scan@contoso.com") -> None:
     with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
-        msg = f"From: {sender}\r\nSubject: {subject}\r\nMessage-ID: <{subject.replace(' ', '-')}@mfp>\r\n\r\nbody\r\n"
+        mid = subject.replace(" ", "-")
+        msg = f"From: {sender}\r\nSubject: {subject}\r\nMessage-ID: <{mid}@mfp>\r\n\r\nbody\r\n"
         s.sendmail(sender, rcpts, msg.encode())
 
 
@@ -64,12 +65,18 @@ async def test_queue_filters_actions_and_message_view(tmp_path: Path) -> None:
         assert sorted(m["subject"] for m in fab["messages"]) == ["scan 0", "scan 3", "scan 6"]
         assert (await http.get("/api/queue", params={"transport": "up"})).json()["total"] >= 1
         assert (await http.get("/api/queue", params={"transport": "other"})).json()["total"] == 0
-        for bad, word in (({"state": "lost"}, "state"), ({"limit": "0"}, "limit"), ({"min_age": "soon"}, "min_age")):
+        for bad, word in (
+            ({"state": "lost"}, "state"),
+            ({"limit": "0"}, "limit"),
+            ({"min_age": "soon"}, "min_age"),
+        ):
             r = await http.get("/api/queue", params=bad)
             assert r.status_code == 400 and word in r.json()["error"]
 
         # Hold a filter's worth, release a selection, delete one.
-        r = await http.post("/api/queue/actions", json={"action": "hold", "filter": {"recipient": "@fabrikam.com"}})
+        r = await http.post(
+            "/api/queue/actions", json={"action": "hold", "filter": {"recipient": "@fabrikam.com"}}
+        )
         assert r.status_code == 200 and len(r.json()["done"]) == 3
         held = (await http.get("/api/queue", params={"state": "held"})).json()
         assert held["total"] == 3
@@ -117,26 +124,40 @@ async def test_trace_search_csv_and_devices(tmp_path: Path) -> None:
             {"name": "mfp", "ip_allow": ["127.0.0.0/8"], "allowed_recipient_domains": ["contoso.com"]},
         ]
         sections = {"transport": [smarthost(upstream.port)], "device": devices}
-        async with running_console(tmp_path, **sections) as c, c.client(headers=bearer(c.viewer_token)) as http:
+        async with (
+            running_console(tmp_path, **sections) as c,
+            c.client(headers=bearer(c.viewer_token)) as http,
+        ):
             port = c.relay.ports["lan"]
             await asyncio.to_thread(send, port, ["alice@contoso.com"], "Invoice =?utf-8?q?f=C3=BCr?= March")
-            code, reply = await asyncio.to_thread(refused_rcpt, port)
+            code, _ = await asyncio.to_thread(refused_rcpt, port)
             assert code == 550
             await upstream.wait_for(1)
 
             async def delivered() -> list[dict[str, str]]:
-                r = await http.get("/api/trace", params={"recipient": "ALICE@contoso.com", "kind": "delivered"})
+                r = await http.get(
+                    "/api/trace", params={"recipient": "ALICE@contoso.com", "kind": "delivered"}
+                )
                 return list(r.json()["events"])
 
             [event] = await wait_for(delivered, what="the delivered event")
             assert event["subject"] == "Invoice für March" and event["transport"] == "up"
             everything = (await http.get("/api/trace", params={"recipient": "alice@contoso.com"})).json()
-            assert [e["kind"] for e in everything["events"]] == ["delivered", "attempted", "routed", "received"]
+            assert [e["kind"] for e in everything["events"]] == [
+                "delivered",
+                "attempted",
+                "routed",
+                "received",
+            ]
             assert everything["events"][-1]["device"] == "mfp"
             assert everything["events"][-1]["message_id"].startswith("Invoice")
             refused = (await http.get("/api/trace", params={"kind": "refused"})).json()["events"]
-            assert refused[0]["recipient"] == "someone@blocked.example" and refused[0]["reply"].startswith("550")
-            by_subject = (await http.get("/api/trace", params={"subject": "für", "since": "2020-01-01T00:00"})).json()
+            assert refused[0]["recipient"] == "someone@blocked.example" and refused[0]["reply"].startswith(
+                "550"
+            )
+            by_subject = (
+                await http.get("/api/trace", params={"subject": "für", "since": "2020-01-01T00:00"})
+            ).json()
             assert len(by_subject["events"]) == 4
             assert (await http.get("/api/trace", params={"since": "yesterday"})).status_code == 400
 
@@ -151,7 +172,9 @@ async def test_trace_search_csv_and_devices(tmp_path: Path) -> None:
             assert mfp["messages_today"] == 1 and mfp["address"] == "127.0.0.1" and mfp["listener"] == "lan"
             assert mfp["last_refusal"].startswith("550") and mfp["last_seen"] > 0
             overview = (await http.get("/api/overview")).json()
-            assert overview["counts"]["hour"]["received"] == 1 and overview["counts"]["hour"]["delivered"] == 1
+            assert (
+                overview["counts"]["hour"]["received"] == 1 and overview["counts"]["hour"]["delivered"] == 1
+            )
             assert overview["counts"]["day"]["refused"] >= 1
             [t] = overview["transports"]
             assert t["name"] == "up" and t["state"] == "ok" and t["last_reply"].startswith("250")
@@ -172,18 +195,21 @@ async def test_openapi_document_lists_every_api_route(tmp_path: Path) -> None:
 
 
 async def test_live_events_stream_reports_changes(tmp_path: Path) -> None:
-    async with running_console(tmp_path, **DOWN) as c, c.client(headers=bearer(c.token)) as http:
-        async with http.stream("GET", "/api/events") as stream:
-            assert stream.headers["content-type"].startswith("text/event-stream")
-            lines = stream.aiter_lines()
-            assert await anext(lines) == "retry: 2000"
-            await asyncio.to_thread(send, c.relay.ports["lan"], ["bob@contoso.com"], "live")
+    async with (
+        running_console(tmp_path, **DOWN) as c,
+        c.client(headers=bearer(c.token)) as http,
+        http.stream("GET", "/api/events") as stream,
+    ):
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        lines = stream.aiter_lines()
+        assert await anext(lines) == "retry: 2000"
+        await asyncio.to_thread(send, c.relay.ports["lan"], ["bob@contoso.com"], "live")
 
-            async def changed() -> bool:
-                line = await asyncio.wait_for(anext(lines), 15)
-                return line == "event: changed"
+        async def changed() -> bool:
+            line = await asyncio.wait_for(anext(lines), 15)
+            return line == "event: changed"
 
-            await wait_for(changed, what="a changed event")
+        await wait_for(changed, what="a changed event")
 
 
 async def test_bad_form_bodies_and_unknown_pages(tmp_path: Path) -> None:
