@@ -273,8 +273,13 @@ class Relay:
         await self.spool.close()
 
 
-async def serve(settings: Settings, *, ready: Callable[[Relay], None] = lambda relay: None) -> None:
-    relay = Relay(settings)
+async def serve(
+    settings: Settings,
+    *,
+    ready: Callable[[Relay], None] = lambda relay: None,
+    mailboxes: SandboxMailboxes | None = None,
+) -> None:
+    relay = Relay(settings, mailboxes=mailboxes)
     await relay.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

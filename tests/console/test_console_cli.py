@@ -31,7 +31,9 @@ async def test_admin_accounts_tokens_and_trace_cli(tmp_path: Path) -> None:
     upstream = await RecordingUpstream().start()
     try:
         device = {"name": "local", "ip_allow": ["127.0.0.0/8"], "allowed_recipient_domains": ["contoso.com"]}
-        config = write_config(tmp_path, transport=[smarthost(upstream.port)], admin={"port": 0}, device=[device])
+        config = write_config(
+            tmp_path, transport=[smarthost(upstream.port)], admin={"port": 0}, device=[device]
+        )
         cfg = str(config)
         made = await asyncio.to_thread(
             run_cli, "admin", "passwd", "alice", "--role", "viewer", "--password-stdin", "-c", cfg,
