@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import urllib.parse
 import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 import httpx

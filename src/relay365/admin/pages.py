@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from relay365.admin import mime
+from relay365.admin import mime, sse
 from relay365.admin.actions import Action, act, matching_ids
 from relay365.admin.api import client_address
 from relay365.admin.auth import Caller, LockedOut, NotLoggedIn
@@ -70,6 +70,7 @@ def page_routes(c: Console) -> list[Route]:
             csrf=who.csrf if who else "",
             path=request.url.path,
             sandbox=d.mailboxes is not None,
+            version=getattr(request.state, "version", ""),
             **ctx,
         )
         return HTMLResponse(html, status_code=status)
@@ -257,6 +258,7 @@ def page_routes(c: Console) -> list[Route]:
 
     def guarded(fn: Handler) -> Handler:
         async def run(request: Request) -> Response:
+            request.state.version = sse.version(c)  # before any data is read: no change is missed
             try:
                 return await fn(request)
             except (BadRequest, FormError) as e:

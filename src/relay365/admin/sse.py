@@ -23,25 +23,27 @@ PING = 15.0  # a comment line keeps proxies from closing an idle stream
 MAX_STREAM = 600.0
 
 
-def _version(c: Console) -> tuple[int, float]:
+def version(c: Console) -> str:
+    """What a page was rendered from: the newest tracking event and the mailboxes' state. A page
+    sends it back as ``?since=``, so a change between rendering and connecting is not missed."""
     boxes = c.deps.mailboxes
-    return c.deps.tracking.last_id(), boxes.version() if boxes is not None else 0.0
+    return f"{c.deps.tracking.last_id()}-{boxes.version() if boxes is not None else 0.0}"
 
 
 async def stream(c: Console, request: Request, *, poll: float = POLL) -> AsyncIterator[str]:
     yield "retry: 2000\n\n"
-    last = _version(c)
+    last = request.query_params.get("since") or version(c)
     loop = asyncio.get_running_loop()
     start = since_ping = loop.time()
     while loop.time() - start < MAX_STREAM:
         await asyncio.sleep(poll)
         if await request.is_disconnected():
             return
-        now = _version(c)
+        now = version(c)
         if now != last:
             last = now
             since_ping = loop.time()
-            yield f"event: changed\ndata: {json.dumps({'event_id': now[0]})}\n\n"
+            yield f"event: changed\ndata: {json.dumps({'version': now})}\n\n"
         elif loop.time() - since_ping > PING:
             since_ping = loop.time()
             yield ": ping\n\n"

@@ -24,7 +24,8 @@ async function refresh() {
 function live() {
   if (!document.body.dataset.live || !window.EventSource) return;
   const state = document.getElementById("live-state");
-  const source = new EventSource("/api/events");
+  const since = encodeURIComponent(document.body.dataset.version || "");
+  const source = new EventSource("/api/events?since=" + since);
   let pending = false;
   source.addEventListener("open", () => { if (state) state.textContent = "live"; });
   source.addEventListener("error", () => { if (state) state.textContent = "reconnecting"; });
