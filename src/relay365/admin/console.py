@@ -3,6 +3,7 @@ by the HTML pages and the JSON API so both always show the same thing."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
@@ -32,9 +33,13 @@ class Console:
     async def overview(self) -> dict[str, Any]:
         d = self.deps
         now = d.status.now()
-        stats = await d.queue.stats()
-        hour = await d.tracking.counts(now - 3600)
-        day = await d.tracking.counts(now - 86400)
+        # The queue (spool thread) and the tracking log (its reader thread) are read at the same time.
+        stats, hour, day, transports = await asyncio.gather(
+            d.queue.stats(),
+            d.tracking.counts(now - 3600),
+            d.tracking.counts(now - 86400),
+            d.status.transports(),
+        )
         shown = (
             EventKind.RECEIVED,
             EventKind.DELIVERED,
@@ -55,7 +60,7 @@ class Console:
             },
             "listeners": d.status.listeners(),
             "connections": d.status.connections(),
-            "transports": [dataclasses.asdict(t) for t in await d.status.transports()],
+            "transports": [dataclasses.asdict(t) for t in transports],
         }
 
     async def message(self, queue_id: str) -> dict[str, Any]:

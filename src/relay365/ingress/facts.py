@@ -17,6 +17,8 @@ _MAX_TEXT = 998  # RFC 5322 2.1.1: a line is at most 998 characters
 def _decode(raw: bytes) -> str:
     text = raw.decode("utf-8", "replace")
     text = " ".join(text.split())  # unfold (RFC 5322 2.2.3)
+    if "=?" not in text:  # no encoded words: the common case costs no parser
+        return text[:_MAX_TEXT]
     try:
         decoded = str(email.header.make_header(email.header.decode_header(text)))  # RFC 2047 words
     except (ValueError, LookupError):
@@ -34,6 +36,11 @@ class HeaderFacts:
     def feed(self, data: bytes) -> None:
         if self.done:
             return
+        if not self._buf:  # the whole header section in the first chunk (most messages): no copy
+            end = 0 if data.startswith(b"\r\n") else data.find(b"\r\n\r\n", 0, SCAN_LIMIT)
+            if end >= 0:
+                self._scan(data[:end])
+                return
         self._buf += data[: SCAN_LIMIT - len(self._buf)]
         end = self._buf.find(b"\r\n\r\n")
         if self._buf.startswith(b"\r\n"):
@@ -46,6 +53,9 @@ class HeaderFacts:
             return
         section = bytes(self._buf[: len(self._buf) if end is None else end])
         self._buf = bytearray()
+        self._scan(section)
+
+    def _scan(self, section: bytes) -> None:
         self.done = True
         for m in _FIELD.finditer(section):
             name, value = m.group(1).lower(), _decode(m.group(2))

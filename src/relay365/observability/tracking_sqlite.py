@@ -73,7 +73,7 @@ CREATE TABLE IF NOT EXISTS events (
     actor TEXT NOT NULL,
     detail TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS events_at ON events(at);
+CREATE INDEX IF NOT EXISTS events_at ON events(at, kind);  -- covers the overview counts
 CREATE INDEX IF NOT EXISTS events_queue_id ON events(queue_id);
 CREATE INDEX IF NOT EXISTS events_message_id ON events(message_id);
 CREATE INDEX IF NOT EXISTS events_recipient ON events(recipient COLLATE NOCASE);
