@@ -239,3 +239,22 @@ async def test_queue_browse_filters_and_keyset_paging(tmp_path: Path) -> None:
         assert (await spool.browse(QueueQuery(min_age=3600), now=now + 7200)).total == 12
     finally:
         await spool.close()
+
+
+async def test_tracking_log_keeps_off_the_spools_last_free_space(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    log = SqliteTrackingLog(tmp_path / "t.db", log_events=False, min_free=1 << 62)  # never enough
+    await log.open(purge_every=None)
+    try:
+        log.record(ev(EventKind.RECEIVED, T0, queue_id="Q1"))
+        log.record(ev(EventKind.RECEIVED, T0, queue_id="Q2"))
+        await log.flush()
+        assert (await log.search(TraceQuery())).events == []
+        assert caplog.text.count("not recording events until there is") == 1  # said once, not per batch
+        log.min_free = 0  # space again: recording resumes
+        log.record(ev(EventKind.RECEIVED, T0, queue_id="Q3"))
+        await log.flush()
+        assert [e.queue_id for e in (await log.search(TraceQuery())).events] == ["Q3"]
+    finally:
+        await log.close()

@@ -23,8 +23,10 @@ from relay365.admin.auth import Caller
 from relay365.admin.console import Console
 from relay365.admin.forms import FormError
 from relay365.admin.openapi import document
+from relay365.admin.ports import CheckRow, MailboxMessage
 from relay365.admin.views import BadRequest, entry_json, event_json, queue_query, trace_query, when
 from relay365.errors import QueueEntryNotFound, SpoolError
+from relay365.observability.tracking import TraceQuery
 
 log = logging.getLogger(__name__)
 CSV_LIMIT = 100_000
@@ -253,11 +255,11 @@ def api_routes(c: Console) -> list[Route]:
     return [Route(path, guarded(fn), methods=methods) for path, fn, methods in routes]
 
 
-def _row(r: Any) -> dict[str, Any]:
+def _row(r: CheckRow) -> dict[str, Any]:
     return {"name": r.name, "status": r.status, "detail": r.detail, "fix": r.fix}
 
 
-def _mail(m: Any) -> dict[str, Any]:
+def _mail(m: MailboxMessage) -> dict[str, Any]:
     return {
         "id": m.id,
         "mailbox": m.mailbox,
@@ -276,7 +278,7 @@ CSV_COLUMNS = (
 )  # fmt: skip
 
 
-async def csv_rows(c: Console, q: Any) -> AsyncIterator[str]:
+async def csv_rows(c: Console, q: TraceQuery) -> AsyncIterator[str]:
     """The trace as CSV, page by page (bounded memory at any size)."""
     buf = io.StringIO()
     writer = csv.writer(buf)

@@ -14,8 +14,6 @@ from relay365.admin.views import entry_json, event_json, headers_of
 from relay365.errors import QueueEntryNotFound
 from relay365.observability.tracking import EventKind, TraceQuery
 
-HEAD_LIMIT = 64 * 1024
-
 
 @dataclass(kw_only=True)
 class Console:

@@ -27,14 +27,14 @@ from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from relay365.admin.metrics import Metrics
 from relay365.errors import SpoolError, SpoolFullError
-from relay365.ingress import policy
+from relay365.ingress import observe, policy
 from relay365.ingress.data import DataParser
 from relay365.ingress.facts import HeaderFacts
 from relay365.ingress.handshake import HandshakeLog, implicit_tls
 from relay365.ingress.headers import HeaderEditor, HeaderTooLarge, received_field
 from relay365.ingress.identity import AuthGuard, ConnectionLimiter, DeviceDirectory, peer_certificate
 from relay365.observability.activity import DeviceActivity
-from relay365.observability.tracking import EventKind, MemoryTrackingLog, TrackingEvent, TrackingLog
+from relay365.observability.tracking import MemoryTrackingLog, TrackingLog
 from relay365.settings import DeviceSettings, ListenerSettings
 from relay365.spool.model import Envelope, IncomingMessage, Spool
 
@@ -223,38 +223,29 @@ class RelaySMTP(SMTP):
             self._track_refusal(text)
         await super().push(status)
 
-    # -- tracking log and device activity (what the console shows) ------------------------------
-    def _tls_version(self) -> str:
-        ssl_object = self.transport.get_extra_info("ssl_object") if self.transport else None
-        return str(ssl_object.version() or "") if ssl_object is not None else ""
-
+    # -- the tracking log and device activity (ingress/observe.py) -------------------------------
     def _seen(self, device: DeviceSettings | None) -> None:
+        tls = observe.tls_version(self.transport)
         self.ctx.activity.seen(
             device.name if device else None,
             address=self.peer_ip,
             listener=self.listener.name,
-            tls_version=self._tls_version(),
+            tls_version=tls,
         )
 
     def _track_refusal(self, reply: str) -> None:
-        device = self.device()
-        env = self.envelope
-        self.ctx.activity.refused(device.name if device else None, address=self.peer_ip, reply=reply)
-        self.ctx.tracking.record(
-            TrackingEvent(
-                kind=EventKind.REFUSED,
-                at=self.ctx.activity.now(),
-                sender=(env.mail_from or "") if env is not None else "",
-                recipient=(
-                    self._rcpt_arg.strip().split(" ")[0].strip("<>")
-                    or (",".join(env.rcpt_tos) if env is not None else "")
-                )[:320],
-                device=device.name if device else "",
-                peer=self.peer_ip,
-                listener=self.listener.name,
-                reply=reply.strip(),
-                detail=self._tls_version(),
-            )
+        device, env = self.device(), self.envelope
+        every = ",".join(env.rcpt_tos) if env is not None else ""
+        observe.refused(
+            self.ctx.tracking,
+            self.ctx.activity,
+            reply,
+            device=device.name if device else None,
+            peer=self.peer_ip,
+            listener=self.listener.name,
+            sender=(env.mail_from or "") if env is not None else "",
+            recipient=self._rcpt_arg or every,
+            tls=observe.tls_version(self.transport),
         )
 
     async def handle_exception(self, error: Exception) -> str:
@@ -538,8 +529,8 @@ class RelaySMTP(SMTP):
             return _spool_reply(e)
         self.ctx.rates.accepted(device)
         self.ctx.metrics.accepted.labels(self.listener.name, device.name).inc()
-        self.ctx.activity.accepted(device.name, address=self.peer_ip)
-        self._track_received(queue_id, envelope, incoming.size)
+        detail = f"size={incoming.size} {self._protocol()} {observe.tls_version(self.transport)}".strip()
+        observe.received(self.ctx.tracking, self.ctx.activity, queue_id, envelope, detail=detail)
         self.ctx.on_queued(queue_id)
         log.info(
             "queued %s from=<%s> nrcpt=%d size=%d device=%s peer=%s listener=%s",
@@ -552,25 +543,6 @@ class RelaySMTP(SMTP):
             self.listener.name,
         )
         return f"250 2.0.0 Ok: queued as {queue_id}"
-
-    def _track_received(self, queue_id: str, envelope: Envelope, size: int) -> None:
-        now = self.ctx.activity.now()
-        for rcpt in envelope.rcpt_tos:
-            self.ctx.tracking.record(
-                TrackingEvent(
-                    kind=EventKind.RECEIVED,
-                    at=now,
-                    queue_id=queue_id,
-                    message_id=envelope.message_id,
-                    subject=envelope.subject,
-                    sender=envelope.mail_from,
-                    recipient=rcpt,
-                    device=envelope.device,
-                    peer=envelope.peer,
-                    listener=envelope.listener,
-                    detail=f"size={size} {self._protocol()} {self._tls_version()}".strip(),
-                )
-            )
 
 
 def _b64(text: str) -> bytes:

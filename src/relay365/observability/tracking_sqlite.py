@@ -84,6 +84,9 @@ _INSERT = f"INSERT INTO events ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * 
 BACKLOG_LIMIT = 200_000  # events waiting for a stuck disk before the oldest are dropped (and counted)
 PURGE_CHUNK = 10_000  # rows per purge transaction, so the writer is never held long
 PURGE_INTERVAL = 3600.0
+# The tracking log shares the spool's file system: it stops writing (and counts what it drops) while
+# less than this is free, so it never takes the room the queue needs for mail and its bookkeeping.
+MIN_FREE = 128 * 1024 * 1024
 
 
 def _like(pattern: str) -> str:
@@ -151,8 +154,10 @@ class SqliteTrackingLog:
         retention_days: float = DEFAULT_RETENTION_DAYS,
         clock: Callable[[], float] = time.time,
         log_events: bool = True,
+        min_free: int = MIN_FREE,
     ) -> None:
         self.path = path
+        self.min_free = min_free
         self.retention_days = retention_days
         self._clock = clock
         self._log_events = log_events
@@ -165,6 +170,7 @@ class SqliteTrackingLog:
         self._scheduled = False
         self._dropped = 0
         self._last_id = 0
+        self._full = False
         self._purger: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -249,10 +255,29 @@ class SqliteTrackingLog:
                     return
             if dropped:
                 log.warning("tracking log: dropped %d event(s) while the disk was too slow", dropped)
+            if not self._room():
+                continue
             try:
                 self._insert(batch)
             except (OSError, sqlite3.Error) as e:  # an observation: mail goes on without it
                 log.error("tracking log: could not write %d event(s): %s", len(batch), e)
+
+    def _room(self) -> bool:
+        try:
+            st = os.statvfs(self.path.parent)
+        except OSError:
+            return True  # let the insert report the real problem
+        if st.f_bavail * st.f_frsize >= self.min_free:
+            self._full = False
+            return True
+        if not self._full:
+            log.error(
+                "tracking log: less than %d MiB free on %s; not recording events until there is",
+                self.min_free >> 20,
+                self.path.parent,
+            )
+        self._full = True
+        return False
 
     def _insert(self, batch: list[TrackingEvent]) -> None:
         conn = self._wconn
