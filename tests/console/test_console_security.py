@@ -79,6 +79,17 @@ async def test_headers_cookie_and_csrf(tmp_path: Path) -> None:
         assert (
             await http.post(f"/api/queue/{qid}/hold", headers={"x-csrf-token": "nope"})
         ).status_code == 403
+        # A cross-site form post is refused by its Origin before anything else, even with the token.
+        cross = await http.post(
+            "/queue/action",
+            data={"action": "hold", "id": qid, "csrf": csrf},
+            headers={"origin": "https://attacker.example"},
+        )
+        assert cross.status_code == 403 and "Cross-site" in cross.text
+        login_csrf = await http.post(
+            "/login", data={"username": "x", "password": "y"}, headers={"origin": "null"}
+        )
+        assert login_csrf.status_code == 403
         form = await http.post("/queue/action", data={"action": "hold", "id": qid, "csrf": "nope"})
         assert form.status_code == 403 and "CSRF" in form.text
         assert not (await http.get(f"/api/queue/{qid}")).json()["entry"]["held"]
