@@ -6,8 +6,8 @@
   any handler runs (OWASP CSRF cheat sheet, "Verifying Origin With Standard Headers"; the login form
   has no session token yet, and this also stops login CSRF);
 * response headers: a Content-Security-Policy without inline script (scripts only from our own
-  files), no framing by others, no MIME sniffing, no referrer, no referrer to other sites, no caching of admin data, HSTS under
-  TLS. A response that sets its own CSP (the sandboxed message HTML) keeps it.
+  files), no framing by others, no MIME sniffing, no referrer to other sites, no caching of admin
+  data, HSTS under TLS. A response that sets its own CSP (the sandboxed message HTML) keeps it.
 """
 
 from __future__ import annotations
