@@ -14,7 +14,10 @@ import ssl
 import time
 from collections.abc import Callable
 
-from relay365.admin.api import AdminServer
+from relay365.admin.accounts import AccountStore
+from relay365.admin.console import Console
+from relay365.admin.server import AdminServer, build_console, create_app, tls_context
+from relay365.console_adapter import RelayParts, SandboxMailboxes, console_deps
 from relay365.credentials import Redactor, load_secret
 from relay365.delivery.router import NoRoute, Router
 from relay365.delivery.scheduler import Scheduler
@@ -23,8 +26,11 @@ from relay365.ingress.handshake import HandshakeLog
 from relay365.ingress.identity import AuthGuard, ConnectionLimiter, DeviceDirectory
 from relay365.ingress.policy import RateLimiter
 from relay365.ingress.server import start_listener
-from relay365.ingress.tls import self_signed_chains, server_context
+from relay365.ingress.tls import self_signed, self_signed_chains, server_context
+from relay365.observability.activity import DeviceActivity
 from relay365.observability.metrics import Metrics
+from relay365.observability.tracking import MemoryTrackingLog, TrackingLog
+from relay365.observability.tracking_sqlite import SqliteTrackingLog
 from relay365.preflight import PreflightReport, preflight
 from relay365.replies import classify
 from relay365.settings import ListenerSettings, Settings
@@ -74,6 +80,23 @@ async def preflight_for(settings: Settings) -> PreflightReport:
     )
 
 
+def open_tracking(settings: Settings, *, clock: Callable[[], float] = time.time) -> TrackingLog:
+    """The tracking log the settings ask for (not yet opened): SQLite beside the queue, or memory."""
+    t = settings.tracking
+    if not t.enabled:
+        return MemoryTrackingLog(clock=clock)
+    return SqliteTrackingLog(
+        t.path or settings.server.spool_dir / "tracking.db",
+        retention_days=t.retention_days,
+        clock=clock,
+        log_events=t.log_events,
+    )
+
+
+def admin_accounts(settings: Settings) -> AccountStore:
+    return AccountStore(settings.admin.users_file or settings.server.spool_dir / "admin-users.json")
+
+
 class Relay:
     def __init__(
         self,
@@ -81,6 +104,7 @@ class Relay:
         *,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        mailboxes: SandboxMailboxes | None = None,
     ) -> None:
         """``clock``: wall time for the queue; ``monotonic``: for the AUTH guard and rate limits."""
         self.settings = settings
@@ -97,6 +121,10 @@ class Relay:
         self.ports: dict[str, int] = {}
         self.metrics = Metrics()
         self.admin: AdminServer | None = None
+        self.console: Console | None = None
+        self.tracking = open_tracking(settings, clock=clock)
+        self.activity = DeviceActivity(configured=tuple(d.name for d in settings.devices), clock=clock)
+        self._mailboxes = mailboxes
 
     def _tls(self, listener: ListenerSettings) -> ssl.SSLContext | None:
         if listener.tls == "none":
@@ -115,6 +143,8 @@ class Relay:
             log.warning("%s", warning)
         self.transports.update(report.transports)
         await self.spool.open(recover=True)
+        if isinstance(self.tracking, SqliteTrackingLog):
+            await self.tracking.open()
         router = Router(s.routes, accepts=recipient_rules(s), null_sender=null_sender_transports(s))
         self.scheduler = Scheduler(
             spool=self.spool,
@@ -125,6 +155,7 @@ class Relay:
             clock=self._clock,
             explain=explain_reply,
             metrics=self.metrics,
+            tracking=self.tracking,
         )
         await self.scheduler.load_pacing()
         self.ingress = IngressContext(
@@ -138,6 +169,8 @@ class Relay:
             metrics=self.metrics,
             tls_failures=HandshakeLog(clock=self._clock),
             route_reply=null_route_reply(router),
+            tracking=self.tracking,
+            activity=self.activity,
         )
         for listener in s.listeners:
             server = await start_listener(self.ingress, listener, self._tls(listener))
@@ -152,11 +185,52 @@ class Relay:
             )
         self._scheduler_task = asyncio.create_task(self.scheduler.run(), name="scheduler")
         if s.admin.port is not None:
-            self.admin = AdminServer(self, s.admin.address, s.admin.port)
-            await self.admin.start()
-            log.info(
-                "admin endpoint on http://%s:%d/ (metrics, health, queue)", s.admin.address, self.admin.port
+            await self._start_console()
+
+    async def _start_console(self) -> None:
+        s = self.settings
+        assert self.scheduler is not None and self.ingress is not None
+        parts = RelayParts(
+            settings=s,
+            spool=self.spool,
+            scheduler=self.scheduler,
+            limiter=self.ingress.limiter,
+            transports=self.transports,
+            ports=self.ports,
+            metrics=self.metrics,
+            tracking=self.tracking,
+            activity=self.activity,
+            clock=self._clock,
+            explain=explain_reply,
+        )
+        accounts = admin_accounts(s)
+        self.console = build_console(
+            console_deps(parts, mailboxes=self._mailboxes), s.admin, accounts=accounts, clock=self._clock
+        )
+        context = None
+        if s.admin.tls:
+            cert, key = (
+                (s.admin.cert_file, s.admin.key_file)
+                if s.admin.cert_file and s.admin.key_file
+                else self_signed(s.server.spool_dir / "tls", s.server.hostname)
             )
+            context = tls_context(cert, key)
+        assert s.admin.port is not None
+        self.admin = AdminServer(
+            create_app(self.console, s.admin), address=s.admin.address, port=s.admin.port, ssl_context=context
+        )
+        await self.admin.start()
+        log.info("admin console on %s", self.admin_url)
+        if not accounts.users():
+            log.warning("no admin accounts yet: create one with 'relay365 admin passwd NAME'")
+
+    @property
+    def admin_url(self) -> str:
+        if self.admin is None:
+            return ""
+        host = self.settings.admin.address
+        host = f"[{host}]" if ":" in host else host
+        return f"{self.admin.scheme}://{host}:{self.admin.port}/"
 
     def clock(self) -> float:
         return self._clock()
@@ -184,11 +258,18 @@ class Relay:
             await asyncio.gather(self._scheduler_task, return_exceptions=True)
         for t in self.transports.values():
             await t.close()
+        if isinstance(self.tracking, SqliteTrackingLog):
+            await self.tracking.close()
         await self.spool.close()
 
 
-async def serve(settings: Settings, *, ready: Callable[[Relay], None] = lambda relay: None) -> None:
-    relay = Relay(settings)
+async def serve(
+    settings: Settings,
+    *,
+    ready: Callable[[Relay], None] = lambda relay: None,
+    mailboxes: SandboxMailboxes | None = None,
+) -> None:
+    relay = Relay(settings, mailboxes=mailboxes)
     await relay.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

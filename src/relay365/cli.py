@@ -443,11 +443,13 @@ def send(
 
 def _register_subcommands() -> None:
     """The sandbox and the setup tools live in their own packages and bring their own commands."""
+    from relay365.console_cli import register as register_console
     from relay365.diagnostics.cli import register
     from relay365.sandbox.cli import app as sandbox_app
 
     app.add_typer(sandbox_app, name="sandbox")
     register(app)
+    register_console(app)
 
 
 _register_subcommands()

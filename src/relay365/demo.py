@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import secrets
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +20,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from relay365.admin.accounts import Role
 from relay365.app import Relay, serve
+from relay365.console_adapter import SandboxMailboxes
 from relay365.sandbox.runner import Sandbox
 from relay365.sandbox.tenant import Tenant, example_tenant
 from relay365.settings import Settings, parse_settings
@@ -48,6 +51,8 @@ def demo_settings(sb: Sandbox, state: Path, *, port: int = DEMO_PORT) -> Setting
             {"name": "demo-device", "ip_allow": ["127.0.0.0/8", "::1/128"], "rewrite_sender": DEMO_MAILBOX}
         ],
         "delivery": {"min_backoff": 30, "max_backoff": 600, "poll_interval": 2},
+        # The console on loopback, any free port; its one-time password is printed at start.
+        "admin": {"address": "127.0.0.1", "port": 0},
         "transport": [
             {
                 "name": "direct-send",
@@ -147,6 +152,16 @@ async def run_demo(
                 f"HTTPS (token, Graph) {sb.base_url}",
                 highlight=False,
             )
+            if relay.console is not None:
+                # Lives only in this process: a restart prints a new one, nothing is written to disk.
+                password = secrets.token_urlsafe(12)
+                relay.console.guard.accounts.add_ephemeral("admin", password, Role.OPERATOR)
+                console.print(
+                    f"Console: {relay.admin_url} (user admin, password {password})",
+                    highlight=False,
+                    soft_wrap=True,
+                )
             ready(relay)
 
-        await serve(settings, ready=on_ready)
+        mailboxes = SandboxMailboxes(sb.ctx.store, sorted(sb.ctx.tenant.mailboxes))
+        await serve(settings, ready=on_ready, mailboxes=mailboxes)

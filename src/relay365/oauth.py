@@ -40,6 +40,15 @@ PUBLIC_AUTHORITY = "https://login.microsoftonline.com"
 
 
 @dataclass(frozen=True, slots=True)
+class TokenState:
+    """What the console shows of a token source (never the token itself)."""
+
+    expires_at: float | None
+    last_refresh: float | None
+    last_error: str  # the last failure, e.g. "invalid_client: AADSTS7000215: ..." ("" after a success)
+
+
+@dataclass(frozen=True, slots=True)
 class OAuthSettings:
     tenant: str
     client_id: str
@@ -90,6 +99,8 @@ class TokenSource:
         self._clock = clock
         self._token: str | None = None
         self._expires_at = 0.0
+        self._last_refresh: float | None = None
+        self._last_error = ""
         self._lock = asyncio.Lock()
         self._cache = msal.SerializableTokenCache()
         if settings.token_cache is not None and settings.token_cache.exists():
@@ -169,12 +180,17 @@ class TokenSource:
                 try:
                     result = await asyncio.to_thread(self._acquire)
                 except TokenError as e:
+                    self._last_error = str(e)
                     log.critical("ALERT token: %s (mail waits in the queue)", e)
                     raise
                 self._token = str(result["access_token"])
                 self._expires_at = now + float(result.get("expires_in", 3600))
+                self._last_refresh, self._last_error = now, ""
                 log.info("token for %s refreshed, valid %ds", self._s.client_id, int(self._expires_at - now))
             return self._token
+
+    def state(self) -> TokenState:
+        return TokenState(self._expires_at or None, self._last_refresh, self._last_error)
 
     def invalidate(self) -> None:
         """Forget the cached token (after the upstream refused it)."""

@@ -100,10 +100,30 @@ class DeliverySettings:
 
 @dataclass(frozen=True, slots=True)
 class AdminSettings:
-    """The read-only admin HTTP endpoint (metrics, health, queue view); off unless a port is set."""
+    """The admin console and its API (and /metrics, /api/health); off unless a port is set.
+    Loopback by default; accounts live in ``users_file`` (``relay365 admin passwd NAME``)."""
 
     address: str = "127.0.0.1"
     port: int | None = None
+    tls: bool = False  # HTTPS: cert_file/key_file, or a self-signed pair made under the spool
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    allowed_hosts: tuple[str, ...] = ()  # Host names besides the address, localhost and 127.0.0.1
+    users_file: Path | None = None  # default: <spool_dir>/admin-users.json
+    open_metrics: bool = True  # /metrics without login for clients on loopback
+    session_hours: float = 12.0
+    login_failures: int = 5  # per account and per address, then a lockout
+    lockout_seconds: float = 900.0
+
+
+@dataclass(frozen=True, slots=True)
+class TrackingSettings:
+    """The tracking log (message trace and audit log) in its own database beside the queue."""
+
+    enabled: bool = True
+    retention_days: float = 30.0
+    path: Path | None = None  # default: <spool_dir>/tracking.db
+    log_events: bool = True  # also one structured log line per event
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +200,7 @@ class Settings:
     routes: tuple[RouteSettings, ...]
     source: Path | None = None
     admin: AdminSettings = AdminSettings()
+    tracking: TrackingSettings = TrackingSettings()
 
     def transport(self, name: str) -> TransportSettings:
         for t in self.transports:
@@ -432,13 +453,42 @@ def _delivery(t: _Table) -> DeliverySettings:
 
 
 def _admin(t: _Table) -> AdminSettings:
-    s = AdminSettings(address=t.get("address", str, "127.0.0.1"), port=t.opt("port", int))
+    d = AdminSettings()
+    s = AdminSettings(
+        address=t.get("address", str, d.address),
+        port=t.opt("port", int),
+        tls=t.get("tls", bool, d.tls),
+        cert_file=t.existing_file("cert_file"),
+        key_file=t.existing_file("key_file"),
+        allowed_hosts=tuple(h.lower() for h in t.strings("allowed_hosts")),
+        users_file=t.path("users_file"),
+        open_metrics=t.get("open_metrics", bool, d.open_metrics),
+        session_hours=t.positive("session_hours", float, d.session_hours),
+        login_failures=t.positive("login_failures", int, d.login_failures),
+        lockout_seconds=t.positive("lockout_seconds", float, d.lockout_seconds),
+    )
+    if (s.cert_file is None) != (s.key_file is None):
+        raise ConfigError(
+            t.key("cert_file"), str(s.cert_file or s.key_file), "Set both cert_file and key_file."
+        )
     try:
         ipaddress.ip_address(s.address)
     except ValueError:
         raise ConfigError(t.key("address"), s.address, "Not an IP address.") from None
     if s.port is not None and not 0 <= s.port <= 65535:
         raise ConfigError(t.key("port"), s.port, "Must be from 0 to 65535 (0: any free port).")
+    t.done()
+    return s
+
+
+def _tracking(t: _Table) -> TrackingSettings:
+    d = TrackingSettings()
+    s = TrackingSettings(
+        enabled=t.get("enabled", bool, d.enabled),
+        retention_days=t.positive("retention_days", float, d.retention_days),
+        path=t.path("path"),
+        log_events=t.get("log_events", bool, d.log_events),
+    )
     t.done()
     return s
 
@@ -549,13 +599,14 @@ def parse_settings(data: Mapping[str, Any], *, base: Path, source: Path | None =
     names = {t.name for t in transports}
     routes = tuple(_route(t, names) for t in root.tables("route"))
     admin = _admin(root.table("admin"))
+    tracking = _tracking(root.table("tracking"))
     root.done()
     _check_unique("listener", [(x.name, (x.address, x.port or x.name)) for x in listeners])
     _check_unique("device", [(d.name, d.username or d.name) for d in devices])
     _check_unique("transport", [(t.name, t.name) for t in transports])
     if transports and not routes:
         routes = (RouteSettings(name="default", transport=transports[0].name),)
-    return Settings(server, listeners, devices, delivery, transports, routes, source, admin)
+    return Settings(server, listeners, devices, delivery, transports, routes, source, admin, tracking)
 
 
 def _check_unique(kind: str, items: list[tuple[str, object]]) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from relay365.admin.accounts import AccountStore, Role
 from tests.conftest import make_settings, running_relay, smarthost
 from tests.core.helpers import closed_port
 
@@ -36,11 +37,13 @@ async def test_metrics_health_and_queue(tmp_path: Path) -> None:
         delivery={"min_backoff": 600, "max_backoff": 600, "poll_interval": 0.1},
         admin={"port": 0},
     )
+    token = AccountStore(tmp_path / "spool" / "admin-users.json").create_token("ci", Role.VIEWER)
     async with running_relay(settings) as relay:
         assert relay.admin is not None and relay.admin.port > 0
         assert await asyncio.to_thread(send_two_and_one_refused, relay.ports["lan"]) == 503
         base = f"http://127.0.0.1:{relay.admin.port}"
-        async with httpx.AsyncClient(base_url=base, trust_env=False, timeout=10) as http:
+        auth = {"authorization": f"Bearer {token}"}
+        async with httpx.AsyncClient(base_url=base, trust_env=False, timeout=10, headers=auth) as http:
             deadline = asyncio.get_running_loop().time() + 10
             while True:  # the first delivery attempt fails and holds the transport back
                 got = samples((await http.get("/metrics")).text)
@@ -75,7 +78,7 @@ async def test_metrics_health_and_queue(tmp_path: Path) -> None:
             for bad in ("0", "abc", "5000"):
                 refused = await http.get("/api/queue", params={"limit": bad})
                 assert refused.status_code == 400 and "limit" in refused.json()["error"]
-            assert (await http.post("/api/queue")).status_code == 405  # read-only
+            assert (await http.post("/api/queue")).status_code == 405
     # Stopped with the relay.
     with httpx.Client(trust_env=False, timeout=2) as http:
         try:

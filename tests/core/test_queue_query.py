@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from relay365.admin.accounts import AccountStore, Role
 from relay365.spool.model import Envelope, QueueFilter, QueueState, RcptState
 from relay365.spool.sqlite import SqliteSpool
 from tests.conftest import make_settings, running_relay, smarthost
@@ -253,6 +254,8 @@ async def test_api_queue_filters(tmp_path: Path) -> None:
         admin={"port": 0},
     )
     clock = Clock()
+    # the API needs a login or a token (only /api/health is open)
+    token = AccountStore(tmp_path / "spool" / "admin-users.json").create_token("ci", Role.VIEWER)
     async with running_relay(settings, clock=clock) as relay:
         assert relay.admin is not None
         await relay.spool.enqueue(Envelope("a@contoso.com", ("x@contoso.com",), device="copier"), b"x\r\n")
@@ -262,7 +265,8 @@ async def test_api_queue_filters(tmp_path: Path) -> None:
         await relay.spool.enqueue(Envelope("c@contoso.com", ("z@contoso.com",), device="app"), b"x\r\n")
         await relay.spool.hold(held, True)
         base = f"http://127.0.0.1:{relay.admin.port}"
-        async with httpx.AsyncClient(base_url=base, trust_env=False, timeout=10) as http:
+        auth = {"authorization": f"Bearer {token}"}
+        async with httpx.AsyncClient(base_url=base, trust_env=False, timeout=10, headers=auth) as http:
             got = (await http.get("/api/queue", params={"device": "copier", "limit": 1})).json()
             assert got["total"] == 2 and len(got["messages"]) == 1
             got = (await http.get("/api/queue", params={"state": "held"})).json()

@@ -13,7 +13,10 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
+
+import httpx
 
 from tests.core.helpers import free_port
 
@@ -29,7 +32,7 @@ def test_demo_without_config_delivers_what_swaks_sends(tmp_path: Path) -> None:
     output = ""
     try:
         deadline = time.monotonic() + 60
-        while "Then:" not in output:
+        while "Console:" not in output:
             line = proc.stdout.readline()
             assert line and time.monotonic() < deadline, f"demo did not start:\n{output}"
             output += line
@@ -61,6 +64,19 @@ def test_demo_without_config_delivers_what_swaks_sends(tmp_path: Path) -> None:
             ("Internet", "partner@example.org", "submission"),  # SMTP AUTH with XOAUTH2
             ("SentItems", "scanner@contoso.test", "submission"),
         ]
+        # The console on loopback with the one-time password printed in one line.
+        [(url, password)] = re.findall(
+            r"^Console: (http://127\.0\.0\.1:\d+/) \(user admin, password (\S+)\)$", output, re.M
+        )
+        with httpx.Client(base_url=url, trust_env=False, timeout=30) as http:
+            assert http.post("/login", data={"username": "admin", "password": "wrong"}).status_code == 401
+            assert http.post("/login", data={"username": "admin", "password": password}).status_code == 303
+            trace = http.get("/api/trace", params={"recipient": "alice@contoso.test"}).json()["events"]
+            assert "delivered" in [e["kind"] for e in trace]
+            boxes = http.get("/api/mailboxes", params={"mailbox": "alice@contoso.test"}).json()
+            assert [m["folder"] for m in boxes["messages"]] == ["Inbox"]
+            page = http.get("/mailboxes/" + urllib.parse.quote(boxes["messages"][0]["id"]))
+            assert page.status_code == 200 and "alice@contoso.test" in page.text
     finally:
         proc.send_signal(signal.SIGTERM)
         rest, _ = proc.communicate(timeout=60)

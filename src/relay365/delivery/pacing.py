@@ -92,6 +92,26 @@ class Pacer:
     def active(self, key: str) -> int:
         return self._active.get(key, 0)
 
+    def headroom(self, key: str, limits: PaceLimits) -> Headroom:
+        """What ``key`` may still send now (read-only: the console's pacing column)."""
+        now = self._clock()
+        q = self._history(key, limits, now)
+        in_window = sum(1 for t, _ in q if t > now - limits.window)
+        return Headroom(
+            messages_left=max(0, limits.messages_per_window - in_window),
+            recipients_left=max(0, limits.recipients_per_day - int(sum(n for _, n in q))),
+            sessions_in_use=self._active.get(key, 0),
+            paused_until=max(self._paused_until.get(key, 0.0), 0.0),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Headroom:
+    messages_left: int  # in the current window
+    recipients_left: int  # in the rolling day
+    sessions_in_use: int
+    paused_until: float  # 0: not paused by a throttling reply
+
 
 def is_throttle_reply(reply: str) -> bool:
     """Replies that mean "slow down" rather than "this message is bad"."""

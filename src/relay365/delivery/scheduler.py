@@ -17,13 +17,13 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from relay365.delivery import backoff
 from relay365.delivery.dsn import Failure, build_dsn, original_headers, status_of
 from relay365.delivery.holds import UpstreamHolds
-from relay365.delivery.pacing import Pacer, is_throttle_reply
+from relay365.delivery.pacing import Headroom, Pacer, is_throttle_reply
 from relay365.delivery.recorder import PROBE_INTERVAL, AttemptRecord, OutcomeRecorder
 from relay365.delivery.router import NoRoute, Router
 from relay365.errors import (
@@ -34,6 +34,7 @@ from relay365.errors import (
     UpstreamUnreachableError,
 )
 from relay365.observability.metrics import Metrics
+from relay365.observability.tracking import EventKind, MemoryTrackingLog, TrackingEvent, TrackingLog
 from relay365.settings import DeliverySettings
 from relay365.spool.model import (
     Bounce,
@@ -102,8 +103,10 @@ class Scheduler:
         clock: Callable[[], float] = time.time,
         explain: Callable[[str], str | None] = lambda reply: None,
         metrics: Metrics | None = None,
+        tracking: TrackingLog | None = None,
     ) -> None:
         self._spool = spool
+        self._tracking: TrackingLog = tracking or MemoryTrackingLog()
         self._metrics = metrics or Metrics()
         self._router = router
         self._transports = transports
@@ -160,6 +163,10 @@ class Scheduler:
             if until <= now:
                 del self._cooldown[qid]
         return frozenset(self._inflight | self._cooldown.keys() | self._recorder.unrecorded())
+
+    def headroom(self, transport: PacedTransport) -> Headroom:
+        """Pacing headroom of a paced transport's mailbox (read-only, for the console)."""
+        return self._pacer.headroom(transport.pacing_key, transport.pacing)
 
     def suspended(self) -> dict[str, float]:
         """Transports held back as unreachable, with the time their hold ends."""
@@ -233,6 +240,9 @@ class Scheduler:
                 AttemptRecord(entry.queue_id, tuple(attempt.updates), bounce, tuple(attempt.events))
             )
             ok = True
+            for u in attempt.updates:
+                if u.counts_attempt:
+                    self._track(entry, _OUTCOME_EVENTS[u.state], u.rcpt, u.transport, reply=u.reply)
         except Exception:  # last resort (the DSN or the record itself is broken): a cool-down
             log.exception("delivery of %s failed unexpectedly; retrying after cool-down", entry.queue_id)
         finally:
@@ -259,6 +269,9 @@ class Scheduler:
                 unroutable.append((r.rcpt, str(e)))
                 continue
             groups.setdefault((choice.transport, choice.fallbacks), []).append(r.rcpt)
+            self._track(
+                entry, EventKind.ROUTED, r.rcpt, choice.transport, detail=f"{choice.route}: {choice.reason}"
+            )
         return groups, unroutable
 
     async def _send(self, transport: Transport, entry: QueueEntry, rcpts: list[str]) -> list[RecipientResult]:
@@ -334,6 +347,8 @@ class Scheduler:
                     ]
                     continue
             slot = self._pacer.begin(paced.pacing_key, len(rcpts)) if paced is not None else None
+            for r in rcpts:
+                self._track(entry, EventKind.ATTEMPTED, r, name)
             results: list[RecipientResult] = []
             try:
                 results = await self._send(transport, entry, rcpts)
@@ -358,7 +373,8 @@ class Scheduler:
                 if res.outcome is not Outcome.DELIVERED and fallbacks and route_level(res.reply):
                     retry.append(res.rcpt)
                 else:
-                    updates.append(self._update(entry, res, states[res.rcpt].attempts, failures))
+                    update = self._update(entry, res, states[res.rcpt].attempts, failures)
+                    updates.append(replace(update, transport=name))
             if retry:
                 log.warning(
                     "%s: %s refused %d recipient(s); falling back to %s",
@@ -368,6 +384,35 @@ class Scheduler:
                     fallbacks[0],
                 )
                 pending.append((fallbacks[0], fallbacks[1:], retry))
+
+    def _track(
+        self,
+        entry: QueueEntry,
+        kind: EventKind,
+        rcpt: str,
+        transport: str,
+        *,
+        reply: str = "",
+        detail: str = "",
+    ) -> None:
+        env = entry.envelope
+        self._tracking.record(
+            TrackingEvent(
+                kind=kind,
+                at=self._clock(),
+                queue_id=entry.queue_id,
+                message_id=env.message_id,
+                subject=env.subject,
+                sender=env.mail_from,
+                recipient=rcpt,
+                device=env.device,
+                peer=env.peer,
+                listener=env.listener,
+                transport=transport,
+                reply=reply,
+                detail=detail,
+            )
+        )
 
     def _slow_down(self, paced: PacedTransport, results: list[RecipientResult]) -> None:
         """A throttling reply pauses the mailbox (Retry-After, or one window)."""
@@ -437,6 +482,14 @@ class Scheduler:
         log.info("%s: bounce to <%s> for %d recipient(s)", entry.queue_id, sender, len(failures))
         self._metrics.bounces.inc()
         return Bounce(body, Envelope(mail_from="", rcpt_tos=(sender,), device="relay365", is_dsn=True))
+
+
+_OUTCOME_EVENTS = {
+    RcptState.DELIVERED: EventKind.DELIVERED,
+    RcptState.DEFERRED: EventKind.DEFERRED,
+    RcptState.BOUNCED: EventKind.BOUNCED,
+    RcptState.QUEUED: EventKind.DEFERRED,
+}
 
 
 def _read_head(entry: QueueEntry) -> bytes:

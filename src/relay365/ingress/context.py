@@ -19,7 +19,9 @@ from typing import Any, Protocol
 from relay365.ingress import policy
 from relay365.ingress.handshake import HandshakeLog
 from relay365.ingress.identity import AuthGuard, ConnectionLimiter, DeviceDirectory
+from relay365.observability.activity import DeviceActivity
 from relay365.observability.metrics import Metrics
+from relay365.observability.tracking import MemoryTrackingLog, TrackingLog
 from relay365.spool.model import Spool
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,8 @@ class IngressContext:
     metrics: Metrics = field(default_factory=Metrics)
     route_reply: Callable[[str, str, str], str | None] = no_route_check
     tls_failures: HandshakeLog = field(default_factory=HandshakeLog)
+    tracking: TrackingLog = field(default_factory=MemoryTrackingLog)
+    activity: DeviceActivity = field(default_factory=DeviceActivity)
     sessions: set[Session] = field(default_factory=set)
     closing: bool = False
     all_closed: asyncio.Event = field(default_factory=asyncio.Event)

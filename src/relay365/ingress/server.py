@@ -23,10 +23,11 @@ from aiosmtpd.smtp import Envelope as SmtpEnvelope
 from aiosmtpd.smtp import Session, TLSSetupException
 
 from relay365.errors import CommandRefused, MessageRefused, SpoolError, SpoolFullError
-from relay365.ingress import auth, policy
+from relay365.ingress import auth, observe, policy
 from relay365.ingress.compat import CompatHandler, CompatSMTP, SessionReader
 from relay365.ingress.context import IngressContext
 from relay365.ingress.data import DataParser
+from relay365.ingress.facts import HeaderFacts
 from relay365.ingress.handshake import implicit_tls
 from relay365.ingress.headers import HeaderEditor, received_field
 from relay365.ingress.identity import peer_certificate
@@ -104,6 +105,8 @@ class RelaySMTP(CompatSMTP):
         self._close_after_reply = False
         self._detail = ""  # what the next refusal's log line adds (the user tried, the reason, ...)
         self._detail_level = logging.WARNING
+        self._facts = HeaderFacts()
+        self._rcpt_arg = ""  # the RCPT argument being answered (refusals name the recipient)
 
     # -- connection ------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -127,12 +130,14 @@ class RelaySMTP(CompatSMTP):
                 )
                 assert isinstance(transport, asyncio.WriteTransport)
                 self.ctx.metrics.refusal(reason)
+                self._track_refusal(reason)
                 transport.write(reason.encode() + b"\r\n")
                 transport.close()
                 return
             self._admitted = True
             self.ctx.sessions.add(self)
             self.ip_device = self.ctx.devices.by_ip(self.peer_ip, self.listener.name)
+            self._seen(self.ip_device)
         super().connection_made(transport)
         if self.tls_active:
             self._identify_certificate(transport)
@@ -216,9 +221,35 @@ class RelaySMTP(CompatSMTP):
         if reply[:1] in ("4", "5"):
             reply = policy.with_status(reply)
             self._refused(reply)
+            self._track_refusal(reply)
         await super().push(reply)
         if self._close_after_reply and self.transport is not None:
             self.transport.close()
+
+    # -- the tracking log and device activity (ingress/observe.py) -------------------------------
+    def _seen(self, device: DeviceSettings | None) -> None:
+        tls = observe.tls_version(self.transport)
+        self.ctx.activity.seen(
+            device.name if device else None,
+            address=self.peer_ip,
+            listener=self.listener.name,
+            tls_version=tls,
+        )
+
+    def _track_refusal(self, reply: str) -> None:
+        device, env = self.device(), self.envelope
+        every = ",".join(env.rcpt_tos) if env is not None else ""
+        observe.refused(
+            self.ctx.tracking,
+            self.ctx.activity,
+            reply,
+            device=device.name if device else None,
+            peer=self.peer_ip,
+            listener=self.listener.name,
+            sender=(env.mail_from or "") if env is not None else "",
+            recipient=self._rcpt_arg or every,
+            tls=observe.tls_version(self.transport),
+        )
 
     async def handle_exception(self, error: Exception) -> str:
         """aiosmtpd answers what a command raised with this reply (then ``push`` closes if asked)."""
@@ -339,10 +370,12 @@ class RelaySMTP(CompatSMTP):
     # -- envelope --------------------------------------------------------------------------------
     async def smtp_MAIL(self, arg: str | None) -> None:
         self._raw_arg = (arg or "")[5:] if (arg or "").upper().startswith("FROM:") else (arg or "")
+        self._rcpt_arg = ""
         await super().smtp_MAIL(arg)
 
     async def smtp_RCPT(self, arg: str | None) -> None:
         self._raw_arg = (arg or "")[3:] if (arg or "").upper().startswith("TO:") else (arg or "")
+        self._rcpt_arg = self._raw_arg
         await super().smtp_RCPT(arg)
 
     def on_mail(self, envelope: SmtpEnvelope, address: str, options: list[str]) -> str:
@@ -380,6 +413,7 @@ class RelaySMTP(CompatSMTP):
             return _spool_reply(e)
         envelope.mail_from = address
         envelope.mail_options.extend(options)
+        self._seen(device)
         return "250 2.1.0 Ok"
 
     def on_rcpt(self, envelope: SmtpEnvelope, address: str, options: list[str]) -> str:
@@ -447,6 +481,8 @@ class RelaySMTP(CompatSMTP):
             ),
         )
         size, failure = 0, None
+        facts = self._facts = HeaderFacts()
+        self._rcpt_arg = ""  # refusals from here on concern every recipient
         deadline = self.loop.time() + self.listener.data_timeout
         while True:
             chunk = await self.reader.read(CHUNK)
@@ -461,6 +497,8 @@ class RelaySMTP(CompatSMTP):
             if failure is None and size > limit:
                 failure = "552 5.3.4 Message size exceeds fixed maximum message size"
             if failure is None and result.content:
+                if not facts.done:
+                    facts.feed(result.content)
                 try:
                     editor.write(result.content)
                     await incoming.drain()
@@ -476,6 +514,7 @@ class RelaySMTP(CompatSMTP):
             self._note(parser.invalid)
             return "550 5.6.11 Message refused: bare CR, bare LF or NUL in data (RFC 5321 2.3.8)"
         if failure is None:
+            facts.finish()
             try:
                 editor.finish()
             except MessageRefused as e:
@@ -499,6 +538,8 @@ class RelaySMTP(CompatSMTP):
             # A notification from <> never causes a bounce, even once its sender is rewritten
             # (RFC 5321 4.5.5, RFC 3461 6.2: no notification about a notification).
             is_dsn=null,
+            subject=self._facts.subject,
+            message_id=self._facts.message_id,
         )
         # Shielded: once the commit has started it finishes (row + file, or neither) even if the
         # client disconnects now; the entry is then complete, which is allowed (at-least-once).
@@ -512,6 +553,8 @@ class RelaySMTP(CompatSMTP):
             return _spool_reply(e)
         self.ctx.rates.accepted(device)
         self.ctx.metrics.accepted.labels(self.listener.name, device.name).inc()
+        detail = f"size={incoming.size} {self._protocol()} {observe.tls_version(self.transport)}".strip()
+        observe.received(self.ctx.tracking, self.ctx.activity, queue_id, envelope, detail=detail)
         self.ctx.on_queued(queue_id)
         log.info(
             "queued %s from=<%s> nrcpt=%d size=%d device=%s peer=%s listener=%s",

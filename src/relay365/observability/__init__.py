@@ -1,1 +1,1 @@
-"""What the relay tells its operators: metrics, and (later) the tracking log and logging setup."""
+"""Metrics, the tracking log and device activity: what every service reports and the console reads."""

@@ -66,13 +66,15 @@ def select_page(
         order = f"SELECT * FROM messages m WHERE {sql} ORDER BY m.queue_id{tail}"  # noqa: S608
         rows = conn.execute(order, page).fetchall()
         rcpts: dict[str, list[Recipient]] = {}
-        for qid, rcpt, state, attempts, nxt, reply in conn.execute(
-            "SELECT queue_id, rcpt, state, attempts, next_attempt, last_reply FROM recipients"  # noqa: S608
+        for qid, rcpt, state, attempts, nxt, reply, transport in conn.execute(
+            "SELECT queue_id, rcpt, state, attempts, next_attempt, last_reply, transport"  # noqa: S608
+            " FROM recipients"
             f" WHERE queue_id IN (SELECT m.queue_id FROM messages m WHERE {sql} ORDER BY m.queue_id{tail})"
             " ORDER BY queue_id, pos",
             page,
         ):
-            rcpts.setdefault(qid, []).append(Recipient(rcpt, RcptState(state), attempts, nxt, reply))
+            got = Recipient(rcpt, RcptState(state), attempts, nxt, reply, transport)
+            rcpts.setdefault(qid, []).append(got)
     finally:
         conn.execute("COMMIT")
     return int(total), rows, rcpts

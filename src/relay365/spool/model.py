@@ -84,6 +84,9 @@ class Envelope:
     listener: str = ""
     smtputf8: bool = False
     is_dsn: bool = False
+    # Header facts read while DATA streamed (for the console and the tracking log), not envelope data.
+    subject: str = ""
+    message_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +96,7 @@ class Recipient:
     attempts: int
     next_attempt: float
     last_reply: str
+    transport: str = ""  # the transport of the last attempt ("" before the first)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +149,7 @@ class RecipientUpdate:
     reply: str
     next_attempt: float = 0.0
     counts_attempt: bool = True  # False when pacing (not a failure) postponed the recipient
+    transport: str = ""  # which transport tried ("" leaves the stored one)
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from relay365.errors import QueueEntryNotFound, SpoolError, SpoolFullError, SpoolIOError
+from relay365.spool import browse
 from relay365.spool.filters import make_due, select_page
 from relay365.spool.model import (
     FINAL_STATES,
@@ -60,7 +61,9 @@ CREATE TABLE IF NOT EXISTS messages (
     is_dsn INTEGER NOT NULL,
     size INTEGER NOT NULL,
     received_at REAL NOT NULL,
-    held INTEGER NOT NULL DEFAULT 0
+    held INTEGER NOT NULL DEFAULT 0,
+    subject TEXT NOT NULL DEFAULT '',
+    message_id TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS recipients (
     queue_id TEXT NOT NULL REFERENCES messages(queue_id) ON DELETE CASCADE,
@@ -70,6 +73,7 @@ CREATE TABLE IF NOT EXISTS recipients (
     attempts INTEGER NOT NULL DEFAULT 0,
     next_attempt REAL NOT NULL,
     last_reply TEXT NOT NULL DEFAULT '',
+    transport TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (queue_id, pos)
 );
 CREATE INDEX IF NOT EXISTS recipients_due ON recipients(state, next_attempt);
@@ -252,6 +256,7 @@ class SqliteSpool:
         conn.execute("PRAGMA foreign_keys=ON")
         conn.execute("PRAGMA busy_timeout=10000")
         conn.executescript(_SCHEMA)
+        browse.migrate(conn)
         self._conn = conn
 
     def _remove_orphans(self, conn: sqlite3.Connection) -> int:
@@ -344,7 +349,8 @@ class SqliteSpool:
     def _insert_rows(conn: sqlite3.Connection, rows: Sequence[tuple[str, Envelope, int]], now: float) -> None:
         for queue_id, env, size in rows:
             conn.execute(
-                "INSERT INTO messages VALUES (?,?,?,?,?,?,?,?,?,0)",
+                "INSERT INTO messages (queue_id, mail_from, device, peer, listener, smtputf8, is_dsn,"
+                " size, received_at, held, subject, message_id) VALUES (?,?,?,?,?,?,?,?,?,0,?,?)",
                 (
                     queue_id,
                     env.mail_from,
@@ -355,6 +361,8 @@ class SqliteSpool:
                     int(env.is_dsn),
                     size,
                     now,
+                    env.subject,
+                    env.message_id,
                 ),
             )
             conn.executemany(
@@ -368,9 +376,9 @@ class SqliteSpool:
         if row is None:
             raise QueueEntryNotFound(queue_id)
         rcpts = [
-            Recipient(r[0], RcptState(r[1]), r[2], r[3], r[4])
+            Recipient(r[0], RcptState(r[1]), r[2], r[3], r[4], r[5])
             for r in conn.execute(
-                "SELECT rcpt, state, attempts, next_attempt, last_reply FROM recipients"
+                "SELECT rcpt, state, attempts, next_attempt, last_reply, transport FROM recipients"
                 " WHERE queue_id=? ORDER BY pos",
                 (queue_id,),
             )
@@ -387,6 +395,8 @@ class SqliteSpool:
             listener=row[4],
             smtputf8=bool(row[5]),
             is_dsn=bool(row[6]),
+            subject=row[10],
+            message_id=row[11],
         )
         return QueueEntry(row[0], env, row[7], row[8], bool(row[9]), self.messages_dir / row[0], rcpts)
 
@@ -436,12 +446,14 @@ class SqliteSpool:
                 for u in updates:
                     conn.execute(
                         "UPDATE recipients SET state=?, attempts=attempts+?, next_attempt=?,"
-                        " last_reply=? WHERE queue_id=? AND rcpt=? AND state IN (?,?)",
+                        " last_reply=?, transport=COALESCE(NULLIF(?, ''), transport)"
+                        " WHERE queue_id=? AND rcpt=? AND state IN (?,?)",
                         (
                             u.state.value,
                             int(u.counts_attempt),
                             u.next_attempt,
                             u.reply[:1000],
+                            u.transport,
                             queue_id,
                             u.rcpt,
                             *_OPEN_STATES,
@@ -501,6 +513,10 @@ class SqliteSpool:
             return QueueStats(counts, int(held), oldest)
 
         return await self._db(query)
+
+    async def browse(self, query: browse.QueueQuery, now: float) -> browse.QueuePage:
+        """One page of a filtered queue view (the console), counted and paged in SQL."""
+        return await self._db(lambda conn: browse.select(conn, query, now, self.messages_dir))
 
     async def query(self, where: QueueFilter, *, limit: int | None) -> QueuePage:
         """Filtered and counted in SQL (filters.py): a count and two queries for the page, whatever

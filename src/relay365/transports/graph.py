@@ -152,6 +152,11 @@ class GraphTransport:
             raise error
         return response
 
+    @property
+    def token_source(self) -> TokenSource:
+        """The OAuth token source, read by the console."""
+        return self._tokens
+
     async def deliver(self, message: OutboundMessage) -> list[RecipientResult]:
         body = await asyncio.to_thread(message.read_body)
         to, cc, bcc, faithful = envelope_recipients(body, message.rcpt_tos)

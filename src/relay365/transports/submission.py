@@ -103,6 +103,11 @@ class SubmissionTransport:
             raise
         return smtp
 
+    @property
+    def token_source(self) -> TokenSource | None:
+        """The OAuth token source (None with Basic auth), read by the console."""
+        return self._tokens
+
     async def deliver(self, message: OutboundMessage) -> list[RecipientResult]:
         return await send_over(self._pool, message, upstream=f"{self.name} ({self.upstream})")
 
