@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from relay365.errors import PermanentDeliveryError
-from relay365.transports.mx import make_resolver, mx_host
+from relay365.netdns import make_async_resolver
+from relay365.transports.mx import mx_host
 from tests.conftest import RecordingUpstream, make_settings, running_relay, smarthost
 from tests.core.helpers import closed_port, wait_gone
 from tests.core.smtpraw import RawSMTP
@@ -116,6 +117,6 @@ async def test_ascii_recipients_still_go_when_only_others_need_smtputf8(tmp_path
 async def test_undecodable_international_domain_is_permanent() -> None:
     """A non-ASCII domain that has no DNS form fails for good at once (no retry every cool-down);
     the name is refused before any query is sent."""
-    resolver = make_resolver((f"127.0.0.1:{closed_port()}",))
+    resolver = make_async_resolver((f"127.0.0.1:{closed_port()}",))
     with pytest.raises(PermanentDeliveryError, match=r"^553 5\.1\.2 "):
         await mx_host(resolver, "ü" * 60 + ".example")
