@@ -28,7 +28,9 @@ from relay365.ingress.server import start_listener
 from relay365.ingress.tls import self_signed_chains, server_context
 from relay365.preflight import PreflightReport, preflight
 from relay365.settings import ListenerSettings, Settings, TransportSettings
-from relay365.spool.sqlite import SqliteSpool
+from relay365.spool.contract import Spool
+from relay365.spool.factory import make_spool
+from relay365.spool.model import new_owner_id
 from relay365.transports.base import Transport
 from relay365.transports.connector import ConnectorTransport
 from relay365.transports.direct_send import DirectSendTransport, domain_rule
@@ -130,9 +132,8 @@ class Relay:
     ) -> None:
         """``clock``: wall time for the queue; ``monotonic``: for the AUTH guard and rate limits."""
         self.settings = settings
-        self.spool = SqliteSpool(
-            settings.server.spool_dir, clock=clock, min_free=settings.server.spool_min_free
-        )
+        self.spool: Spool = make_spool(settings, clock=clock)
+        self.owner = new_owner_id()  # this process, to the spool's claims
         self._clock = clock
         self._monotonic = monotonic
         self.transports: dict[str, Transport] = {}
@@ -160,7 +161,8 @@ class Relay:
         for warning in report.warnings:
             log.warning("%s", warning)
         self.transports.update(report.transports)
-        await self.spool.open(recover=True)
+        await self.spool.open()
+        await self.spool.recover(self.owner)
         router = Router(s.routes, accepts=transport_rules(s), null_sender=null_sender_transports(s))
         self.scheduler = Scheduler(
             spool=self.spool,
@@ -171,6 +173,7 @@ class Relay:
             clock=self._clock,
             explain=explain_reply,
             metrics=self.metrics,
+            owner=self.owner,
         )
         await self.scheduler.load_pacing()
         self.ingress = IngressContext(

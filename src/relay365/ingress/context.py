@@ -20,7 +20,7 @@ from relay365.admin.metrics import Metrics
 from relay365.ingress import policy
 from relay365.ingress.handshake import HandshakeLog
 from relay365.ingress.identity import AuthGuard, ConnectionLimiter, DeviceDirectory
-from relay365.spool.model import Spool
+from relay365.spool.contract import Spool
 
 log = logging.getLogger(__name__)
 CLOSE_WAIT = 5.0  # after the 421, how long closing connections get to go away

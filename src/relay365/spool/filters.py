@@ -8,6 +8,7 @@ import sqlite3
 from typing import Any
 
 from relay365.spool.model import QueueFilter, QueueState, RcptState, Recipient
+from relay365.spool.sqlite_schema import MESSAGE_COLUMNS
 
 # The SQL below is put together from fixed fragments only; every value is a ? parameter.
 _OPEN = (RcptState.QUEUED.value, RcptState.DEFERRED.value)
@@ -63,7 +64,7 @@ def select_page(
     conn.execute("BEGIN")  # one snapshot for the count and the page
     try:
         total = conn.execute(f"SELECT COUNT(*) FROM messages m WHERE {sql}", params).fetchone()[0]  # noqa: S608
-        order = f"SELECT * FROM messages m WHERE {sql} ORDER BY m.queue_id{tail}"  # noqa: S608
+        order = f"SELECT {MESSAGE_COLUMNS} FROM messages m WHERE {sql} ORDER BY m.queue_id{tail}"  # noqa: S608
         rows = conn.execute(order, page).fetchall()
         rcpts: dict[str, list[Recipient]] = {}
         for qid, rcpt, state, attempts, nxt, reply in conn.execute(
@@ -79,20 +80,13 @@ def select_page(
 
 
 def make_due(conn: sqlite3.Connection, f: QueueFilter, now: float) -> int:
-    """Every open recipient of the matching messages becomes due at ``now``; returns how many
-    messages matched."""
+    """Inside the caller's write transaction: every open recipient of the matching messages becomes
+    due at ``now``; returns how many messages matched."""
     sql, params = where_sql(f)
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        count = conn.execute(f"SELECT COUNT(*) FROM messages m WHERE {sql}", params).fetchone()[0]  # noqa: S608
-        conn.execute(
-            "UPDATE recipients SET next_attempt=? WHERE state IN (?,?)"  # noqa: S608
-            f" AND queue_id IN (SELECT m.queue_id FROM messages m WHERE {sql})",
-            (now, *_OPEN, *params),
-        )
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
+    count = conn.execute(f"SELECT COUNT(*) FROM messages m WHERE {sql}", params).fetchone()[0]  # noqa: S608
+    conn.execute(
+        "UPDATE recipients SET next_attempt=? WHERE state IN (?,?)"  # noqa: S608
+        f" AND queue_id IN (SELECT m.queue_id FROM messages m WHERE {sql})",
+        (now, *_OPEN, *params),
+    )
     return int(count)
