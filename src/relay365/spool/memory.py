@@ -233,7 +233,7 @@ class MemorySpool:
             t = self._due_at(m.entry)
             if t is not None and t <= now and (not m.entry.claimed_by or m.entry.claimed_until <= now):
                 due.append((t, m))
-        due.sort(key=lambda x: x[0])
+        due.sort(key=lambda x: (x[0], x[1].entry.queue_id))
         taken = []
         for _, m in due[: max(0, limit)]:
             m.entry = replace(m.entry, claimed_by=owner, claimed_until=now + lease)

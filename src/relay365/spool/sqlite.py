@@ -73,7 +73,7 @@ _CLAIMABLE = (
     "SELECT r.queue_id FROM recipients r JOIN messages m USING (queue_id)"
     " WHERE r.state IN (?,?) AND r.next_attempt <= ? AND m.held = 0"
     " AND (m.lease_owner = '' OR m.lease_until <= ?)"
-    " GROUP BY r.queue_id ORDER BY MIN(r.next_attempt) LIMIT ?"
+    " GROUP BY r.queue_id ORDER BY MIN(r.next_attempt), r.queue_id LIMIT ?"
 )
 
 

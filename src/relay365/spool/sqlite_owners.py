@@ -115,11 +115,16 @@ def recover_dead(conn: sqlite3.Connection, *, owners_dir: Path, messages_dir: Pa
                 dead.owners[owner] = fd
         removed = _remove_flat_orphans(conn, messages_dir)
         released = 0
-        for owner in dead.owners:
-            removed += _remove_orphans(conn, messages_dir / owner, owner)
-            released += conn.execute(
+        found: list[str] = []  # newly found dead (a lock file left) or with something to clean up
+        for owner, fd in dead.owners.items():
+            bodies = _remove_orphans(conn, messages_dir / owner, owner)
+            claims = conn.execute(
                 "UPDATE messages SET lease_owner='', lease_until=0 WHERE lease_owner=?", (owner,)
             ).rowcount
+            if fd is not None or bodies or claims:
+                found.append(owner)
+            removed += bodies
+            released += claims
             with contextlib.suppress(OSError):
                 (messages_dir / owner).rmdir()  # only when empty: its committed bodies stay
             with contextlib.suppress(OSError):
@@ -127,7 +132,7 @@ def recover_dead(conn: sqlite3.Connection, *, owners_dir: Path, messages_dir: Pa
         _remove_stale_tmp(owners_dir)
     finally:
         dead.close()
-    return Recovery(tuple(dead.owners), removed, released)
+    return Recovery(tuple(found), removed, released)
 
 
 def _remove_orphans(conn: sqlite3.Connection, directory: Path, owner: str) -> int:
