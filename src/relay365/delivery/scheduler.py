@@ -163,7 +163,8 @@ class Scheduler:
                     log.exception("scheduler pass failed; retrying after the poll interval")
                     timeout = self._settings.poll_interval
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout)
+                    async with asyncio.timeout(timeout):  # (not wait_for: it may swallow a cancel)
+                        await self._wake.wait()
                 self._wake.clear()
         finally:
             if not self._stopping:  # cancelled without stop(): the watcher and renewals go too

@@ -319,8 +319,9 @@ class MemorySpool:
     async def wait_changed(self, max_wait: float) -> bool:
         assert self._changed is not None, "spool is not open"
         if not self._changed.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), max_wait)
+            with contextlib.suppress(TimeoutError):  # (asyncio.timeout, unlike 3.11's wait_for,
+                async with asyncio.timeout(max_wait):  # never swallows a cancellation)
+                    await self._changed.wait()
         changed = self._changed.is_set()
         self._changed.clear()
         self._flush_seen = self.store.flush_generation

@@ -500,8 +500,9 @@ class SqliteSpool:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return False
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), min(remaining, self.FOREIGN_POLL))
+            with contextlib.suppress(TimeoutError):  # (asyncio.timeout, unlike 3.11's wait_for,
+                async with asyncio.timeout(min(remaining, self.FOREIGN_POLL)):  # keeps cancellations)
+                    await self._changed.wait()
 
     def _foreign_change(self, conn: sqlite3.Connection) -> bool:
         """On the database thread: has another connection committed since we last looked?"""
