@@ -331,8 +331,8 @@ def queue_retry(
     recipient: RecipientOpt = None,
     config: ConfigOpt = DEFAULT_CONFIG,
 ) -> None:
-    """Make messages due now: by queue id, --all, or by filter (the server picks them up within its
-    poll interval and stops holding back unreachable upstreams). Held messages stay held."""
+    """Make messages due now: by queue id, --all, or by filter (a running server picks them up at
+    once and stops holding back unreachable upstreams). Held messages stay held."""
     where = QueueFilter(state=state, device=device, sender=sender, recipient=recipient)
     chosen = [bool(queue_ids), every, not where.is_empty()]
     if sum(chosen) != 1:

@@ -393,9 +393,10 @@ class SqliteSpool:
                 " WHERE r.state IN (?,?) AND m.held = 0 AND m.lease_owner = ''",
                 _OPEN_STATES,
             ).fetchone()[0]
+            # CROSS JOIN: SQLite then starts from the few claimed messages (partial index).
             leased = conn.execute(
-                "SELECT MIN(MAX(r.next_attempt, m.lease_until)) FROM messages m JOIN recipients r"
-                " USING (queue_id) WHERE m.lease_owner != '' AND m.held = 0 AND r.state IN (?,?)",
+                "SELECT MIN(MAX(r.next_attempt, m.lease_until)) FROM messages m CROSS JOIN recipients r"
+                " ON r.queue_id = m.queue_id WHERE m.lease_owner != '' AND m.held = 0 AND r.state IN (?,?)",
                 _OPEN_STATES,
             ).fetchone()[0]
             times = [float(t) for t in (free, leased) if t is not None]
