@@ -146,8 +146,10 @@ class Spool(QueueAdmin, Protocol):
         """Atomically take up to ``limit`` due messages for ``owner``: not held, with an open
         recipient whose ``next_attempt <= now``, and unclaimed or with an expired lease (oldest due
         first). Each is claimed until ``now + lease``. Two owners never get the same message while
-        its lease runs, whatever their timing. Durable on return; retrying after an error is safe
-        (nothing was claimed)."""
+        its lease runs, whatever their timing. Visible to every process on return. A backend whose
+        storage lives on the owners' own host (SQLite) may commit claims, renewals and releases
+        without waiting for stable storage: a crash that loses one ends its owner too. A networked
+        backend (PostgreSQL) must not. Retrying after an error is safe (nothing was claimed)."""
         ...
 
     async def renew(self, queue_ids: Sequence[str], *, owner: str, until: float) -> set[str]:
