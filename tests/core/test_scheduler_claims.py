@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from relay365.delivery.claims import Claims
 from relay365.delivery.router import Router
 from relay365.delivery.scheduler import Scheduler
 from relay365.errors import UpstreamUnreachableError
@@ -152,6 +153,9 @@ async def test_a_stalled_owners_claim_expires_then_its_late_outcome_is_dropped(
     a.transport.gate.clear()  # node-a stalls mid-delivery (alive: its claim is not released)
     [qid] = await queue(a, 1)
     await asyncio.wait_for(a.transport.started.wait(), 10)
+    assert a.task is not None
+    a.task.cancel()  # ... and its scheduler with it (a paused VM): no pass, no renewal
+    await asyncio.gather(a.task, return_exceptions=True)
     b = await start(nodes, "node-b")
     await asyncio.sleep(0.2)  # several passes of node-b: the claim still runs
     assert b.transport.copies == {}
@@ -182,19 +186,39 @@ async def test_stop_gives_unfinished_claims_back(nodes: tuple[MemoryStore, Clock
     assert sorted(b.transport.copies) == sorted(ids)
 
 
-async def test_renewed_claims_outlive_the_lease(nodes: tuple[MemoryStore, Clock, list[Node]]) -> None:
-    store, clock, _ = nodes
-    a = await start(nodes, "node-a", lease=0.3)  # renewed every 0.1 s (real time)
-    a.transport.gate.clear()
-    [qid] = await queue(a, 1)
-    await asyncio.wait_for(a.transport.started.wait(), 10)
-    first = store.messages[qid].entry.claimed_until
-    clock.advance(1)  # the claim would have run out long ago without renewals
-    await wait_until(lambda: _true(store.messages[qid].entry.claimed_until > first + 0.5), what="a renewal")
-    assert store.messages[qid].entry.claimed_by == "node-a"
-    a.transport.gate.set()
-    await wait_until(lambda: empty(a), what="delivery")
-    assert a.transport.copies == {qid: 1}
+async def test_running_deliveries_keep_their_claims_renewed() -> None:
+    store, clock = MemoryStore(), Clock()
+    spool, other = MemorySpool(store, clock=clock), MemorySpool(store, clock=clock)
+    await spool.open()
+    await spool.recover("node-a")
+    await other.open()
+    claims = Claims(spool=spool, owner="node-a", lease=0.3, clock=clock)  # renewed every 0.1 s
+    q1, q2 = await queue_on(spool, 2)
+    assert sorted(e.queue_id for e in await claims.take(now=clock.now, limit=1)) == [q1]
+    renewer = asyncio.create_task(claims.keep_renewed())
+    try:
+        clock.advance(10)  # far past the lease: only renewals keep q1 node-a's
+        await wait_until(
+            lambda: _true(store.messages[q1].entry.claimed_until == clock.now + 0.3), what="renewal"
+        )
+        assert await other.claim(owner="node-b", now=clock.now, limit=10, lease=60) == [await spool.get(q2)]
+        claims.done(q1)  # its outcome was recorded: no more renewals
+        clock.advance(10)
+        await asyncio.sleep(0.4)
+        assert store.messages[q1].entry.claimed_until < clock.now
+    finally:
+        renewer.cancel()
+        await asyncio.gather(renewer, return_exceptions=True)
+        await spool.close()
+        await other.close()
+
+
+async def queue_on(spool: MemorySpool, n: int) -> list[str]:
+    ids = []
+    for i in range(n):
+        await asyncio.sleep(0.002)  # queue ids sort by arrival to the millisecond
+        ids.append(await spool.enqueue(ENV, f"Subject: {i}\r\n\r\nbody\r\n".encode()))
+    return ids
 
 
 async def test_queue_retry_from_anywhere_lifts_held_back_upstreams(
