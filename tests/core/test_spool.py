@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -229,3 +230,49 @@ async def test_spool_is_private_to_the_service_user(tmp_path: Path) -> None:
         modes
     )
     assert all(mode & 0o077 == 0 for mode in modes.values()), modes
+
+
+async def test_a_queue_from_before_owners_and_claims_is_upgraded_and_delivered(tmp_path: Path) -> None:
+    """queue.db without the body_dir/lease columns and bodies at messages/<queue id> (relay365 before
+    the spool contract): opened in place, read, claimed, recorded; its crash leftovers still go."""
+    directory = tmp_path / "spool"
+    (directory / "messages").mkdir(parents=True)
+    conn = sqlite3.connect(directory / "queue.db", isolation_level=None)
+    conn.executescript(OLD_SCHEMA)
+    conn.execute(
+        "INSERT INTO messages VALUES ('0193A4F2C81D7B3E9A1', 's@contoso.com', 'printer', '10.0.0.9',"
+        " 'lan', 0, 0, ?, ?, 0)",
+        (len(BODY), T0),
+    )
+    conn.execute("INSERT INTO recipients (queue_id, pos, rcpt, state, next_attempt) VALUES (?,0,?,?,?)",
+                 ("0193A4F2C81D7B3E9A1", "a@contoso.com", "queued", T0))  # fmt: skip
+    conn.close()
+    (directory / "messages" / "0193A4F2C81D7B3E9A1").write_bytes(BODY)
+    (directory / "messages" / "0193A4F2C81DDEADBEEF").write_bytes(b"half")  # its crash leftover
+
+    spool = await open_spool(directory)
+    try:
+        [entry] = await spool.list()
+        assert entry.queue_id == "0193A4F2C81D7B3E9A1" and entry.body_ref == "" and entry.claimed_by == ""
+        assert await body_of(spool, entry) == BODY
+        assert body_files(spool.messages_dir) == ["0193A4F2C81D7B3E9A1"]  # the leftover is gone
+        assert await claim_all(spool) == [entry.queue_id]
+        await spool.record(
+            entry.queue_id, [RecipientUpdate("a@contoso.com", RcptState.DELIVERED, "250 ok")], owner="server"
+        )
+        assert await spool.list() == [] and body_files(spool.messages_dir) == []
+    finally:
+        await spool.close()
+
+
+OLD_SCHEMA = """
+CREATE TABLE messages (queue_id TEXT PRIMARY KEY, mail_from TEXT NOT NULL, device TEXT NOT NULL,
+    peer TEXT NOT NULL, listener TEXT NOT NULL, smtputf8 INTEGER NOT NULL, is_dsn INTEGER NOT NULL,
+    size INTEGER NOT NULL, received_at REAL NOT NULL, held INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE recipients (queue_id TEXT NOT NULL REFERENCES messages(queue_id) ON DELETE CASCADE,
+    pos INTEGER NOT NULL, rcpt TEXT NOT NULL, state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL, last_reply TEXT NOT NULL DEFAULT '', PRIMARY KEY (queue_id, pos));
+CREATE INDEX recipients_due ON recipients(state, next_attempt);
+CREATE TABLE pacing (key TEXT NOT NULL, at REAL NOT NULL, recipients INTEGER NOT NULL);
+CREATE INDEX pacing_at ON pacing(at);
+"""

@@ -29,17 +29,17 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
-from relay365.errors import LeaseLost, QueueEntryNotFound, SpoolFullError
+from relay365.errors import SpoolFullError
+from relay365.spool import sqlite_rows as rows_sql
 from relay365.spool import sqlite_schema as schema
 from relay365.spool.contract import Recovery
 from relay365.spool.filters import make_due, select_page
 from relay365.spool.model import (
-    FINAL_STATES,
     BodyReader,
     Bounce,
     Envelope,
@@ -48,8 +48,6 @@ from relay365.spool.model import (
     QueueFilter,
     QueuePage,
     QueueStats,
-    RcptState,
-    Recipient,
     RecipientUpdate,
     new_owner_id,
 )
@@ -64,17 +62,6 @@ from relay365.spool.sqlite_owners import OwnerLock, check_owner, recover_dead
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-PACING_HISTORY = 86_400.0  # the longest pacing window: 24 hours (recipients per rolling day)
-_OPEN_STATES = (RcptState.QUEUED.value, RcptState.DEFERRED.value)
-_FINAL = tuple(s.value for s in FINAL_STATES)
-# A claimable message: unheld, an open recipient due, no live lease. Parameters: now, now.
-_CLAIMABLE = (
-    "SELECT r.queue_id FROM recipients r JOIN messages m USING (queue_id)"
-    " WHERE r.state IN (?,?) AND r.next_attempt <= ? AND m.held = 0"
-    " AND (m.lease_owner = '' OR m.lease_until <= ?)"
-    " GROUP BY r.queue_id ORDER BY MIN(r.next_attempt), r.queue_id LIMIT ?"
-)
 
 
 class SqliteSpool:
@@ -253,61 +240,16 @@ class SqliteSpool:
             for *_, fut in batch:
                 fut.get_loop().call_soon_threadsafe(_settle, fut, error)
 
-    @classmethod
-    def _write_rows(
-        cls, conn: sqlite3.Connection, rows: Sequence[tuple[str, Envelope, int]], now: float, body_dir: str
-    ) -> None:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            cls._insert_rows(conn, rows, now, body_dir)
-            conn.execute("COMMIT")
-        except BaseException:
-            _rollback(conn)
-            raise
-
     @staticmethod
-    def _insert_rows(
-        conn: sqlite3.Connection, rows: Sequence[tuple[str, Envelope, int]], now: float, body_dir: str = ""
+    def _write_rows(
+        conn: sqlite3.Connection, rows: Sequence[tuple[str, Envelope, int]], now: float, body_dir: str
     ) -> None:
-        for queue_id, env, size in rows:
-            conn.execute(
-                schema.INSERT_MESSAGE,
-                (
-                    queue_id,
-                    env.mail_from,
-                    env.device,
-                    env.peer,
-                    env.listener,
-                    int(env.smtputf8),
-                    int(env.is_dsn),
-                    size,
-                    now,
-                    body_dir,
-                ),
-            )
-            conn.executemany(
-                "INSERT INTO recipients (queue_id, pos, rcpt, state, next_attempt) VALUES (?,?,?,?,?)",
-                [(queue_id, i, r, RcptState.QUEUED.value, now) for i, r in enumerate(env.rcpt_tos)],
-            )
+        with rows_sql.transaction(conn):
+            rows_sql.insert_rows(conn, rows, now, body_dir)
+
+    _insert_rows = staticmethod(rows_sql.insert_rows)  # (tests fill a big queue with it)
 
     # -- entries -------------------------------------------------------------------------------------
-    def _entry(self, conn: sqlite3.Connection, queue_id: str) -> QueueEntry:
-        row = conn.execute(
-            f"SELECT {schema.MESSAGE_COLUMNS} FROM messages m WHERE queue_id=?",  # noqa: S608
-            (queue_id,),
-        ).fetchone()
-        if row is None:
-            raise QueueEntryNotFound(queue_id)
-        rcpts = [
-            Recipient(r[0], RcptState(r[1]), r[2], r[3], r[4])
-            for r in conn.execute(
-                "SELECT rcpt, state, attempts, next_attempt, last_reply FROM recipients"
-                " WHERE queue_id=? ORDER BY pos",
-                (queue_id,),
-            )
-        ]
-        return make_entry(row, rcpts)
-
     def _path(self, queue_id: str, body_dir: str) -> Path:
         return self.messages_dir / body_dir / queue_id if body_dir else self.messages_dir / queue_id
 
@@ -331,65 +273,22 @@ class SqliteSpool:
     # -- delivery ------------------------------------------------------------------------------------
     async def claim(self, *, owner: str, now: float, limit: int, lease: float) -> list[QueueEntry]:
         self._attach(owner)
-        params = (*_OPEN_STATES, now, now, limit)
-
-        def take(conn: sqlite3.Connection) -> list[QueueEntry]:
-            # A read first, without the write lock: an idle poll of several processes stays lock-free.
-            if limit <= 0 or not conn.execute(_CLAIMABLE, params).fetchone():
-                return []
-            with _claims_only(conn):
-                ids = [i for (i,) in conn.execute(_CLAIMABLE, params)]
-                conn.executemany(
-                    "UPDATE messages SET lease_owner=?, lease_until=? WHERE queue_id=?",
-                    [(owner, now + lease, i) for i in ids],
-                )
-                return [self._entry(conn, i) for i in ids]
-
-        return await self._db(take)
+        return await self._db(
+            lambda conn: rows_sql.claim(conn, owner=owner, now=now, limit=limit, lease=lease)
+        )
 
     async def renew(self, queue_ids: Sequence[str], *, owner: str, until: float) -> set[str]:
         ids = list(queue_ids)
-
-        def write(conn: sqlite3.Connection) -> set[str]:
-            with _claims_only(conn):
-                held = set()
-                for i in ids:
-                    if conn.execute(
-                        "UPDATE messages SET lease_until=? WHERE queue_id=? AND lease_owner=?",
-                        (until, i, owner),
-                    ).rowcount:
-                        held.add(i)
-                return held
-
-        return await self._db(write) if ids else set()
+        return (
+            await self._db(lambda conn: rows_sql.renew(conn, ids, owner=owner, until=until)) if ids else set()
+        )
 
     async def release(self, queue_id: str, *, owner: str) -> None:
-        def write(conn: sqlite3.Connection) -> int:
-            with _claims_only(conn):
-                sql = "UPDATE messages SET lease_owner='', lease_until=0 WHERE queue_id=? AND lease_owner=?"
-                return int(conn.execute(sql, (queue_id, owner)).rowcount)
-
-        released = await self._db(write)
-        if released:
+        if await self._db(lambda conn: rows_sql.release(conn, queue_id, owner=owner)):
             self._notify()
 
     async def next_due_time(self) -> float | None:
-        def query(conn: sqlite3.Connection) -> float | None:
-            free = conn.execute(
-                "SELECT MIN(r.next_attempt) FROM recipients r JOIN messages m USING (queue_id)"
-                " WHERE r.state IN (?,?) AND m.held = 0 AND m.lease_owner = ''",
-                _OPEN_STATES,
-            ).fetchone()[0]
-            # CROSS JOIN: SQLite then starts from the few claimed messages (partial index).
-            leased = conn.execute(
-                "SELECT MIN(MAX(r.next_attempt, m.lease_until)) FROM messages m CROSS JOIN recipients r"
-                " ON r.queue_id = m.queue_id WHERE m.lease_owner != '' AND m.held = 0 AND r.state IN (?,?)",
-                _OPEN_STATES,
-            ).fetchone()[0]
-            times = [float(t) for t in (free, leased) if t is not None]
-            return min(times) if times else None
-
-        return await self._db(query)
+        return await self._db(rows_sql.next_due_time)
 
     async def record(
         self,
@@ -407,54 +306,13 @@ class SqliteSpool:
             await self.run_io(dsn.sync)
 
         def write(conn: sqlite3.Connection) -> str | None:
-            if dsn is not None:
+            new = None
+            if dsn is not None and bounce is not None:
                 fsync_dir(dsn.path.parent)
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                row = conn.execute(
-                    "SELECT lease_owner, body_dir FROM messages WHERE queue_id=?", (queue_id,)
-                ).fetchone()
-                if row is None or row[0] != owner:
-                    holder = "deleted" if row is None else f"claimed by {row[0] or 'nobody'}"
-                    raise LeaseLost(f"{queue_id} is no longer claimed by {owner} ({holder})")
-                for u in updates:
-                    conn.execute(
-                        "UPDATE recipients SET state=?, attempts=attempts+?, next_attempt=?,"
-                        " last_reply=? WHERE queue_id=? AND rcpt=? AND state IN (?,?)",
-                        (
-                            u.state.value,
-                            int(u.counts_attempt),
-                            u.next_attempt,
-                            u.reply[:1000],
-                            queue_id,
-                            u.rcpt,
-                            *_OPEN_STATES,
-                        ),
-                    )
-                if dsn is not None and bounce is not None:
-                    row_of_dsn = (dsn.queue_id, bounce.envelope, dsn.size)
-                    self._insert_rows(conn, [row_of_dsn], self._clock(), dsn.body_dir)
-                if pace_events:
-                    conn.executemany(
-                        "INSERT INTO pacing VALUES (?,?,?)",
-                        [(e.key, e.at, e.recipients) for e in pace_events],
-                    )
-                    conn.execute("DELETE FROM pacing WHERE at < ?", (self._clock() - PACING_HISTORY,))
-                open_left = conn.execute(
-                    "SELECT COUNT(*) FROM recipients WHERE queue_id=? AND state NOT IN (?,?)",
-                    (queue_id, *_FINAL),
-                ).fetchone()[0]
-                if open_left == 0:
-                    conn.execute("DELETE FROM messages WHERE queue_id=?", (queue_id,))
-                else:
-                    conn.execute(
-                        "UPDATE messages SET lease_owner='', lease_until=0 WHERE queue_id=?", (queue_id,)
-                    )
-                conn.execute("COMMIT")
-            except BaseException:
-                _rollback(conn)
-                raise
-            return str(row[1]) if open_left == 0 else None
+                new = (dsn.queue_id, bounce.envelope, dsn.size, dsn.body_dir)
+            return rows_sql.apply_outcome(
+                conn, queue_id, updates, owner=owner, dsn=new, pace_events=pace_events, now=self._clock()
+            )
 
         try:
             finished_dir = await self._db(write)
@@ -468,11 +326,7 @@ class SqliteSpool:
             self._notify()
 
     async def pace_events(self, since: float) -> list[PaceEvent]:
-        def query(conn: sqlite3.Connection) -> list[PaceEvent]:
-            rows = conn.execute("SELECT key, at, recipients FROM pacing WHERE at >= ?", (since,))
-            return [PaceEvent(k, a, n) for k, a, n in rows]
-
-        return await self._db(query)
+        return await self._db(lambda conn: rows_sql.pace_events(conn, since))
 
     # -- wake-ups ------------------------------------------------------------------------------------
     async def wait_changed(self, max_wait: float) -> bool:
@@ -511,15 +365,8 @@ class SqliteSpool:
         """Run ``change`` and one more flush request in one transaction; wake the waiters."""
 
         def write(conn: sqlite3.Connection) -> tuple[T, int]:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                result = change(conn)
-                generation = schema.bump_flush(conn)
-                conn.execute("COMMIT")
-            except BaseException:
-                _rollback(conn)
-                raise
-            return result, generation
+            with rows_sql.transaction(conn):
+                return change(conn), schema.bump_flush(conn)
 
         result, generation = await self._db(write)
         self._flush_generation = max(self._flush_generation, generation)
@@ -528,22 +375,10 @@ class SqliteSpool:
 
     # -- administration ------------------------------------------------------------------------------
     async def get(self, queue_id: str) -> QueueEntry:
-        return await self._db(lambda conn: self._entry(conn, queue_id))
+        return await self._db(lambda conn: rows_sql.read_entry(conn, queue_id))
 
     async def stats(self) -> QueueStats:
-        def query(conn: sqlite3.Connection) -> QueueStats:
-            counts = {state.value: 0 for state in RcptState}
-            for state, n in conn.execute("SELECT state, COUNT(*) FROM recipients GROUP BY state"):
-                counts[state] = n
-            held = conn.execute("SELECT COUNT(*) FROM messages WHERE held=1").fetchone()[0]
-            oldest = conn.execute(
-                "SELECT MIN(received_at) FROM messages WHERE queue_id IN"
-                " (SELECT queue_id FROM recipients WHERE state IN (?,?))",
-                _OPEN_STATES,
-            ).fetchone()[0]
-            return QueueStats(counts, int(held), oldest)
-
-        return await self._db(query)
+        return await self._db(rows_sql.stats)
 
     async def query(self, where: QueueFilter, *, limit: int | None) -> QueuePage:
         """Filtered and counted in SQL (filters.py): a count and two queries for the page, whatever
@@ -551,7 +386,7 @@ class SqliteSpool:
 
         def read(conn: sqlite3.Connection) -> QueuePage:
             total, rows, rcpts = select_page(conn, where, limit)
-            return QueuePage([make_entry(row, rcpts.get(row[0], [])) for row in rows], total)
+            return QueuePage([rows_sql.make_entry(row, rcpts.get(row[0], [])) for row in rows], total)
 
         return await self._db(read)
 
@@ -563,84 +398,16 @@ class SqliteSpool:
         return await self._bump(lambda conn: make_due(conn, where, now))
 
     async def retry(self, queue_id: str, now: float) -> None:
-        def write(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "UPDATE recipients SET next_attempt=? WHERE queue_id=? AND state IN (?,?)",
-                (now, queue_id, *_OPEN_STATES),
-            )
-            _must_exist(conn, queue_id)
-
-        await self._bump(write)
+        await self._bump(lambda conn: rows_sql.make_one_due(conn, queue_id, now))
 
     async def hold(self, queue_id: str, held: bool) -> None:
-        def write(conn: sqlite3.Connection) -> None:
-            conn.execute("UPDATE messages SET held=? WHERE queue_id=?", (int(held), queue_id))
-            _must_exist(conn, queue_id)
-
-        await self._db(write)
+        await self._db(lambda conn: rows_sql.set_held(conn, queue_id, held))
         if not held:
             self._notify()
 
     async def delete(self, queue_id: str) -> None:
-        def write(conn: sqlite3.Connection) -> str:
-            sql = "DELETE FROM messages WHERE queue_id=? RETURNING body_dir"
-            row = conn.execute(sql, (queue_id,)).fetchone()
-            if row is None:
-                raise QueueEntryNotFound(queue_id)
-            return str(row[0])
-
-        body_dir = await self._db(write)
+        body_dir = await self._db(lambda conn: rows_sql.delete(conn, queue_id))
         self._path(queue_id, body_dir).unlink(missing_ok=True)
-
-
-def make_entry(row: Sequence[Any], recipients: Sequence[Recipient]) -> QueueEntry:
-    """A queue entry from a ``MESSAGE_COLUMNS`` row and its recipients."""
-    rcpts = tuple(recipients)
-    env = Envelope(
-        mail_from=row[1],
-        rcpt_tos=tuple(r.rcpt for r in rcpts),
-        device=row[2],
-        peer=row[3],
-        listener=row[4],
-        smtputf8=bool(row[5]),
-        is_dsn=bool(row[6]),
-    )
-    return QueueEntry(
-        row[0], env, row[7], row[8], bool(row[9]), rcpts, row[10], claimed_by=row[11], claimed_until=row[12]
-    )
-
-
-def _must_exist(conn: sqlite3.Connection, queue_id: str) -> None:
-    if not conn.execute("SELECT 1 FROM messages WHERE queue_id=?", (queue_id,)).fetchone():
-        raise QueueEntryNotFound(queue_id)
-
-
-@contextlib.contextmanager
-def _claims_only(conn: sqlite3.Connection) -> Iterator[None]:
-    """A write transaction that changes claims and nothing else, committed without waiting for the
-    WAL's fsync (``synchronous=NORMAL``): still atomic and at once visible to every process, and the
-    next FULL commit makes it durable. A claim lost to a power cut only belonged to processes that
-    died with it, which ``recover`` would release anyway; so the delivery path pays one fsync per
-    outcome, not one more per claim."""
-    conn.execute("PRAGMA synchronous=NORMAL")
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-            conn.execute("COMMIT")
-        except BaseException:
-            _rollback(conn)
-            raise
-    finally:
-        conn.execute("PRAGMA synchronous=FULL")
-
-
-def _rollback(conn: sqlite3.Connection) -> None:
-    """Roll back unless SQLite already did: on SQLITE_FULL (disk full) or SQLITE_IOERR it rolls the
-    transaction back itself, and a second ROLLBACK would replace the real error with "cannot rollback"
-    (turning a 452 4.3.1 into a 451 4.3.0)."""
-    if conn.in_transaction:
-        conn.execute("ROLLBACK")
 
 
 def _settle(fut: asyncio.Future[None], error: BaseException | None) -> None:
