@@ -2,13 +2,13 @@
 
 A ``Backend`` opens handles on one shared store; each handle stands for one process (its own
 connection, its own owner). ``crash`` is that process's death: its lock goes, nothing is cleaned up.
-The PostgreSQL spool (issue 10) adds its name to ``BACKENDS`` and a branch in ``backend``.
+The PostgreSQL spool (issue 10) adds one line to ``FACTORIES`` (its spool made for a ``Backend``).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -18,21 +18,17 @@ from relay365.spool.memory import MemorySpool, MemoryStore
 from relay365.spool.sqlite import SqliteSpool
 from tests.core.helpers import Clock
 
-BACKENDS = ["memory", "sqlite"]
-
 
 class Backend:
     def __init__(self, name: str, tmp_path: Path) -> None:
         self.name = name
         self.clock = Clock()
-        self._dir = tmp_path / "spool"
-        self._store = MemoryStore()
+        self.tmp_path = tmp_path
+        self.store = MemoryStore()  # (the memory backend's shared store)
         self._open: list[Spool] = []
 
     def new(self) -> Spool:
-        if self.name == "memory":
-            return MemorySpool(self._store, clock=self.clock)
-        return SqliteSpool(self._dir, clock=self.clock)
+        return FACTORIES[self.name](self)
 
     async def open(self, owner: str | None = None) -> Spool:
         """A new handle (another process) on the same spool; with ``owner``, recovered as that
@@ -56,7 +52,13 @@ class Backend:
         self._open.clear()
 
 
-@pytest.fixture(params=BACKENDS)
+FACTORIES: dict[str, Callable[[Backend], Spool]] = {
+    "memory": lambda b: MemorySpool(b.store, clock=b.clock),
+    "sqlite": lambda b: SqliteSpool(b.tmp_path / "spool", clock=b.clock),
+}
+
+
+@pytest.fixture(params=list(FACTORIES))
 async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
     b = Backend(request.param, tmp_path)
     try:
