@@ -34,7 +34,9 @@ from relay365.observability.tracking_sqlite import SqliteTrackingLog
 from relay365.preflight import PreflightReport, preflight
 from relay365.replies import classify
 from relay365.settings import ListenerSettings, Settings
-from relay365.spool.sqlite import SqliteSpool
+from relay365.spool.contract import Spool
+from relay365.spool.factory import make_spool
+from relay365.spool.model import new_owner_id
 from relay365.transports.base import Transport
 from relay365.transports.registry import build_transport, null_sender_transports, recipient_rules
 
@@ -108,9 +110,8 @@ class Relay:
     ) -> None:
         """``clock``: wall time for the queue; ``monotonic``: for the AUTH guard and rate limits."""
         self.settings = settings
-        self.spool = SqliteSpool(
-            settings.server.spool_dir, clock=clock, min_free=settings.server.spool_min_free
-        )
+        self.spool: Spool = make_spool(settings, clock=clock)
+        self.owner = new_owner_id()  # this process, to the spool's claims
         self._clock = clock
         self._monotonic = monotonic
         self.transports: dict[str, Transport] = {}
@@ -142,7 +143,8 @@ class Relay:
         for warning in report.warnings:
             log.warning("%s", warning)
         self.transports.update(report.transports)
-        await self.spool.open(recover=True)
+        await self.spool.open()
+        await self.spool.recover(self.owner)
         if isinstance(self.tracking, SqliteTrackingLog):
             await self.tracking.open()
         router = Router(s.routes, accepts=recipient_rules(s), null_sender=null_sender_transports(s))
@@ -156,6 +158,7 @@ class Relay:
             explain=explain_reply,
             metrics=self.metrics,
             tracking=self.tracking,
+            owner=self.owner,
         )
         await self.scheduler.load_pacing()
         self.ingress = IngressContext(

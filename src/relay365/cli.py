@@ -20,8 +20,9 @@ from rich.table import Table
 from relay365.app import Relay
 from relay365.errors import ConfigError, QueueEntryNotFound, Relay365Error
 from relay365.settings import Settings, load_settings
+from relay365.spool.contract import QueueAdmin
+from relay365.spool.factory import locate, open_spool, spool_exists
 from relay365.spool.model import QueueEntry, QueueFilter, QueueState, entry_dict
-from relay365.spool.sqlite import SqliteSpool
 
 app = typer.Typer(
     help="relay365: get mail from devices and applications into Microsoft 365.",
@@ -244,18 +245,17 @@ def login(
     console.print(f"[green]signed in[/green] as {user}; token cache: {t.m365.token_cache}")
 
 
-def _with_spool(config: Path, fn: Callable[[SqliteSpool], Awaitable[T]]) -> T:
+def _with_spool(config: Path, fn: Callable[[QueueAdmin], Awaitable[T]]) -> T:
     settings = _settings(config)
-    if not (settings.server.spool_dir / "queue.db").exists():
-        raise _fail(f"no spool at {settings.server.spool_dir} (has the server run yet?)")
+    try:
+        if not spool_exists(settings):
+            raise _fail(f"no spool at {locate(settings).path} (has the server run yet?)")
+    except ConfigError as e:
+        raise _fail(str(e)) from None
 
     async def run() -> T:
-        spool = SqliteSpool(settings.server.spool_dir)
-        await spool.open(recover=False)
-        try:
+        async with open_spool(settings) as spool:
             return await fn(spool)
-        finally:
-            await spool.close()
 
     try:
         return asyncio.run(run())
@@ -366,8 +366,8 @@ def queue_retry(
     recipient: RecipientOpt = None,
     config: ConfigOpt = DEFAULT_CONFIG,
 ) -> None:
-    """Make messages due now: by queue id, --all, or by filter (the server picks them up within its
-    poll interval and stops holding back unreachable upstreams). Held messages stay held."""
+    """Make messages due now: by queue id, --all, or by filter (a running server picks them up at
+    once and stops holding back unreachable upstreams). Held messages stay held."""
     where = QueueFilter(state=state, device=device, sender=sender, recipient=recipient)
     chosen = [bool(queue_ids), every, not where.is_empty()]
     if sum(chosen) != 1:
@@ -379,7 +379,7 @@ def queue_retry(
     if queue_ids:
         ids = queue_ids
 
-        async def each(spool: SqliteSpool) -> None:
+        async def each(spool: QueueAdmin) -> None:
             for qid in ids:
                 await spool.retry(qid, now)
 

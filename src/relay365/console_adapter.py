@@ -27,15 +27,14 @@ from relay365.admin.ports import (
     TransportStatus,
 )
 from relay365.delivery.scheduler import Scheduler
-from relay365.errors import QueueEntryNotFound
+from relay365.errors import QueueEntryNotFound, SpoolError
 from relay365.ingress.identity import ConnectionLimiter
 from relay365.observability.activity import DeviceActivity
 from relay365.observability.metrics import Metrics
 from relay365.observability.tracking import EventKind, TraceQuery, TrackingLog
 from relay365.settings import Settings
-from relay365.spool.browse import QueuePage, QueueQuery
-from relay365.spool.model import QueueEntry, QueueStats
-from relay365.spool.sqlite import SqliteSpool
+from relay365.spool.contract import Spool
+from relay365.spool.model import QueueEntry, QueuePage, QueueQuery, QueueStats
 from relay365.transports.base import PacedTransport, Transport
 
 if TYPE_CHECKING:
@@ -51,7 +50,7 @@ class RelayParts:
     """What the adapter reads: the relay's stages, handed over by the composition root."""
 
     settings: Settings
-    spool: SqliteSpool
+    spool: Spool
     scheduler: Scheduler | None
     limiter: ConnectionLimiter | None
     transports: Mapping[str, Transport]
@@ -130,34 +129,28 @@ class SpoolQueueAdmin:
         self._relay = relay
 
     async def browse(self, query: QueueQuery) -> QueuePage:
-        return await self._relay.spool.browse(query, self._relay.clock())
+        q = query
+        return await self._relay.spool.query(q.where, limit=q.limit, order=q.order, cursor=q.cursor)
 
     async def get(self, queue_id: str) -> QueueEntry:
         return await self._relay.spool.get(queue_id)
 
     async def head(self, queue_id: str) -> bytes:
         entry = await self.get(queue_id)
-
-        def read() -> bytes:
-            try:
-                with entry.body_path.open("rb") as f:
-                    return f.read(HEAD_BYTES)
-            except FileNotFoundError:
-                return b""
-
-        return await asyncio.to_thread(read)
+        try:
+            async with self._relay.spool.body(entry) as reader:
+                return await reader.read(HEAD_BYTES)
+        except SpoolError:  # delivered and removed meanwhile, or unreadable: no headers to show
+            return b""
 
     async def raw(self, queue_id: str) -> AsyncIterator[bytes]:
         entry = await self.get(queue_id)
         try:
-            f = await asyncio.to_thread(entry.body_path.open, "rb")
-        except FileNotFoundError:
+            async with self._relay.spool.body(entry) as reader:
+                async for chunk in reader.chunks(RAW_CHUNK):
+                    yield chunk
+        except SpoolError:
             raise QueueEntryNotFound(queue_id) from None
-        try:
-            while chunk := await asyncio.to_thread(f.read, RAW_CHUNK):
-                yield chunk
-        finally:
-            f.close()
 
     async def hold(self, queue_id: str, held: bool) -> None:
         await self._relay.spool.hold(queue_id, held)

@@ -11,6 +11,8 @@
      │    ├── SpoolFullError         no space left: ingress answers 452 4.3.1
      │    └── SpoolIOError           any other I/O error: ingress answers 451 4.3.0
      ├── QueueEntryNotFound          a queue id that is not in the spool
+     ├── LeaseLost                   a delivery's claim on a message was taken over or the message
+     │                               is gone: its outcome is not written (spool/contract.py)
      ├── Refusal                     ingress refuses what a device sent; carries the SMTP reply
      │    ├── CommandRefused         a command line (bare LF/CR, NUL, not UTF-8) or a shutdown
      │    └── MessageRefused         the message's header section (folded first line, limits)
@@ -76,6 +78,12 @@ class SpoolIOError(SpoolError):
 
 class QueueEntryNotFound(Relay365Error):
     """No queue entry has this id."""
+
+
+class LeaseLost(Relay365Error):
+    """The caller no longer holds the claim on a queue entry (another owner took it over after the
+    lease expired, or the entry was deleted): nothing was written. Not a ``SpoolError``: the spool
+    works, and the other owner delivers the message."""
 
 
 class Refusal(Relay365Error):

@@ -17,7 +17,8 @@ Checked, in config order:
 * CA files (``client_ca_file``, ``ca_file``, ``authority_ca_file``) hold at least one certificate;
 * no two listeners (or a listener and the admin endpoint) bind the same port on overlapping addresses
   (``0.0.0.0`` covers every IPv4 address; ``::`` every IPv6 one, asyncio binds IPv6 with V6ONLY);
-* the spool directory exists and is writable, or can be created;
+* the spool directory exists and is writable, or can be created; ``[spool] url`` names a backend this
+  build has (spool/factory.py), and a ``sqlite:`` spool elsewhere is checked like the directory;
 * every transport is built as serve builds it (its own checks run), and handed to serve.
 
 Warnings (serve starts anyway; both print them): a world-readable private key, an expired listener
@@ -37,9 +38,10 @@ from pathlib import Path
 
 from relay365.certfiles import Findings, check_ca, check_pair, is_rsa
 from relay365.credentials import load_secret
-from relay365.errors import PreflightError, Relay365Error
+from relay365.errors import ConfigError, PreflightError, Relay365Error
 from relay365.ingress.tls import self_signed_paths, self_signed_types, server_context
 from relay365.settings import ListenerSettings, Settings, TransportSettings
+from relay365.spool.factory import locate
 from relay365.transports.base import Transport
 
 BuildTransport = Callable[[TransportSettings], Transport]
@@ -68,6 +70,7 @@ async def preflight(
         _listener_tls(f"listener[{i}]", listener, settings.server.spool_dir, out)
     _bindings(settings, out)
     _spool(settings.server.spool_dir, out)
+    _spool_url(settings, out)
     report = PreflightReport(warnings=out.warnings)
     if not out.problems:
         for i, t in enumerate(settings.transports):
@@ -192,8 +195,22 @@ def _overlap(a: str, b: str) -> bool:
     return x.version == y.version and (x == y or x.is_unspecified or y.is_unspecified)
 
 
-def _spool(directory: Path, out: Findings) -> None:
-    key = "server.spool_dir"
+def _spool_url(settings: Settings, out: Findings) -> None:
+    try:
+        where = locate(settings)
+    except ConfigError as e:
+        out.problems.append(str(e))
+        return
+    if where.scheme == "memory":
+        out.warnings.append(
+            "spool.url = memory: keeps the queue in memory only; every queued message is lost when"
+            " relay365 stops (for tests)."
+        )
+    elif where.path is not None and where.path != settings.server.spool_dir:
+        _spool(where.path, out, key="spool.url")
+
+
+def _spool(directory: Path, out: Findings, *, key: str = "server.spool_dir") -> None:
     base = directory
     while not base.exists() and base != base.parent:
         base = base.parent

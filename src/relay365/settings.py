@@ -96,6 +96,17 @@ class DeliverySettings:
     max_backoff: float = 4000.0  # Postfix maximal_backoff_time
     queue_lifetime: float = 5 * 86400.0  # Postfix maximal_queue_lifetime
     poll_interval: float = 30.0
+    # How long a claim on a message lasts (renewed while its delivery runs): after a process died
+    # without a trace, another one delivers its messages this long after the last renewal.
+    lease: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolSettings:
+    """``[spool] url``: where the queue lives. ``sqlite:PATH`` (the default: ``server.spool_dir``),
+    ``memory:`` (tests only: nothing survives a restart) or ``postgresql://...`` (issue 10)."""
+
+    url: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +212,7 @@ class Settings:
     source: Path | None = None
     admin: AdminSettings = AdminSettings()
     tracking: TrackingSettings = TrackingSettings()
+    spool: SpoolSettings = SpoolSettings()
 
     def transport(self, name: str) -> TransportSettings:
         for t in self.transports:
@@ -445,11 +457,30 @@ def _delivery(t: _Table) -> DeliverySettings:
         max_backoff=t.positive("max_backoff", float, 4000.0),
         queue_lifetime=t.positive("queue_lifetime", float, 5 * 86400.0),
         poll_interval=t.positive("poll_interval", float, 30.0),
+        lease=t.positive("lease", float, 60.0),
     )
     if s.max_backoff < s.min_backoff:
         raise ConfigError(t.key("max_backoff"), s.max_backoff, "Must be at least min_backoff.")
     t.done()
     return s
+
+
+SPOOL_SCHEMES = ("sqlite:", "memory:", "postgresql://", "postgres://")
+
+
+def _spool(t: _Table, server: ServerSettings) -> SpoolSettings:
+    """The URL as given, a relative ``sqlite:`` path made absolute against the config's folder;
+    which backends this build has is the spool factory's answer (spool/factory.py)."""
+    url = t.get("url", str, "").strip()
+    if not url or url == "sqlite:":
+        url = f"sqlite:{server.spool_dir}"
+    elif url.startswith("sqlite:"):
+        path = Path(url.removeprefix("sqlite:").removeprefix("//")).expanduser()
+        url = f"sqlite:{path if path.is_absolute() else t._base / path}"
+    elif not url.startswith(SPOOL_SCHEMES):
+        raise ConfigError(t.key("url"), url, "Use sqlite:PATH, memory: or postgresql://user@host/db.")
+    t.done()
+    return SpoolSettings(url=url)
 
 
 def _admin(t: _Table) -> AdminSettings:
@@ -600,13 +631,14 @@ def parse_settings(data: Mapping[str, Any], *, base: Path, source: Path | None =
     routes = tuple(_route(t, names) for t in root.tables("route"))
     admin = _admin(root.table("admin"))
     tracking = _tracking(root.table("tracking"))
+    spool = _spool(root.table("spool"), server)
     root.done()
     _check_unique("listener", [(x.name, (x.address, x.port or x.name)) for x in listeners])
     _check_unique("device", [(d.name, d.username or d.name) for d in devices])
     _check_unique("transport", [(t.name, t.name) for t in transports])
     if transports and not routes:
         routes = (RouteSettings(name="default", transport=transports[0].name),)
-    return Settings(server, listeners, devices, delivery, transports, routes, source, admin, tracking)
+    return Settings(server, listeners, devices, delivery, transports, routes, source, admin, tracking, spool)
 
 
 def _check_unique(kind: str, items: list[tuple[str, object]]) -> None:

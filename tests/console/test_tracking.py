@@ -4,9 +4,9 @@ streams, and the queue schema additions on an old queue database."""
 from __future__ import annotations
 
 import sqlite3
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,8 +19,7 @@ from relay365.observability.tracking import (
     TrackingLog,
 )
 from relay365.observability.tracking_sqlite import SqliteTrackingLog
-from relay365.spool.browse import QueueQuery, ViewState
-from relay365.spool.model import Envelope
+from relay365.spool.model import Envelope, QueueFilter, QueueState
 from relay365.spool.sqlite import SqliteSpool
 from tests.core.helpers import T0, Clock
 
@@ -199,14 +198,15 @@ async def test_old_queue_database_gets_the_new_columns(tmp_path: Path) -> None:
         )
         new = await spool.get(qid)
         assert new.envelope.subject == "Hello" and new.envelope.message_id == "id@x"
-        page = await spool.browse(QueueQuery(state=ViewState.DEFERRED), now=T0)
+        page = await spool.query(QueueFilter(state=QueueState.DEFERRED), limit=50)
         assert [e.queue_id for e in page.entries] == ["0000000000AOLD00001"] and page.total == 1
     finally:
         await spool.close()
 
 
-async def test_queue_browse_filters_and_keyset_paging(tmp_path: Path) -> None:
-    spool = SqliteSpool(tmp_path / "spool")
+async def test_queue_query_filters_and_keyset_paging(tmp_path: Path) -> None:
+    clock = Clock(T0)
+    spool = SqliteSpool(tmp_path / "spool", clock=clock)
     await spool.open()
     try:
         ids = []
@@ -218,25 +218,30 @@ async def test_queue_browse_filters_and_keyset_paging(tmp_path: Path) -> None:
             )
             ids.append(await spool.enqueue(env, b"Subject: s\r\n\r\nb\r\n"))
         await spool.hold(ids[3], True)
-        page = await spool.browse(QueueQuery(limit=5), now=T0)
+
+        async def total(**where: Any) -> int:
+            return (await spool.query(QueueFilter(**where), limit=50)).total
+
+        page = await spool.query(QueueFilter(), limit=5, order="newest")
         assert page.total == 12 and [e.queue_id for e in page.entries] == ids[::-1][:5]
-        second = await spool.browse(QueueQuery(limit=5, cursor=page.next_cursor), now=T0)
+        second = await spool.query(QueueFilter(), limit=5, order="newest", cursor=page.next_cursor)
         assert [e.queue_id for e in second.entries] == ids[::-1][5:10]
-        third = await spool.browse(QueueQuery(limit=5, cursor=second.next_cursor), now=T0)
+        third = await spool.query(QueueFilter(), limit=5, order="newest", cursor=second.next_cursor)
         assert [e.queue_id for e in third.entries] == ids[::-1][10:] and third.next_cursor is None
-        oldest = await spool.browse(QueueQuery(limit=2, order="oldest"), now=T0)
+        oldest = await spool.query(QueueFilter(), limit=2, order="oldest")
         assert [e.queue_id for e in oldest.entries] == ids[:2]
-        assert (await spool.browse(QueueQuery(sender="<>"), now=T0)).total == 1
-        assert (await spool.browse(QueueQuery(sender="dev1@CONTOSO.com"), now=T0)).total == 4
-        assert (await spool.browse(QueueQuery(recipient="user1*"), now=T0)).total == 3  # 1, 10, 11
-        assert (await spool.browse(QueueQuery(recipient="@contoso.com"), now=T0)).total == 12
-        assert (await spool.browse(QueueQuery(device="mfp1", state=ViewState.QUEUED), now=T0)).total == 6
-        held = await spool.browse(QueueQuery(state=ViewState.HELD), now=T0)
+        assert await total(sender="<>") == 1
+        assert await total(sender="dev1@CONTOSO.com") == 4
+        assert await total(recipient="user1*") == 3  # 1, 10, 11
+        assert await total(recipient="@contoso.com") == 12
+        assert await total(device="mfp1", state=QueueState.QUEUED) == 6
+        assert await total(state=QueueState.OPEN) == 12
+        held = await spool.query(QueueFilter(state=QueueState.HELD), limit=50)
         assert [e.queue_id for e in held.entries] == [ids[3]]
-        assert (await spool.browse(QueueQuery(state=ViewState.DEFERRED), now=T0)).total == 0
-        now = time.time()
-        assert (await spool.browse(QueueQuery(min_age=3600), now=now)).total == 0
-        assert (await spool.browse(QueueQuery(min_age=3600), now=now + 7200)).total == 12
+        assert await total(state=QueueState.DEFERRED) == 0
+        assert await total(min_age=3600) == 0
+        clock.advance(7200)
+        assert await total(min_age=3600) == 12
     finally:
         await spool.close()
 

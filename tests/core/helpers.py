@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from relay365.spool.contract import QueueAdmin, Spool
 from relay365.spool.model import QueueEntry, RcptState
-from relay365.spool.sqlite import SqliteSpool
 from tests.conftest import merge_sections
 
 RELAY365 = [sys.executable, "-c", "from relay365.cli import main; main()"]
@@ -283,7 +283,7 @@ async def wait_until(check: Callable[[], Awaitable[bool]], timeout: float = 10.0
 
 
 async def wait_state(
-    spool: SqliteSpool, queue_id: str, rcpt: str, state: RcptState, timeout: float = 10.0
+    spool: QueueAdmin, queue_id: str, rcpt: str, state: RcptState, timeout: float = 10.0
 ) -> QueueEntry:
     """Wait until ``rcpt`` of ``queue_id`` is in ``state``; return the entry."""
     found: list[QueueEntry] = []
@@ -297,11 +297,22 @@ async def wait_state(
     return found[0]
 
 
-async def wait_gone(spool: SqliteSpool, queue_id: str, timeout: float = 10.0) -> None:
+async def wait_gone(spool: QueueAdmin, queue_id: str, timeout: float = 10.0) -> None:
     async def check() -> bool:
         return all(e.queue_id != queue_id for e in await spool.list())
 
     await wait_until(check, timeout, f"{queue_id} to leave the queue")
+
+
+async def body_of(spool: Spool, entry: QueueEntry) -> bytes:
+    """A queued message's bytes, read through the spool as delivery reads them."""
+    async with spool.body(entry) as reader:
+        return await reader.read_all()
+
+
+def body_files(messages_dir: Path) -> list[str]:
+    """The names of the message files under a SQLite spool's messages/ (any owner's directory)."""
+    return sorted(p.name for p in messages_dir.rglob("*") if p.is_file())
 
 
 def spool_files(spool_dir: Path) -> list[Path]:

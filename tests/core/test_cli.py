@@ -94,7 +94,8 @@ async def test_send_against_a_listener(tmp_path: Path) -> None:
         [qid] = QUEUE_ID.findall(r.stdout)
         r = await asyncio.to_thread(run_cli, "queue", "show", qid, "-c", str(config))
         assert "alice@contoso.com" in r.stdout and "bob@contoso.com" in r.stdout
-        body = (tmp_path / "spool" / "messages" / qid).read_bytes()
+        [path] = (tmp_path / "spool" / "messages").glob(f"*/{qid}")  # messages/<owner>/<queue id>
+        body = path.read_bytes()
         assert b"Subject: cli test" in body and b"with ESMTPS" in body  # it used STARTTLS
 
         # Certificate verification is on by default: the listener's self-signed cert is refused.

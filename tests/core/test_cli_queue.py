@@ -9,14 +9,22 @@ import time
 from pathlib import Path
 
 from relay365.spool.sqlite import SqliteSpool
-from tests.core.helpers import closed_port, run_cli, send_message, serving, smarthost_cfg, write_config
+from tests.core.helpers import (
+    body_files,
+    closed_port,
+    run_cli,
+    send_message,
+    serving,
+    smarthost_cfg,
+    write_config,
+)
 
 QUEUE_ID = re.compile(r"\b[0-9A-F]{19}\b")
 
 
 async def _state(spool_dir: Path, qid: str) -> tuple[bool, int, float]:
     spool = SqliteSpool(spool_dir)
-    await spool.open(recover=False)
+    await spool.open()
     try:
         e = await spool.get(qid)
         return e.held, e.recipients[0].attempts, e.recipients[0].next_attempt
@@ -80,9 +88,10 @@ async def test_queue_commands_while_serving(tmp_path: Path) -> None:
 
         assert (await _state(spool_dir, q1))[2] > time.time() + 3000  # deferred again (back-off)
 
+        assert q2 in body_files(spool_dir / "messages")
         r = await asyncio.to_thread(run_cli, "queue", "delete", q2, *cli)
         assert r.returncode == 0 and f"{q2} deleted" in r.stdout
-        assert not (spool_dir / "messages" / q2).exists()
+        assert q2 not in body_files(spool_dir / "messages")
         r = await asyncio.to_thread(run_cli, "queue", "list", *cli)
         assert "1 message(s) in the queue" in r.stdout and q2 not in r.stdout
 

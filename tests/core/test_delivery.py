@@ -17,7 +17,16 @@ import pytest
 from relay365.app import Relay
 from relay365.spool.model import Envelope, RcptState
 from tests.conftest import Received, RecordingUpstream, make_settings, running_relay, smarthost
-from tests.core.helpers import Clock, closed_port, send_message, wait_gone, wait_state, wait_until
+from tests.core.helpers import (
+    Clock,
+    body_files,
+    body_of,
+    closed_port,
+    send_message,
+    wait_gone,
+    wait_state,
+    wait_until,
+)
 
 ORIGINAL = (
     b"From: Scanner <scanner@contoso.com>\r\nTo: alice@contoso.com\r\n"
@@ -79,7 +88,7 @@ async def test_delivered_and_removed(tmp_path: Path, upstream: RecordingUpstream
         [msg] = await upstream.wait_for(1)
         assert msg.content.endswith(ORIGINAL)
         await wait_gone(relay.spool, qid)
-        assert list(relay.spool.messages_dir.iterdir()) == []
+        assert body_files(relay.spool.messages_dir) == []  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(
@@ -310,7 +319,7 @@ async def test_dsn_is_durable_across_restart(tmp_path: Path) -> None:
         [dsn] = await relay.spool.list()
         assert dsn.envelope.is_dsn and dsn.envelope.mail_from == ""
         assert dsn.envelope.rcpt_tos == ("scanner@contoso.com",)
-        body = dsn.body_path.read_bytes()
+        body = await body_of(relay.spool, dsn)
         assert dsn.size == len(body)
         received = Received(mail_from="", rcpt_tos=["scanner@contoso.com"], content=body, peer="", tls=False)
         _, [block], headers = parse_dsn(received)

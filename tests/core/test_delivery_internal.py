@@ -124,7 +124,7 @@ async def test_unreadable_message_file_defers_readably_then_one_dsn(
     async with running_relay(settings_for(tmp_path, upstream.port, delivery=LIFETIME), clock=clock) as relay:
         qid = await send(relay)
         entry = await wait_state(relay.spool, qid, RCPT, RcptState.DEFERRED)
-        entry.body_path.unlink()
+        relay.spool.body_file(entry).unlink()  # type: ignore[attr-defined]
         clock.advance(60)
         await wait_until(lambda: _attempts(relay, qid, 2), what="second attempt")
         [r] = (await relay.spool.get(qid)).recipients

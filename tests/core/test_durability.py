@@ -19,8 +19,17 @@ from pathlib import Path
 
 import pytest
 
+from relay365.spool.model import new_owner_id
 from relay365.spool.sqlite import SqliteSpool
-from tests.core.helpers import ServeProcess, closed_port, send_message, smarthost_cfg, write_config
+from tests.core.helpers import (
+    ServeProcess,
+    body_files,
+    body_of,
+    closed_port,
+    send_message,
+    smarthost_cfg,
+    write_config,
+)
 
 THREADS = 8
 LOAD_SECONDS = 3.0
@@ -89,21 +98,20 @@ async def test_stop_under_load_loses_no_acknowledged_message(tmp_path: Path, sig
     finally:
         server.kill()
 
-    files_before = {p.name for p in (spool_dir / "messages").iterdir()}
+    files_before = set(body_files(spool_dir / "messages"))
     spool = SqliteSpool(spool_dir)
-    await spool.open(recover=True)  # what the server does at start
+    await spool.open()
     try:
+        await spool.recover(new_owner_id())  # what the server does at start
         entries = {e.queue_id: e for e in await spool.list()}
+        bodies = {q: await body_of(spool, e) for q, e in entries.items()}
+        sizes = {q: spool.body_file(e).stat().st_size for q, e in entries.items()}
     finally:
         await spool.close()
-    files_after = {p.name for p in (spool_dir / "messages").iterdir()}
+    files_after = set(body_files(spool_dir / "messages"))
 
     missing = [q for q in load.acked if q not in entries]
-    damaged = [
-        q
-        for q in load.acked
-        if q in entries and not entries[q].body_path.read_bytes().endswith(load.acked[q])
-    ]
+    damaged = [q for q in load.acked if q in entries and not bodies[q].endswith(load.acked[q])]
     print(
         f"\n{sig.name} under load: {THREADS} devices, {len(load.acked)} messages acknowledged"
         f" ({acked_before_kill} before the kill signal), {len(entries)} in the spool after restart,"
@@ -117,7 +125,7 @@ async def test_stop_under_load_loses_no_acknowledged_message(tmp_path: Path, sig
     # Complete or absent: every row has its whole body, every body file has its row.
     assert files_after == set(entries)
     for e in entries.values():
-        assert e.body_path.stat().st_size == e.size
+        assert sizes[e.queue_id] == e.size
         assert [r.rcpt for r in e.recipients] == ["archive@contoso.com"]
 
     # The server starts again on the recovered spool and still accepts mail.

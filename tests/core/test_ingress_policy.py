@@ -11,6 +11,7 @@ import pytest
 
 from relay365.app import Relay
 from tests.conftest import RecordingUpstream, make_settings, running_relay, smarthost
+from tests.core.helpers import body_files, body_of
 from tests.core.smtpraw import RawSMTP
 
 
@@ -234,6 +235,6 @@ async def test_disconnect_at_final_dot_leaves_complete_or_nothing(relay: Relay) 
         await c.close()
     await asyncio.sleep(0.3)
     for entry in await relay.spool.list():
-        assert entry.body_path.read_bytes().endswith(b"Subject: cut\r\n\r\nbody\r\n")
-    files = {p.name for p in relay.spool.messages_dir.iterdir()}
+        assert (await body_of(relay.spool, entry)).endswith(b"Subject: cut\r\n\r\nbody\r\n")
+    files = set(body_files(relay.spool.messages_dir))  # type: ignore[attr-defined]
     assert files >= {e.queue_id for e in await relay.spool.list()}

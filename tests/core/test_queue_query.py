@@ -94,7 +94,7 @@ async def big_queue(tmp_path: Path) -> tuple[Path, list[Row]]:
 async def test_spool_query_filters_in_sql(big_queue: tuple[Path, list[Row]]) -> None:
     spool_dir, data = big_queue
     spool = SqliteSpool(spool_dir)
-    await spool.open(recover=False)
+    await spool.open()
     try:
         started = time.monotonic()
         page = await spool.query(QueueFilter(), limit=100)
@@ -221,7 +221,7 @@ async def test_queue_list_and_retry_by_filter_on_20000_messages(
     retried = [r.queue_id for r in data if r.device == "printer-7" and r.deferred]
     assert f"{len(retried)} message(s) scheduled for delivery now" in r.stdout
     spool = SqliteSpool(tmp_path / "spool")
-    await spool.open(recover=False)
+    await spool.open()
     try:
         page = await spool.query(QueueFilter(state=QueueState.DEFERRED), limit=None)
         now_due = {e.queue_id for e in page.entries if e.recipients[0].next_attempt != T0 + 3600}

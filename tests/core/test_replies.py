@@ -421,10 +421,14 @@ def test_core_never_imports_the_tools() -> None:
 
     root = Path(relay365.__file__).parent
     allowed = ("diagnostics", "sandbox", "cli")  # and the CLI's modules: cli.py, cli_*.py
+    # The composition root's adapter for the console's Setup page (doctor, SPF) may start the tools.
+    composition = ("console_adapter.py",)
     offenders = []
     for path in root.rglob("*.py"):
         rel = path.relative_to(root)
         if rel.parts[0] in allowed or (len(rel.parts) == 1 and rel.name.startswith("cli")):
+            continue
+        if rel.name in composition and len(rel.parts) == 1:
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             names = []

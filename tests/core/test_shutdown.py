@@ -34,7 +34,7 @@ async def rest(c: RawSMTP, timeout: float = 20.0) -> str:
 
 async def queued_ids(spool_dir: Path) -> list[str]:
     spool = SqliteSpool(spool_dir)
-    await spool.open(recover=False)
+    await spool.open()
     try:
         return [e.queue_id for e in await spool.list()]
     finally:

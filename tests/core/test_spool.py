@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from relay365.errors import QueueEntryNotFound
 from relay365.spool.model import Envelope, RcptState, RecipientUpdate
 from relay365.spool.sqlite import SqliteSpool
 from tests.conftest import make_settings, running_relay, smarthost
-from tests.core.helpers import T0, Clock, closed_port, send_message
+from tests.core.helpers import T0, Clock, body_files, body_of, closed_port, send_message
 
 ENV = Envelope(
     mail_from="scanner@contoso.com",
@@ -25,16 +26,26 @@ ENV = Envelope(
 BODY = b"Subject: report\r\n\r\n" + b"line of text\r\n" * 1000
 
 
-async def open_spool(directory: Path, *, recover: bool = True, clock: Clock | None = None) -> SqliteSpool:
+async def open_spool(
+    directory: Path, *, recover: bool = True, clock: Clock | None = None, owner: str = "server"
+) -> SqliteSpool:
+    """``recover``: open as the server does at start (an owner that cleans up after dead ones);
+    else as ``relay365 queue`` does (no owner, touches nothing)."""
     spool = SqliteSpool(directory, clock=clock or Clock())
-    await spool.open(recover=recover)
+    await spool.open()
+    if recover:
+        await spool.recover(owner)
     return spool
+
+
+async def claim_all(spool: SqliteSpool, now: float = T0, owner: str = "server") -> list[str]:
+    return [e.queue_id for e in await spool.claim(owner=owner, now=now, limit=100, lease=60)]
 
 
 async def test_leftover_body_without_row_is_removed_at_start(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    spool = await open_spool(tmp_path)
+    spool = await open_spool(tmp_path, owner="server-1")
     kept = await spool.enqueue(ENV, BODY)
     # A crash during DATA: the body file is (partly) written, the row never was.
     crashed = spool.incoming()
@@ -45,7 +56,7 @@ async def test_leftover_body_without_row_is_removed_at_start(
     # And a stray file from a crash between fsync and row insert.
     (spool.messages_dir / "0193A4F2C81DDEADBEEF").write_bytes(b"Subject: x\r\n\r\nwhole\r\n")
     assert crashed._fd is not None
-    os.close(crashed._fd)  # the crash: the process is gone, the file stays
+    os.close(crashed._fd)  # the crash: the process is gone (its owner lock with it), the file stays
     crashed._fd = None
     await spool.close()
 
@@ -55,14 +66,14 @@ async def test_leftover_body_without_row_is_removed_at_start(
     await spool.close()
 
     with caplog.at_level(logging.WARNING, logger="relay365.spool.sqlite"):
-        spool = await open_spool(tmp_path, recover=True)
+        spool = await open_spool(tmp_path, recover=True, owner="server-2")
     try:
         assert "removed 2 incomplete message file(s)" in caplog.text
-        assert sorted(p.name for p in spool.messages_dir.iterdir()) == [kept]
+        assert body_files(spool.messages_dir) == [kept]
         assert not crashed_path.exists()
         [entry] = await spool.list()
         assert entry.queue_id == kept and entry.size == len(BODY)
-        assert entry.body_path.read_bytes() == BODY
+        assert await body_of(spool, entry) == BODY
     finally:
         await spool.close()
 
@@ -73,7 +84,7 @@ async def test_abort_leaves_nothing(tmp_path: Path) -> None:
         msg = spool.incoming()
         msg.write(BODY)
         await msg.abort()
-        assert list(spool.messages_dir.iterdir()) == []
+        assert body_files(spool.messages_dir) == []
         assert await spool.list() == []
     finally:
         await spool.close()
@@ -83,6 +94,7 @@ async def test_recipient_states_survive_restart(tmp_path: Path) -> None:
     clock = Clock()
     spool = await open_spool(tmp_path, clock=clock)
     qid = await spool.enqueue(ENV, BODY)
+    assert await claim_all(spool) == [qid]
     await spool.record(
         qid,
         [
@@ -90,11 +102,12 @@ async def test_recipient_states_survive_restart(tmp_path: Path) -> None:
             RecipientUpdate("b@contoso.com", RcptState.DEFERRED, "450 4.2.0 busy", T0 + 300),
             RecipientUpdate("c@contoso.com", RcptState.BOUNCED, "550 5.1.1 unknown"),
         ],
+        owner="server",
     )
     await spool.hold(qid, True)
     await spool.close()
 
-    spool = await open_spool(tmp_path, clock=clock)
+    spool = await open_spool(tmp_path, clock=clock, owner="server-2")
     try:
         entry = await spool.get(qid)
         assert entry.held is True
@@ -107,20 +120,27 @@ async def test_recipient_states_survive_restart(tmp_path: Path) -> None:
             "c@contoso.com": (RcptState.BOUNCED, 1, 0.0, "550 5.1.1 unknown"),
             "d@contoso.com": (RcptState.QUEUED, 0, T0, ""),
         }
-        assert entry.body_path.read_bytes() == BODY
+        assert await body_of(spool, entry) == BODY
+        path = spool.body_file(entry)
+        await spool.hold(qid, False)
         # A final state is final: a late update does not resurrect a delivered recipient.
-        await spool.record(qid, [RecipientUpdate("a@contoso.com", RcptState.DEFERRED, "451 x", T0)])
+        assert await claim_all(spool, T0 + 300, "server-2") == [qid]
+        await spool.record(
+            qid, [RecipientUpdate("a@contoso.com", RcptState.DEFERRED, "451 x", T0)], owner="server-2"
+        )
         assert (await spool.get(qid)).recipients[0].state is RcptState.DELIVERED
         # The last open recipients finish: the entry and its body go away together.
+        assert await claim_all(spool, T0 + 300, "server-2") == [qid]
         await spool.record(
             qid,
             [
                 RecipientUpdate("b@contoso.com", RcptState.DELIVERED, "250 ok"),
                 RecipientUpdate("d@contoso.com", RcptState.DELIVERED, "250 ok"),
             ],
+            owner="server-2",
         )
         assert await spool.list() == []
-        assert not entry.body_path.exists()
+        assert not path.exists()
     finally:
         await spool.close()
 
@@ -131,26 +151,28 @@ async def test_hold_release_retry_delete(tmp_path: Path) -> None:
     try:
         q1 = await spool.enqueue(ENV, BODY)
         q2 = await spool.enqueue(ENV, BODY)
-        due = [e.queue_id for e in await spool.due(T0, limit=10, exclude=frozenset())]
-        assert sorted(due) == sorted([q1, q2])
-        assert await spool.due(T0, limit=10, exclude=frozenset({q1})) == [await spool.get(q2)]
-
         await spool.hold(q1, True)
-        assert [e.queue_id for e in await spool.due(T0 + 10, limit=10, exclude=frozenset())] == [q2]
+        assert await claim_all(spool) == [q2]  # a held message is not claimed
+        assert await claim_all(spool) == []  # nor one claimed already
+        await spool.release(q2, owner="server")
         await spool.hold(q1, False)
-        assert q1 in [e.queue_id for e in await spool.due(T0 + 10, limit=10, exclude=frozenset())]
+        assert sorted(await claim_all(spool, T0 + 10)) == sorted([q1, q2])
 
         later = T0 + 3600
-        await spool.record(
-            q2, [RecipientUpdate(r, RcptState.DEFERRED, "421 4.3.2 busy", later) for r in ENV.rcpt_tos]
-        )
-        assert q2 not in [e.queue_id for e in await spool.due(T0 + 10, limit=10, exclude=frozenset())]
-        assert await spool.next_due_time() == T0
+        for q in (q1, q2):
+            await spool.record(
+                q,
+                [RecipientUpdate(r, RcptState.DEFERRED, "421 4.3.2 busy", later) for r in ENV.rcpt_tos],
+                owner="server",
+            )
+        assert await claim_all(spool, T0 + 10) == []  # deferred: not due before ``later``
+        assert await spool.next_due_time() == later
         await spool.retry(q2, T0 + 5)
         assert {r.next_attempt for r in (await spool.get(q2)).recipients} == {T0 + 5}
-        assert q2 in [e.queue_id for e in await spool.due(T0 + 10, limit=10, exclude=frozenset())]
+        assert await spool.next_due_time() == T0 + 5
+        assert await claim_all(spool, T0 + 10) == [q2]
 
-        path = (await spool.get(q1)).body_path
+        path = spool.body_file(await spool.get(q1))
         await spool.delete(q1)
         assert not path.exists()
         assert [e.queue_id for e in await spool.list()] == [q2]
@@ -165,6 +187,7 @@ async def test_two_processes_share_the_spool(tmp_path: Path) -> None:
     """The CLI opens the same spool as the running server (WAL); both see each other's writes."""
     server = await open_spool(tmp_path)
     admin = await open_spool(tmp_path, recover=False)
+    assert admin.owner is None  # the CLI is nobody's owner: it holds no lock and claims nothing
     try:
         qid = await server.enqueue(ENV, BODY)
         assert [e.queue_id for e in await admin.list()] == [qid]
@@ -191,7 +214,7 @@ async def test_relay_restart_keeps_queue(tmp_path: Path) -> None:
         entries = {e.queue_id: e for e in await relay.spool.list()}
         assert sorted(entries) == sorted(ids)
         for i, qid in enumerate(ids):
-            assert entries[qid].body_path.read_bytes().endswith(f"body {i}\r\n".encode())
+            assert (await body_of(relay.spool, entries[qid])).endswith(f"body {i}\r\n".encode())
             assert entries[qid].recipients[0].state in (RcptState.QUEUED, RcptState.DEFERRED)
 
 
@@ -203,5 +226,53 @@ async def test_spool_is_private_to_the_service_user(tmp_path: Path) -> None:
         modes = {p.name: p.stat().st_mode & 0o777 for p in [spool.directory, *spool.directory.rglob("*")]}
     finally:
         await spool.close()
-    assert {"queue.db", "queue.db-wal", "queue.db-shm", "messages", "spool"} <= set(modes)
+    assert {"queue.db", "queue.db-wal", "queue.db-shm", "messages", "owners", "server.lock", "spool"} <= set(
+        modes
+    )
     assert all(mode & 0o077 == 0 for mode in modes.values()), modes
+
+
+async def test_a_queue_from_before_owners_and_claims_is_upgraded_and_delivered(tmp_path: Path) -> None:
+    """queue.db without the body_dir/lease columns and bodies at messages/<queue id> (relay365 before
+    the spool contract): opened in place, read, claimed, recorded; its crash leftovers still go."""
+    directory = tmp_path / "spool"
+    (directory / "messages").mkdir(parents=True)
+    conn = sqlite3.connect(directory / "queue.db", isolation_level=None)
+    conn.executescript(OLD_SCHEMA)
+    conn.execute(
+        "INSERT INTO messages VALUES ('0193A4F2C81D7B3E9A1', 's@contoso.com', 'printer', '10.0.0.9',"
+        " 'lan', 0, 0, ?, ?, 0)",
+        (len(BODY), T0),
+    )
+    conn.execute("INSERT INTO recipients (queue_id, pos, rcpt, state, next_attempt) VALUES (?,0,?,?,?)",
+                 ("0193A4F2C81D7B3E9A1", "a@contoso.com", "queued", T0))  # fmt: skip
+    conn.close()
+    (directory / "messages" / "0193A4F2C81D7B3E9A1").write_bytes(BODY)
+    (directory / "messages" / "0193A4F2C81DDEADBEEF").write_bytes(b"half")  # its crash leftover
+
+    spool = await open_spool(directory)
+    try:
+        [entry] = await spool.list()
+        assert entry.queue_id == "0193A4F2C81D7B3E9A1" and entry.body_ref == "" and entry.claimed_by == ""
+        assert await body_of(spool, entry) == BODY
+        assert body_files(spool.messages_dir) == ["0193A4F2C81D7B3E9A1"]  # the leftover is gone
+        assert await claim_all(spool) == [entry.queue_id]
+        await spool.record(
+            entry.queue_id, [RecipientUpdate("a@contoso.com", RcptState.DELIVERED, "250 ok")], owner="server"
+        )
+        assert await spool.list() == [] and body_files(spool.messages_dir) == []
+    finally:
+        await spool.close()
+
+
+OLD_SCHEMA = """
+CREATE TABLE messages (queue_id TEXT PRIMARY KEY, mail_from TEXT NOT NULL, device TEXT NOT NULL,
+    peer TEXT NOT NULL, listener TEXT NOT NULL, smtputf8 INTEGER NOT NULL, is_dsn INTEGER NOT NULL,
+    size INTEGER NOT NULL, received_at REAL NOT NULL, held INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE recipients (queue_id TEXT NOT NULL REFERENCES messages(queue_id) ON DELETE CASCADE,
+    pos INTEGER NOT NULL, rcpt TEXT NOT NULL, state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL, last_reply TEXT NOT NULL DEFAULT '', PRIMARY KEY (queue_id, pos));
+CREATE INDEX recipients_due ON recipients(state, next_attempt);
+CREATE TABLE pacing (key TEXT NOT NULL, at REAL NOT NULL, recipients INTEGER NOT NULL);
+CREATE INDEX pacing_at ON pacing(at);
+"""

@@ -27,7 +27,7 @@ from relay365.app import Relay
 from relay365.errors import ConfigError
 from relay365.spool.model import RcptState
 from tests.conftest import RecordingUpstream, make_settings, running_relay, smarthost
-from tests.core.helpers import Clock, send_message, wait_until
+from tests.core.helpers import Clock, body_files, send_message, wait_until
 from tests.core.test_admin import samples
 from tests.core.test_spool_faults import SMALL, deliver, fill
 
@@ -85,7 +85,7 @@ async def queue_deferred(relay: Relay, upstream: RecordingUpstream, count: int) 
 
 
 async def drained(relay: Relay) -> bool:
-    return await relay.spool.list() == [] and list(relay.spool.messages_dir.iterdir()) == []
+    return await relay.spool.list() == [] and body_files(relay.spool.messages_dir) == []  # type: ignore[attr-defined]
 
 
 def mail_with_size(port: int, size: int | None) -> tuple[int, bytes]:
@@ -141,6 +141,23 @@ async def test_ingress_keeps_a_reserve_for_the_queues_bookkeeping(
         assert len(got) == 11 and set(got.values()) == {1}, got
 
 
+async def claimed(relay: Relay) -> bool:
+    return any(e.claimed_by for e in await relay.spool.list())
+
+
+async def fill_while_delivering(
+    relay: Relay, upstream: RecordingUpstream, clock: Clock, filler: Path
+) -> None:
+    """Make everything due and fill the disk to the last byte (the reserve included) once the first
+    deliveries are under way: claiming is a write too, so only messages claimed before the disk
+    filled reach the upstream (the upstream holds its DATA reply meanwhile), and their outcomes
+    cannot be recorded."""
+    upstream.plan.stall_after_data = 0.5
+    clock.advance(60)
+    await wait_until(lambda: claimed(relay), 10, "the first claims")
+    fill(filler, leave=0)
+
+
 async def stopped_metric(http: httpx.AsyncClient) -> float:
     return samples((await http.get("/metrics")).text)[("relay365_delivery_stopped", ())]
 
@@ -152,13 +169,13 @@ async def test_full_disk_stops_delivery_until_outcomes_can_be_recorded(
     async with running_relay(settings_on(tmpfs, tmp_path, upstream.port), clock=clock) as relay:
         assert relay.admin is not None and relay.scheduler is not None
         await queue_deferred(relay, upstream, N)
-        fill(tmpfs / "filler", leave=0)  # the disk fills to the last byte (the reserve included)
         async with httpx.AsyncClient(
             base_url=f"http://127.0.0.1:{relay.admin.port}", trust_env=False, timeout=10
         ) as http:
             assert await stopped_metric(http) == 0.0
             with caplog.at_level(logging.INFO, logger="relay365.delivery"):
-                clock.advance(60)  # all due: delivered upstream, but "delivered" cannot be recorded
+                # all due: delivered upstream, but "delivered" cannot be recorded
+                await fill_while_delivering(relay, upstream, clock, tmpfs / "filler")
                 await upstream.wait_for(1)
                 for _ in range(10):  # an hour passes: back-off and cool-downs expire many times over
                     clock.advance(360)
@@ -174,6 +191,7 @@ async def test_full_disk_stops_delivery_until_outcomes_can_be_recorded(
                 # Delivery stopped at the first outcome it could not record: nothing went twice.
                 assert set(before.values()) == {1} and len(before) <= 10, before
 
+                upstream.plan.stall_after_data = 0.0
                 (tmpfs / "filler").unlink()  # space comes back
                 await wait_until(lambda: drained(relay), 30, "the queue to drain")
             got = copies(upstream)
@@ -194,12 +212,11 @@ async def test_outcomes_lost_in_a_restart_cost_at_most_one_copy(
     async with running_relay(settings, clock=clock) as relay:
         assert relay.scheduler is not None
         await queue_deferred(relay, upstream, N)
-        fill(tmpfs / "filler", leave=0)
-        clock.advance(60)
+        await fill_while_delivering(relay, upstream, clock, tmpfs / "filler")
         await upstream.wait_for(1)
         await wait_until(lambda: _stopped(relay), 10, "delivery to stop")
-        await asyncio.sleep(0.5)
-        first = copies(upstream)
+    first = copies(upstream)  # the relay has stopped: every delivery under way has finished
+    upstream.plan.stall_after_data = 0.0
     (tmpfs / "filler").unlink()
     async with running_relay(settings, clock=clock) as relay:
         await wait_until(lambda: drained(relay), 30, "the queue to drain")

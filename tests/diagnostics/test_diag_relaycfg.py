@@ -114,6 +114,7 @@ async def _spool_with_deferred(spool_dir: Path, *, age: float) -> str:
     received = time.time() - age
     spool = SqliteSpool(spool_dir, clock=lambda: received)
     await spool.open()
+    await spool.recover("doctor-test")
     try:
         qid = await spool.enqueue(
             Envelope("scanner@contoso.test", ("alice@contoso.test", "bob@fabrikam.test")),
@@ -122,15 +123,20 @@ async def _spool_with_deferred(spool_dir: Path, *, age: float) -> str:
         await spool.enqueue(
             Envelope("scanner@contoso.test", ("carol@contoso.test",)), b"Subject: u\r\n\r\ny\r\n"
         )
+        claimed = await spool.claim(owner="doctor-test", now=time.time(), limit=10, lease=60)
+        assert qid in {e.queue_id for e in claimed}
         await spool.record(
             qid,
-            [
+            owner="doctor-test",
+            updates=[
                 RecipientUpdate(
                     "alice@contoso.test", RcptState.DEFERRED, BUSY, next_attempt=time.time() + 300
                 ),
                 RecipientUpdate("bob@fabrikam.test", RcptState.DELIVERED, "250 2.0.0 OK"),
             ],
         )
+        for e in claimed:
+            await spool.release(e.queue_id, owner="doctor-test")
     finally:
         await spool.close()
     return qid

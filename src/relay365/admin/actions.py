@@ -11,8 +11,7 @@ from dataclasses import dataclass, field, replace
 from relay365.admin.ports import QueueAdmin
 from relay365.errors import QueueEntryNotFound
 from relay365.observability.tracking import EventKind, TrackingEvent, TrackingLog
-from relay365.spool.browse import QueueQuery
-from relay365.spool.model import QueueEntry
+from relay365.spool.model import QueueEntry, QueueQuery
 
 log = logging.getLogger(__name__)
 MAX_BULK = 100_000  # messages one filter action may touch (the whole queue of a busy site)

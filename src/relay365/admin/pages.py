@@ -24,7 +24,7 @@ from relay365.admin.forms import form as read_form
 from relay365.admin.security import SANDBOX_CSP
 from relay365.admin.views import AGES, BadRequest, age, entry_json, event_json, queue_query, trace_query, when
 from relay365.errors import SpoolError
-from relay365.spool.browse import ViewState
+from relay365.spool.model import QueueState
 
 Handler = Callable[[Request], Awaitable[Response]]
 QUEUE_FILTERS = ("state", "device", "sender", "recipient", "transport", "min_age", "order")
@@ -123,7 +123,7 @@ def page_routes(c: Console) -> list[Route]:
             entries=[entry_json(e, c.explain) for e in page.entries],
             total=page.total,
             filters=filters,
-            states=list(ViewState),
+            states=list(QueueState),
             ages=[a for a in AGES if a],
             next_url=next_url,
             first_url="/queue?" + urllib.parse.urlencode(base),

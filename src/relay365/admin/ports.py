@@ -20,8 +20,7 @@ from typing import Protocol
 
 from relay365.observability.activity import DeviceActivitySource
 from relay365.observability.tracking import TrackingLog
-from relay365.spool.browse import QueuePage, QueueQuery
-from relay365.spool.model import QueueEntry, QueueStats
+from relay365.spool.model import QueueEntry, QueuePage, QueueQuery, QueueStats
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,8 +10,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from relay365.observability.tracking import MAX_PAGE, EventKind, TraceQuery, TrackingEvent
-from relay365.spool.browse import PAGE_MAX, QueueQuery, ViewState
-from relay365.spool.model import QueueEntry
+from relay365.spool.model import PAGE_MAX, QueueEntry, QueueFilter, QueueQuery, QueueState
 
 Explain = Callable[[str], str | None]
 
@@ -57,21 +56,24 @@ AGES = {"": None, "5m": 300.0, "1h": 3600.0, "4h": 14400.0, "1d": 86400.0, "3d":
 
 def queue_query(q: Mapping[str, str]) -> QueueQuery:
     state = _text(q, "state")
-    if state is not None and state not in set(ViewState):
-        raise BadRequest(f"state must be one of {', '.join(ViewState)}, not {state!r}")
+    if state is not None and state not in set(QueueState):
+        raise BadRequest(f"state must be one of {', '.join(QueueState)}, not {state!r}")
     age = q.get("min_age", "").strip()
     if age not in AGES and not age.isdigit():
         raise BadRequest(f"min_age must be seconds or one of {', '.join(a for a in AGES if a)}, not {age!r}")
     order = q.get("order", "newest") or "newest"
     if order not in ("newest", "oldest"):
         raise BadRequest(f"order must be newest or oldest, not {order!r}")
-    return QueueQuery(
-        state=ViewState(state) if state else None,
+    where = QueueFilter(
+        state=QueueState(state) if state else None,
         device=_text(q, "device"),
         sender=_text(q, "sender"),
         recipient=_text(q, "recipient"),
         transport=_text(q, "transport"),
         min_age=float(age) if age.isdigit() else AGES[age],
+    )
+    return QueueQuery(
+        where=where,
         order="oldest" if order == "oldest" else "newest",
         cursor=_text(q, "cursor"),
         limit=_int(q, "limit", 50, 1, PAGE_MAX),

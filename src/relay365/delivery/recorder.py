@@ -8,10 +8,14 @@ acted on again. When ``Spool.record`` fails:
    times in 5 minutes on a full disk);
 3. the scheduler probes the spool by writing the kept outcomes, oldest first; when they are all
    written, delivery resumes.
+Claiming messages is a write too (``Spool.claim``): when it fails, nothing was claimed or sent, and
+delivery is stopped the same way; the next claim is the probe.
 The fault is logged once when it starts and once when it ends, and shown by ``/api/health`` and the
 ``relay365_delivery_stopped`` metric. The kept outcomes live only in memory: if the relay stops
 before they are written, the messages concerned are delivered once more after the restart
 (at-least-once, RFC 5321 section 6.1), so each reaches the upstream at most once more per fault.
+The same holds when another process on the spool takes over the claim of a kept outcome after its
+lease ran out: that outcome is then dropped (``LeaseLost``: the other process owns the message now).
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from relay365.errors import SpoolError
-from relay365.spool.model import Bounce, PaceEvent, RecipientUpdate, Spool
+from relay365.errors import LeaseLost, SpoolError
+from relay365.spool.contract import Spool
+from relay365.spool.model import Bounce, PaceEvent, RecipientUpdate
 
 log = logging.getLogger(__name__)
 PROBE_INTERVAL = 5.0  # seconds between tries while the spool cannot write (at most poll_interval)
@@ -38,8 +43,9 @@ class AttemptRecord:
 
 
 class OutcomeRecorder:
-    def __init__(self, *, spool: Spool) -> None:
+    def __init__(self, *, spool: Spool, owner: str) -> None:
         self._spool = spool
+        self._owner = owner
         self._kept: list[AttemptRecord] = []
         self._fault: str | None = None
 
@@ -47,16 +53,31 @@ class OutcomeRecorder:
         """Why delivery is stopped (the spool's error), or None while outcomes can be recorded."""
         return self._fault
 
-    def unrecorded(self) -> frozenset[str]:
-        """Queue ids whose last outcome waits in memory: not to be attempted again."""
-        return frozenset(o.queue_id for o in self._kept)
+    def holding(self) -> bool:
+        """Outcomes wait in memory: no new delivery may start before they are written."""
+        return bool(self._kept)
+
+    def claim_failed(self, error: SpoolError) -> None:
+        """``Spool.claim`` failed: nothing was claimed; delivery is stopped until a claim works."""
+        if self._fault is None:
+            log.error(
+                "the spool cannot record delivery claims (%s): all delivery stopped until it can", error
+            )
+        self._fault = str(error)
+
+    def claim_worked(self) -> None:
+        if self._fault is not None and not self._kept:
+            log.warning("spool writes again: delivery resumed")
+            self._fault = None
 
     async def record(self, outcome: AttemptRecord) -> None:
-        if self._fault is not None:  # behind the outcomes already kept, in order
+        if self._kept:  # behind the outcomes already kept, in order
             self._kept.append(outcome)
             return
         try:
             await self._write(outcome)
+        except LeaseLost as e:
+            _lost(e)
         except SpoolError as e:
             self._kept.append(outcome)
             if self._fault is not None:  # another attempt under way at the same time found it first
@@ -71,14 +92,17 @@ class OutcomeRecorder:
 
     async def recover(self) -> bool:
         """Write the kept outcomes if the spool lets us; True when delivery may go on."""
-        if self._fault is None:
-            return True
+        if self._fault is None or not self._kept:
+            return True  # (a failed claim: the next claim is the probe)
         written = 0
         try:
             while self._kept:
-                await self._write(self._kept[0])
+                try:
+                    await self._write(self._kept[0])
+                    written += 1
+                except LeaseLost as e:
+                    _lost(e)
                 self._kept.pop(0)
-                written += 1
         except SpoolError as e:
             self._fault = str(e)
             if written:
@@ -93,4 +117,10 @@ class OutcomeRecorder:
         return [o.queue_id for o in self._kept]
 
     async def _write(self, o: AttemptRecord) -> None:
-        await self._spool.record(o.queue_id, o.updates, bounce=o.bounce, pace_events=o.pace_events)
+        await self._spool.record(
+            o.queue_id, o.updates, owner=self._owner, bounce=o.bounce, pace_events=o.pace_events
+        )
+
+
+def _lost(e: LeaseLost) -> None:
+    log.warning("delivery outcome not recorded: %s; whoever holds the message now delivers it", e)

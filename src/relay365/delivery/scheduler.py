@@ -8,12 +8,18 @@ an unreadable message file, a failing DSN hint) is logged with its traceback and
 normal back-off and queue lifetime, ending in one DSN. Nothing retries silently.
 Outcomes are written through the ``OutcomeRecorder``, which stops all delivery while the spool
 cannot record them (recorder.py); unreachable upstreams are held back by ``UpstreamHolds``.
+
+Messages are taken with the spool's claims (``Claims``: one owner per process, leases renewed while
+a delivery runs), so several processes on one spool never deliver the same message at once. The
+scheduler sleeps until the next message is due, or until the spool reports a change
+(``Spool.wait_changed``: new mail, a release, ``relay365 queue retry`` from any process).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -21,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from relay365.delivery import backoff
+from relay365.delivery.claims import Claims
 from relay365.delivery.dsn import Failure, build_dsn, original_headers, status_of
 from relay365.delivery.holds import UpstreamHolds
 from relay365.delivery.pacing import Headroom, Pacer, is_throttle_reply
@@ -30,13 +37,16 @@ from relay365.errors import (
     ConnectionLostError,
     PermanentDeliveryError,
     Relay365Error,
+    SpoolError,
     TransientDeliveryError,
     UpstreamUnreachableError,
 )
 from relay365.observability.metrics import Metrics
 from relay365.observability.tracking import EventKind, MemoryTrackingLog, TrackingEvent, TrackingLog
 from relay365.settings import DeliverySettings
+from relay365.spool.contract import Spool
 from relay365.spool.model import (
+    BodySource,
     Bounce,
     Envelope,
     PaceEvent,
@@ -44,7 +54,7 @@ from relay365.spool.model import (
     RcptState,
     Recipient,
     RecipientUpdate,
-    Spool,
+    new_owner_id,
 )
 from relay365.transports.base import (
     OutboundMessage,
@@ -104,7 +114,10 @@ class Scheduler:
         explain: Callable[[str], str | None] = lambda reply: None,
         metrics: Metrics | None = None,
         tracking: TrackingLog | None = None,
+        owner: str | None = None,
     ) -> None:
+        """``owner``: who this process is to the spool (``recover`` was called with it); a new one
+        if not given."""
         self._spool = spool
         self._tracking: TrackingLog = tracking or MemoryTrackingLog()
         self._metrics = metrics or Metrics()
@@ -115,14 +128,18 @@ class Scheduler:
         self._clock = clock
         self._explain = explain
         self._wake = asyncio.Event()
-        self._inflight: set[str] = set()
-        self._cooldown: dict[str, float] = {}
+        self._claims = Claims(spool=spool, owner=owner or new_owner_id(), lease=settings.lease, clock=clock)
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._background: list[asyncio.Task[None]] = []
         self._stopping = False
         self._pacer = Pacer(clock=clock)
         self._holds = UpstreamHolds(clock=clock, min_backoff=settings.min_backoff)
-        self._recorder = OutcomeRecorder(spool=spool)
-        self._flush_seen = spool.flush_requested()
+        self._recorder = OutcomeRecorder(spool=spool, owner=self._claims.owner)
+        self._flush_seen = spool.flush_generation()
+
+    @property
+    def owner(self) -> str:
+        return self._claims.owner
 
     def wake(self, queue_id: str = "") -> None:
         self._wake.set()
@@ -132,23 +149,60 @@ class Scheduler:
         self._pacer.load(await self._spool.pace_events(self._clock() - 86_400.0))
 
     async def run(self) -> None:
-        while not self._stopping:
+        self._background = [
+            asyncio.create_task(self._watch(), name="spool-watch"),
+            asyncio.create_task(self._claims.keep_renewed(), name="lease-renewal"),
+        ]
+        try:
+            while not self._stopping:
+                try:
+                    if await self._recorder.recover():
+                        await self.run_once()
+                    if self._recorder.stopped() is None:
+                        timeout = await self._sleep_time()
+                    else:  # the spool cannot record outcomes or claims: probe it again soon
+                        timeout = min(self._settings.poll_interval, PROBE_INTERVAL)
+                except Exception:
+                    log.exception("scheduler pass failed; retrying after the poll interval")
+                    timeout = self._settings.poll_interval
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(timeout):  # (not wait_for: it may swallow a cancel)
+                        await self._wake.wait()
+                self._wake.clear()
+        finally:
+            if not self._stopping:  # cancelled without stop(): the watcher and renewals go too
+                await self._stop_background()
+
+    async def _stop_background(self) -> None:
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        self._background = []
+
+    async def _watch(self) -> None:
+        """Wake the scheduler when the spool changes (this process or another one)."""
+        poll = self._settings.poll_interval
+        while True:
             try:
-                if await self._recorder.recover():
-                    await self.run_once()
-                    timeout = await self._sleep_time()
-                else:  # the spool cannot record outcomes: probe it again soon
-                    timeout = min(self._settings.poll_interval, PROBE_INTERVAL)
-            except Exception:
-                log.exception("scheduler pass failed; retrying after the poll interval")
-                timeout = self._settings.poll_interval
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
-            self._wake.clear()
+                changed = await self._spool.wait_changed(poll)
+            except Exception as e:  # the scheduler's own pass reports spool faults
+                log.debug("spool wake-up failed: %s", e)
+                await asyncio.sleep(min(poll, PROBE_INTERVAL))
+                continue
+            if changed:
+                self._check_flush()
+                self._wake.set()
+
+    def _check_flush(self) -> None:
+        generation = self._spool.flush_generation()
+        if generation != self._flush_seen:
+            # "queue retry" means now: forget which upstreams were held back (Postfix: flush dead).
+            self._flush_seen = generation
+            self._holds.clear()
 
     async def _sleep_time(self) -> float:
         poll = self._settings.poll_interval
-        if len(self._inflight) >= self._settings.concurrency:
+        if self._claims.active() >= self._settings.concurrency:
             return poll
         nxt = await self._spool.next_due_time()
         back = self._holds.all_held(self._transports)
@@ -157,12 +211,6 @@ class Scheduler:
         if nxt is None:
             return poll
         return max(0.05, min(poll, nxt - self._clock()))
-
-    def _excluded(self, now: float) -> frozenset[str]:
-        for qid, until in list(self._cooldown.items()):
-            if until <= now:
-                del self._cooldown[qid]
-        return frozenset(self._inflight | self._cooldown.keys() | self._recorder.unrecorded())
 
     def headroom(self, transport: PacedTransport) -> Headroom:
         """Pacing headroom of a paced transport's mailbox (read-only, for the console)."""
@@ -178,21 +226,19 @@ class Scheduler:
 
     async def run_once(self) -> int:
         """Start delivery of every due entry that fits the concurrency; return how many started."""
-        free = self._settings.concurrency - len(self._inflight)
-        if free <= 0 or self._stopping or self._recorder.stopped() is not None:
+        free = self._settings.concurrency - self._claims.active()
+        if free <= 0 or self._stopping or self._recorder.holding():
             return 0
-        now = self._clock()
-        flush = self._spool.flush_requested()
-        if flush > self._flush_seen:
-            # "queue retry" means now: forget which upstreams were held back (Postfix: flush dead).
-            self._flush_seen = flush
-            self._holds.clear()
-            self._cooldown.clear()
+        self._check_flush()
         if self._holds.all_held(self._transports) is not None:
             return 0
-        entries = await self._spool.due(now, limit=free, exclude=self._excluded(now))
+        try:
+            entries = await self._claims.take(now=self._clock(), limit=free)
+        except SpoolError as e:
+            self._recorder.claim_failed(e)
+            return 0
+        self._recorder.claim_worked()
         for entry in entries:
-            self._inflight.add(entry.queue_id)
             task = asyncio.create_task(self._deliver(entry), name=f"deliver-{entry.queue_id}")
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -212,6 +258,7 @@ class Scheduler:
                 t.cancel()
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
+        await self._stop_background()
         if not await self._recorder.recover():
             lost = self._recorder.lost_on_stop()
             log.error(
@@ -243,12 +290,16 @@ class Scheduler:
             for u in attempt.updates:
                 if u.counts_attempt:
                     self._track(entry, _OUTCOME_EVENTS[u.state], u.rcpt, u.transport, reply=u.reply)
+        except asyncio.CancelledError:  # stopped mid-attempt: at-least-once, the next owner sends it
+            ok = True  # no cool-down: the claim is given back
+            await self._claims.give_back(entry.queue_id)
+            raise
         except Exception:  # last resort (the DSN or the record itself is broken): a cool-down
             log.exception("delivery of %s failed unexpectedly; retrying after cool-down", entry.queue_id)
         finally:
-            self._inflight.discard(entry.queue_id)
-            if not ok:
-                self._cooldown[entry.queue_id] = self._clock() + self._settings.min_backoff
+            if not ok:  # keep the claim through the cool-down: no process retries it before then
+                await self._claims.cool_down(entry.queue_id, self._clock() + self._settings.min_backoff)
+            self._claims.done(entry.queue_id)
             self._wake.set()
 
     def _groups(
@@ -279,7 +330,7 @@ class Scheduler:
             queue_id=entry.queue_id,
             mail_from=entry.envelope.mail_from,
             rcpt_tos=tuple(rcpts),
-            body_path=entry.body_path,
+            body=BodySource(entry.queue_id, entry.size, functools.partial(self._spool.body, entry)),
             size=entry.size,
             smtputf8=entry.envelope.smtputf8,
         )
@@ -455,8 +506,9 @@ class Scheduler:
             )
             return None
         try:
-            headers = original_headers(await asyncio.to_thread(_read_head, entry))
-        except OSError as e:
+            async with self._spool.body(entry) as reader:
+                headers = original_headers(await reader.read(64 * 1024))
+        except SpoolError as e:
             log.warning("%s: the DSN goes without the original headers: %s", entry.queue_id, e)
             headers = b""
 
@@ -490,8 +542,3 @@ _OUTCOME_EVENTS = {
     RcptState.BOUNCED: EventKind.BOUNCED,
     RcptState.QUEUED: EventKind.DEFERRED,
 }
-
-
-def _read_head(entry: QueueEntry) -> bytes:
-    with entry.body_path.open("rb") as f:
-        return f.read(64 * 1024)

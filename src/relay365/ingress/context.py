@@ -22,7 +22,7 @@ from relay365.ingress.identity import AuthGuard, ConnectionLimiter, DeviceDirect
 from relay365.observability.activity import DeviceActivity
 from relay365.observability.metrics import Metrics
 from relay365.observability.tracking import MemoryTrackingLog, TrackingLog
-from relay365.spool.model import Spool
+from relay365.spool.contract import Spool
 
 log = logging.getLogger(__name__)
 CLOSE_WAIT = 5.0  # after the 421, how long closing connections get to go away

@@ -1,19 +1,22 @@
-"""What the spool stores and the contract every spool (SQLite, PostgreSQL) implements.
+"""What the spool stores: the data types every spool backend and its users share.
 
 A queue entry is a message (envelope + the spooled RFC 5322 bytes) and one row per recipient with its
 own state: Postfix's queue states mapped to recipients (queued = incoming/active, deferred, delivered,
-bounced) plus a message-level hold.
+bounced) plus a message-level hold. The behaviour (what is durable when, claims and leases) is the
+contract in ``spool/contract.py``.
 """
 
 from __future__ import annotations
 
 import enum
+import os
 import secrets
+import socket
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,9 +48,10 @@ FINAL_STATES = frozenset({RcptState.DELIVERED, RcptState.BOUNCED})
 
 
 class QueueState(enum.StrEnum):
-    """What ``relay365 queue list --state`` selects: a message with a recipient in that state, or
-    (``held``) a message on hold."""
+    """What ``relay365 queue list --state`` (and the console) selects: a message with a recipient in
+    that state, (``open``) one with a recipient still to deliver, or (``held``) a message on hold."""
 
+    OPEN = "open"
     QUEUED = "queued"
     DEFERRED = "deferred"
     DELIVERED = "delivered"
@@ -65,14 +69,37 @@ class QueueFilter:
     device: str | None = None
     sender: str | None = None
     recipient: str | None = None
+    transport: str | None = None  # the transport of a recipient's last attempt
+    min_age: float | None = None  # received at least this many seconds ago
 
     def is_empty(self) -> bool:
         return self == QueueFilter()
 
 
+QueueOrder = Literal["oldest", "newest"]
+PAGE_MAX = 500  # entries per page at most (the console and the API)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QueueQuery:
+    """One page of a filtered queue view (the console, ``/api/queue``): ``Spool.query``'s arguments."""
+
+    where: QueueFilter = QueueFilter()
+    order: QueueOrder = "newest"
+    cursor: str | None = None  # the previous page's ``next_cursor``
+    limit: int = 50
+
+
 def new_queue_id() -> str:
     """Sortable by arrival (milliseconds) and unique (24 random bits): e.g. ``0193A4F2C81D7B3E9A1``."""
     return f"{time.time_ns() // 1_000_000:011X}{secrets.token_hex(4).upper()}"
+
+
+def new_owner_id() -> str:
+    """Who claims messages: unique per process incarnation (host, pid and 32 random bits, so a
+    restarted process with a recycled pid is a new owner), e.g. ``relay1.4711.9f86d081``."""
+    host = "".join(c if c.isalnum() or c in "-_" else "_" for c in socket.gethostname())[:40]
+    return f"{host or 'host'}.{os.getpid()}.{secrets.token_hex(4)}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,21 +128,28 @@ class Recipient:
 
 @dataclass(frozen=True, slots=True)
 class QueueEntry:
+    """One message as the spool returned it. ``body_ref`` locates the body for the spool that
+    returned the entry (opaque to everyone else: read the body with ``Spool.body(entry)``)."""
+
     queue_id: str
     envelope: Envelope
     size: int
     received_at: float
     held: bool
-    body_path: Path
     recipients: tuple[Recipient, ...]
+    body_ref: str = ""
+    claimed_by: str = ""  # the owner delivering it now ("" when unclaimed), see Spool.claim
+    claimed_until: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
 class QueuePage:
-    """The first entries that match a filter (oldest first) and how many match in all."""
+    """One page of the entries that match a filter, how many match in all (every page together),
+    and the cursor of the next page (None: this is the last)."""
 
     entries: list[QueueEntry]
     total: int
+    next_cursor: str | None = None
 
 
 def entry_dict(e: QueueEntry) -> dict[str, Any]:
@@ -161,69 +195,71 @@ class Bounce:
 
 
 class IncomingMessage(Protocol):
-    """A message being received: bytes are streamed in, then committed (fsync) or aborted."""
+    """A message being received: bytes are streamed in, then committed or aborted (the contract
+    is in spool/contract.py, next to ``Spool.incoming``)."""
 
     queue_id: str
     size: int
 
-    def write(self, data: bytes) -> None: ...
+    def write(self, data: bytes) -> None:
+        """Append ``data`` (kept as given, no copy); no I/O on the caller's event loop."""
 
     async def drain(self) -> None:
-        """Called after each ``write``: the message may move buffered bytes to storage here."""
+        """Called after each ``write``: the message may move buffered bytes to storage here, so
+        memory per message stays bounded. ``SpoolFullError`` when the bytes would cut into the
+        free-space reserve (``check_room``), ``SpoolIOError`` on other failures."""
 
-    async def commit(self, envelope: Envelope) -> str: ...
-
-    async def abort(self) -> None: ...
-
-
-class Spool(Protocol):
-    async def open(self) -> None: ...
-
-    async def close(self) -> None: ...
-
-    def incoming(self) -> IncomingMessage:
-        """A new message; raises ``SpoolFullError`` when free space is below the reserve."""
+    async def commit(self, envelope: Envelope) -> str:
+        """Make the message a queue entry and return its queue id. Durable when it returns: the
+        body and the entry are on stable storage, so ingress may answer 250 (RFC 5321 6.1). It is
+        atomic: after an error nothing is queued and the message is aborted (the device retries
+        after a 4xx). Once started it finishes even if the caller is cancelled (shield it)."""
         ...
 
-    def check_room(self, size: int = 0) -> None:
-        """Raise ``SpoolFullError`` if storing ``size`` more bytes would cut into the free-space
-        reserve kept for the queue's own bookkeeping (delivery outcomes, DSNs)."""
+    async def abort(self) -> None:
+        """Drop the message; never raises (a leftover is removed by ``recover``)."""
+
+
+class BodyReader(Protocol):
+    """An open message body (``Spool.body``): the spooled bytes, read in chunks or at once."""
+
+    size: int
+
+    async def read(self, n: int = -1) -> bytes:
+        """Up to ``n`` bytes (all the rest for -1); b"" at the end. Raises ``SpoolIOError``."""
         ...
 
-    async def stats(self) -> QueueStats: ...
-
-    async def enqueue(self, envelope: Envelope, body: bytes) -> str: ...
-
-    async def due(self, now: float, *, limit: int, exclude: frozenset[str]) -> list[QueueEntry]: ...
-
-    async def record(
-        self,
-        queue_id: str,
-        updates: Sequence[RecipientUpdate],
-        *,
-        bounce: Bounce | None = None,
-        pace_events: Sequence[PaceEvent] = (),
-    ) -> None: ...
-
-    async def pace_events(self, since: float) -> list[PaceEvent]: ...
-
-    async def next_due_time(self) -> float | None: ...
-
-    async def get(self, queue_id: str) -> QueueEntry: ...
-
-    async def query(self, where: QueueFilter, *, limit: int | None) -> QueuePage:
-        """The oldest ``limit`` (None: all) entries matching ``where``, and how many match."""
+    def chunks(self, n: int = 256 * 1024) -> AsyncIterator[bytes]:
+        """The rest of the body in chunks of at most ``n`` bytes."""
         ...
 
-    async def retry_matching(self, where: QueueFilter, now: float) -> int:
-        """Make every open recipient of the matching messages due at ``now``; return how many
-        messages matched."""
+    async def read_all(self) -> bytes:
+        """The whole body (from the start)."""
         ...
 
-    async def hold(self, queue_id: str, held: bool) -> None: ...
+    def fileno(self) -> int | None:
+        """A file descriptor positioned at the start of the body, for ``sendfile``; None when the
+        backend keeps no file (memory, PostgreSQL)."""
+        ...
 
-    async def retry(self, queue_id: str, now: float) -> None: ...
 
-    def flush_requested(self) -> float: ...
+@dataclass(frozen=True, slots=True)
+class BodySource:
+    """A message body as a transport sees it: read through the spool, never a path."""
 
-    async def delete(self, queue_id: str) -> None: ...
+    queue_id: str
+    size: int
+    opener: Callable[[], AbstractAsyncContextManager[BodyReader]]
+
+    def open(self) -> AbstractAsyncContextManager[BodyReader]:
+        return self.opener()
+
+    async def read_all(self) -> bytes:
+        """The whole body; ``SpoolIOError`` when the spool cannot read it."""
+        async with self.opener() as reader:
+            return await reader.read_all()
+
+    async def head(self, n: int) -> bytes:
+        """The first ``n`` bytes (fewer for a shorter body)."""
+        async with self.opener() as reader:
+            return await reader.read(n)

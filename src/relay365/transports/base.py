@@ -1,10 +1,11 @@
 """The transport contract.
 
-A transport takes one queued message (an :class:`OutboundMessage`: queue id, envelope and the path of
-the spooled RFC 5322 bytes) and returns one :class:`RecipientResult` per recipient. It raises only the
-:class:`relay365.errors.DeliveryError` family, for failures that concern the whole message (connection
-refused, TLS failure, 4xx/5xx to MAIL FROM or DATA). The transient/permanent decision is made here, once,
-in the transport, and nowhere else.
+A transport takes one queued message (an :class:`OutboundMessage`: queue id, envelope and the spooled
+RFC 5322 bytes as a :class:`BodySource`, read through the spool, never by path) and returns one
+:class:`RecipientResult` per recipient. It raises only the :class:`relay365.errors.DeliveryError`
+family, for failures that concern the whole message (connection refused, TLS failure, 4xx/5xx to
+MAIL FROM or DATA). The transient/permanent decision is made here, once, in the transport, and
+nowhere else.
 """
 
 from __future__ import annotations
@@ -12,11 +13,10 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from relay365.errors import SpoolIOError
 from relay365.settings import TransportSettings
+from relay365.spool.model import BodySource
 
 
 class Outcome(enum.StrEnum):
@@ -32,19 +32,14 @@ class OutboundMessage:
     queue_id: str
     mail_from: str  # "" for the null sender <>
     rcpt_tos: tuple[str, ...]
-    body_path: Path
+    body: BodySource  # read with ``await body.read_all()`` or ``async with body.open() as r``
     size: int
     smtputf8: bool = False
 
-    def read_body(self) -> bytes:
-        """The spooled bytes. A file that cannot be read is the spool's fault, not the upstream's:
+    async def read_body(self) -> bytes:
+        """The spooled bytes. A body that cannot be read is the spool's fault, not the upstream's:
         ``SpoolIOError``, which the scheduler records as this attempt's failure."""
-        try:
-            return self.body_path.read_bytes()
-        except OSError as e:
-            raise SpoolIOError(
-                f"cannot read message file {self.body_path.name}: {type(e).__name__}: {e.strerror}"
-            ) from e
+        return await self.body.read_all()
 
 
 @dataclass(frozen=True, slots=True)

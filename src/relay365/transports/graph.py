@@ -158,7 +158,7 @@ class GraphTransport:
         return self._tokens
 
     async def deliver(self, message: OutboundMessage) -> list[RecipientResult]:
-        body = await asyncio.to_thread(message.read_body)
+        body = await message.read_body()
         to, cc, bcc, faithful = envelope_recipients(body, message.rcpt_tos)
         try:
             reply = await self._send(body, to, cc, bcc, faithful)

@@ -7,6 +7,7 @@ exist (NXDOMAIN) is permanent.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 
@@ -99,14 +100,7 @@ class MxDelivery:
                 continue
             by_host.setdefault(host, []).append(rcpt)
         for host, rcpts in by_host.items():
-            part = OutboundMessage(
-                message.queue_id,
-                message.mail_from,
-                tuple(rcpts),
-                message.body_path,
-                message.size,
-                message.smtputf8,
-            )
+            part = dataclasses.replace(message, rcpt_tos=tuple(rcpts))
             try:
                 results += await send_over(self._pool(host), part, upstream=f"{name} ({host}:{self._s.port})")
             except TransientDeliveryError as e:

@@ -13,7 +13,6 @@ import logging
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 
 import aiosmtplib
 from aiosmtplib import SMTPResponse
@@ -132,7 +131,7 @@ async def send_over(pool: SessionPool, message: OutboundMessage, *, upstream: st
                         await _rset(smtp)
                         return _results(message.rcpt_tos, errors, "") + refused
                     if body is None:
-                        body = await asyncio.to_thread(message.read_body)
+                        body = await message.read_body()
                     data_started = True
                     response = await smtp.data(body)
                 except aiosmtplib.SMTPResponseException as e:
@@ -190,7 +189,7 @@ async def _smtputf8_plan(
     if not utf8 or smtp.supports_extension("smtputf8"):
         return dataclasses.replace(message, smtputf8=utf8), []
     reply = f"553 5.6.7 {upstream} does not offer SMTPUTF8, which this message needs (RFC 6531)"
-    if message.mail_from.isascii() and await asyncio.to_thread(_head_is_ascii, message.body_path):
+    if message.mail_from.isascii() and _head_is_ascii(await message.body.head(1 << 20)):
         refuse = [r for r in message.rcpt_tos if not r.isascii()]
     else:
         refuse = list(message.rcpt_tos)
@@ -199,9 +198,8 @@ async def _smtputf8_plan(
     return dataclasses.replace(message, rcpt_tos=rest, smtputf8=False), results
 
 
-def _head_is_ascii(path: Path) -> bool:
-    with path.open("rb") as f:
-        head = f.read(1 << 20)  # more than any header section the ingress accepts
+def _head_is_ascii(head: bytes) -> bool:
+    """``head``: the first MiB, more than any header section the ingress accepts."""
     end = head.find(b"\r\n\r\n")
     return (head if end < 0 else head[:end]).isascii()
 

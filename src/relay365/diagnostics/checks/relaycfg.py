@@ -20,8 +20,8 @@ from relay365.diagnostics.checks.result import CheckResult, failed, passed, warn
 from relay365.errors import ConfigError, Relay365Error
 from relay365.replies import summary
 from relay365.settings import ListenerSettings, Settings, load_settings
+from relay365.spool.factory import open_spool, spool_exists
 from relay365.spool.model import QueueEntry, RcptState
-from relay365.spool.sqlite import SqliteSpool
 
 CERT_WARN_DAYS = 30
 SPOOL_WARN_BYTES = 1 << 30  # 1 GiB
@@ -151,16 +151,15 @@ async def check_queue(settings: Settings, *, now: float | None = None) -> list[C
     """Backlog (queue entries) and the oldest deferred recipient with its last reply explained."""
     directory = settings.server.spool_dir
     name = f"Queue backlog {directory}"
-    if not (directory / "queue.db").exists():
-        return [passed(name, "no queue yet (the relay has not run with this spool)")]
-    spool = SqliteSpool(directory)
     try:
-        await spool.open(recover=False)
-        entries = await spool.list()
+        if not spool_exists(settings):
+            return [passed(name, "no queue yet (the relay has not run with this spool)")]
+        async with open_spool(settings) as spool:
+            entries = await spool.list()
+    except ConfigError as exc:
+        return [failed(name, f"{exc.problem}", f"Fix '{exc.key}' in the configuration")]
     except Relay365Error as exc:
         return [failed(name, f"cannot read the queue: {exc}", "Check the spool's permissions and disk")]
-    finally:
-        await spool.close()
     held = sum(1 for e in entries if e.held)
     results = [passed(name, f"{len(entries)} message(s) queued, {held} held")]
     oldest = _oldest_deferred(entries)

@@ -1,0 +1,115 @@
+"""The one place a spool backend is chosen: ``[spool] url`` in relay365.toml.
+
+- ``sqlite:PATH`` (the default, ``sqlite:`` + ``server.spool_dir``): the embedded spool (sqlite.py);
+- ``memory:``: the in-memory spool (memory.py), for tests: nothing survives the process;
+- ``postgresql://...``: not in this build yet (issue 10): a ``ConfigError`` says so.
+
+``app.py`` (the server), ``cli.py`` (``relay365 queue``) and the diagnostics open the spool through
+here and only here. A new backend is one more entry in ``_BACKENDS``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from relay365.errors import ConfigError
+from relay365.settings import Settings
+from relay365.spool.contract import Spool
+from relay365.spool.memory import MemorySpool
+from relay365.spool.sqlite import SqliteSpool
+
+KEY = "spool.url"
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolLocation:
+    """A parsed ``[spool] url``: the backend and, for SQLite, its directory."""
+
+    scheme: str  # "sqlite", "memory" or "postgresql"
+    url: str
+    path: Path | None = None
+
+
+def spool_url(settings: Settings) -> str:
+    return settings.spool.url or f"sqlite:{settings.server.spool_dir}"
+
+
+_SCHEMES = {
+    "sqlite:": "sqlite",
+    "memory:": "memory",
+    "postgresql://": "postgresql",
+    "postgres://": "postgresql",
+}
+_NAMES = {"postgresql": "The PostgreSQL spool"}
+
+
+def _sqlite(where: SpoolLocation, settings: Settings, clock: Callable[[], float]) -> Spool:
+    assert where.path is not None
+    return SqliteSpool(where.path, clock=clock, min_free=settings.server.spool_min_free)
+
+
+def _memory(where: SpoolLocation, settings: Settings, clock: Callable[[], float]) -> Spool:
+    return MemorySpool(clock=clock)
+
+
+# scheme -> how to make the spool; the PostgreSQL backend (issue 10) adds its line here.
+_BACKENDS: dict[str, Callable[[SpoolLocation, Settings, Callable[[], float]], Spool]] = {
+    "sqlite": _sqlite,
+    "memory": _memory,
+}
+
+
+def locate(settings: Settings) -> SpoolLocation:
+    """Which backend ``settings`` asks for; ``ConfigError`` for one this build does not have."""
+    url = spool_url(settings)
+    scheme = next((name for prefix, name in _SCHEMES.items() if url.startswith(prefix)), None)
+    if scheme is None:
+        raise ConfigError(KEY, _redact(url), "Use sqlite:PATH, memory: or postgresql://user@host/db.")
+    if scheme not in _BACKENDS:
+        what = _NAMES.get(scheme, f"The {scheme} spool")
+        raise ConfigError(KEY, _redact(url), f"{what} is not available in this build; use sqlite:PATH.")
+    if scheme == "sqlite":
+        raw = url.removeprefix("sqlite:")
+        return SpoolLocation(scheme, url, Path(raw) if raw else settings.server.spool_dir)
+    return SpoolLocation(scheme, url)
+
+
+def _redact(url: str) -> str:
+    """A URL fit for an error message: a password in it (which belongs in PGPASSWORD) is masked."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if sep and at and ":" in userinfo:
+        return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}"
+    return url
+
+
+def make_spool(settings: Settings, *, clock: Callable[[], float] = time.time) -> Spool:
+    """The spool ``settings`` asks for, not opened yet."""
+    where = locate(settings)
+    return _BACKENDS[where.scheme](where, settings, clock)
+
+
+def spool_exists(settings: Settings) -> bool:
+    """Has a relay already created this spool? (Admin tools do not create an empty one.)"""
+    where = locate(settings)
+    if where.scheme == "sqlite":
+        assert where.path is not None
+        return (where.path / "queue.db").exists()
+    return where.scheme == "memory"
+
+
+@asynccontextmanager
+async def open_spool(settings: Settings, *, clock: Callable[[], float] = time.time) -> AsyncIterator[Spool]:
+    """``async with open_spool(settings) as spool``: opened, and closed again on the way out. It
+    does not ``recover`` (that is the delivering process's job): admin tools may use it while the
+    server runs."""
+    spool = make_spool(settings, clock=clock)
+    await spool.open()
+    try:
+        yield spool
+    finally:
+        await spool.close()

@@ -1,0 +1,67 @@
+"""One fixture over every spool backend: the contract suite (test_spool_contract.py) runs against each.
+
+A ``Backend`` opens handles on one shared store; each handle stands for one process (its own
+connection, its own owner). ``crash`` is that process's death: its lock goes, nothing is cleaned up.
+The PostgreSQL spool (issue 10) adds one line to ``FACTORIES`` (its spool made for a ``Backend``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from relay365.spool.contract import Spool
+from relay365.spool.memory import MemorySpool, MemoryStore
+from relay365.spool.sqlite import SqliteSpool
+from tests.core.helpers import Clock
+
+
+class Backend:
+    def __init__(self, name: str, tmp_path: Path) -> None:
+        self.name = name
+        self.clock = Clock()
+        self.tmp_path = tmp_path
+        self.store = MemoryStore()  # (the memory backend's shared store)
+        self._open: list[Spool] = []
+
+    def new(self) -> Spool:
+        return FACTORIES[self.name](self)
+
+    async def open(self, owner: str | None = None) -> Spool:
+        """A new handle (another process) on the same spool; with ``owner``, recovered as that
+        owner, as a delivering process starts."""
+        spool = self.new()
+        await spool.open()
+        self._open.append(spool)
+        if owner is not None:
+            await spool.recover(owner)
+        return spool
+
+    async def crash(self, spool: Spool) -> None:
+        """The process behind ``spool`` dies: nothing of it is aborted, released or cleaned up."""
+        self._open.remove(spool)
+        await spool.close()
+
+    async def close_all(self) -> None:
+        for spool in self._open:
+            with contextlib.suppress(Exception):
+                await spool.close()
+        self._open.clear()
+
+
+FACTORIES: dict[str, Callable[[Backend], Spool]] = {
+    "memory": lambda b: MemorySpool(b.store, clock=b.clock),
+    "sqlite": lambda b: SqliteSpool(b.tmp_path / "spool", clock=b.clock),
+}
+
+
+@pytest.fixture(params=list(FACTORIES))
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+    b = Backend(request.param, tmp_path)
+    try:
+        yield b
+    finally:
+        await b.close_all()
