@@ -23,6 +23,7 @@ from relay365.ingress.identity import AuthGuard, ConnectionLimiter, DeviceDirect
 from relay365.ingress.policy import RateLimiter
 from relay365.ingress.server import IngressContext, start_listener
 from relay365.ingress.tls import self_signed, server_context
+from relay365.service.notify import Notifier
 from relay365.settings import ListenerSettings, Settings, TransportSettings
 from relay365.spool.sqlite import SqliteSpool
 from relay365.transports.base import Transport
@@ -155,6 +156,15 @@ class Relay:
     def clock(self) -> float:
         return self._clock()
 
+    def healthy(self) -> bool:
+        """False once the delivery scheduler has stopped by itself (the systemd watchdog then restarts)."""
+        return self._scheduler_task is not None and not self._scheduler_task.done()
+
+    def describe_listeners(self) -> str:
+        return ", ".join(
+            f"{x.name} {x.address}:{self.ports.get(x.name, x.port)}" for x in self.settings.listeners
+        )
+
     async def stop(self, *, grace: float = 30.0) -> None:
         """Stop accepting, let sessions finish their writes, then stop delivery and close the spool."""
         if self.admin is not None:
@@ -176,21 +186,46 @@ class Relay:
         await self.spool.close()
 
 
-async def serve(settings: Settings, *, ready: Callable[[Relay], None] = lambda relay: None) -> None:
+async def serve(
+    settings: Settings,
+    *,
+    ready: Callable[[Relay], None] = lambda relay: None,
+    notifier: Notifier | None = None,
+) -> None:
+    """Run until SIGTERM/SIGINT. Under systemd (``NOTIFY_SOCKET``): READY=1 once the spool is recovered
+    and every listener accepts connections, watchdog pings, STOPPING=1 at shutdown."""
+    notify = Notifier.from_environ() if notifier is None else notifier
+    try:
+        await _serve(settings, ready, notify)
+    finally:
+        notify.close()
+
+
+async def _serve(settings: Settings, ready: Callable[[Relay], None], notify: Notifier) -> None:
     relay = Relay(settings)
-    await relay.start()
+    await notify.status("Starting: recovering the spool, opening the listeners")
+    try:
+        await relay.start()
+    except Exception as e:
+        await notify.status(f"Failed to start: {make_redactor(settings).redact(str(e))}")
+        raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     ready(relay)
+    await notify.ready(f"Accepting mail on {relay.describe_listeners()}")
+    watchdog = asyncio.create_task(notify.watchdog(healthy=relay.healthy), name="watchdog")
     try:
         await stop.wait()
         log.info("shutting down: no new connections, finishing in-flight messages")
+        await notify.stopping("Stopping: no new connections, finishing in-flight messages")
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         await relay.stop()
+        watchdog.cancel()
+        await asyncio.gather(watchdog, return_exceptions=True)
 
 
 def make_redactor(settings: Settings) -> Redactor:

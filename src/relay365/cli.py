@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import getpass
+import logging
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -15,8 +16,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from relay365 import __version__
 from relay365.app import Relay
 from relay365.errors import ConfigError, QueueEntryNotFound, Relay365Error
+from relay365.logformats import LOG_FORMATS, resolve_format
 from relay365.settings import Settings, load_settings
 from relay365.spool.model import QueueEntry
 from relay365.spool.sqlite import SqliteSpool
@@ -26,7 +29,9 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-config_app = typer.Typer(help="Check the configuration file.", no_args_is_help=True)
+config_app = typer.Typer(
+    help="Check the configuration file; print the documented example.", no_args_is_help=True
+)
 device_app = typer.Typer(help="Device credentials.", no_args_is_help=True)
 route_app = typer.Typer(help="Explain routing decisions.", no_args_is_help=True)
 queue_app = typer.Typer(
@@ -42,6 +47,21 @@ T = TypeVar("T")
 
 DEFAULT_CONFIG = Path("relay365.toml")
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="relay365.toml")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"relay365 {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    pass
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -95,16 +115,21 @@ def serve(
     ] = None,
     demo_dir: Annotated[Path, typer.Option(help="state of the no-config demo")] = Path("var/demo"),
     demo_port: Annotated[int, typer.Option(help="device port of the no-config demo")] = 2525,
+    log_format: Annotated[
+        str | None, typer.Option(help="auto | text | journal | json (default: [server] log_format)")
+    ] = None,
 ) -> None:
     """Run the relay until SIGTERM/SIGINT. With no relay365.toml: the relay in front of the built-in
     Exchange Online sandbox (a working demo on 127.0.0.1:2525)."""
     from relay365.credentials import Redactor
     from relay365.logsetup import configure_logging
 
+    if log_format is not None and log_format not in LOG_FORMATS:
+        raise _fail(f"--log-format {log_format!r}: one of {', '.join(LOG_FORMATS)}")
     if config is None and not DEFAULT_CONFIG.exists():
         from relay365.demo import run_demo
 
-        configure_logging("INFO", Redactor())
+        configure_logging("INFO", Redactor(), log_format or "auto")
         err.print("No relay365.toml here: starting the demo (relay365 + local Exchange Online sandbox).")
         try:
             asyncio.run(run_demo(demo_dir.absolute(), port=demo_port))
@@ -115,20 +140,31 @@ def serve(
     from relay365.app import serve as run
 
     settings = _settings(config or DEFAULT_CONFIG)
-    configure_logging(settings.server.log_level, make_redactor(settings))
+    fmt = log_format or settings.server.log_format
+    configure_logging(settings.server.log_level, make_redactor(settings), fmt)
+    # In a terminal: plain lines. Under the journal or as JSON: every line is a log record.
+    plain = resolve_format(fmt, stream=sys.stderr) == "text"
+
+    def say(text: str) -> None:
+        if plain:
+            err.print(text, highlight=False)
+        else:
+            logging.getLogger("relay365.serve").info(text)
 
     def ready(relay: Relay) -> None:
         for listener in settings.listeners:
-            err.print(
+            say(
                 f"relay365 listening: {listener.name} on {listener.address}:{relay.ports.get(listener.name)}"
-                f" (tls={listener.tls})",
-                highlight=False,
+                f" (tls={listener.tls})"
             )
 
     try:
         asyncio.run(run(settings, ready=ready))
     except Relay365Error as e:
-        raise _fail(str(e)) from None
+        if plain:
+            raise _fail(str(e)) from None
+        logging.getLogger("relay365.serve").error("error: %s", e)
+        raise typer.Exit(2) from None
 
 
 @route_app.command("test")
@@ -338,9 +374,13 @@ def _register_subcommands() -> None:
     """The sandbox and the setup tools live in their own packages and bring their own commands."""
     from relay365.diagnostics.cli import register
     from relay365.sandbox.cli import app as sandbox_app
+    from relay365.service.cli import register as register_service
+    from relay365.setup.cli import register as register_setup
 
     app.add_typer(sandbox_app, name="sandbox")
     register(app)
+    register_setup(app, config_app)
+    register_service(app)
 
 
 _register_subcommands()

@@ -10,6 +10,7 @@
      │    └── SpoolIOError           any other I/O error: ingress answers 451 4.3.0
      ├── QueueEntryNotFound          a queue id that is not in the spool
      ├── TokenError                  an OAuth token could not be obtained (always transient for mail)
+     ├── InstallError                init / service install refuse: a file exists, a path is unreachable
      └── DeliveryError               raised by a transport for the whole message
           ├── TransientDeliveryError retry later, optionally not before ``retry_after`` seconds
           └── PermanentDeliveryError the upstream refused for good: bounce with a DSN
@@ -57,6 +58,11 @@ class QueueEntryNotFound(Relay365Error):
 
 class TokenError(Relay365Error):
     """An OAuth2 token could not be obtained. Mail waiting for it is deferred, never bounced."""
+
+
+class InstallError(Relay365Error):
+    """``relay365 init`` or ``relay365 service install`` cannot do what was asked; the message says why
+    and what to do instead."""
 
 
 class DeliveryError(Relay365Error):
