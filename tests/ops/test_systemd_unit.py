@@ -16,11 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from relay365.service.unit import UnitOptions, render_unit
+from relay365.service.install import interpreter_of
+from relay365.service.unit import UnitOptions, hidden_by_sandbox, render_unit
 from tests.core.helpers import run_cli, write_config
 
 EXPOSURE_MAX = 2.0  # "OK" in systemd-analyze security's scale (issue 14)
 RELAY365_EXEC = str(Path(sys.executable).parent / "relay365")
+# What a system-wide install runs (pip into Debian's python3): outside /home, /root and /tmp, which the
+# sandbox hides; this checkout's venv may not be (its interpreter can live under /root/.pyenv).
+SYSTEM_EXEC = "/usr/bin/python3 -m relay365"
 
 
 def analyze(*args: str) -> subprocess.CompletedProcess[str]:
@@ -101,13 +105,14 @@ def service_config(root: Path, **sections: object) -> Path:
 
 
 def test_install_into_a_root_tree(tmp_path: Path) -> None:
+    assert Path("/usr/bin/python3").is_file(), "Debian's python3 is the interpreter a service install runs"
     root = tmp_path / "root"
     config = service_config(root)
     config.chmod(0o644)
-    r = run_cli("service", "install", "--root", str(root), "--exec", RELAY365_EXEC)
+    r = run_cli("service", "install", "--root", str(root), "--exec", SYSTEM_EXEC)
     assert r.returncode == 0, r.stderr
     unit = root / "etc/systemd/system/relay365.service"
-    assert unit.read_text() == run_cli("service", "install", "--print", "--exec", RELAY365_EXEC).stdout
+    assert unit.read_text() == run_cli("service", "install", "--print", "--exec", SYSTEM_EXEC).stdout
     assert stat.S_IMODE(unit.stat().st_mode) == 0o644
     sysusers = (root / "etc/sysusers.d/relay365.conf").read_text()
     assert 'u relay365 - "relay365 SMTP relay" /var/lib/relay365 /usr/sbin/nologin' in sysusers
@@ -121,13 +126,13 @@ def test_install_into_a_root_tree(tmp_path: Path) -> None:
     assert "systemctl --root=" in r.stderr and "enable relay365" in r.stderr
     assert analyze("verify", str(unit)).returncode == 0
 
-    again = run_cli("service", "install", "--root", str(root), "--exec", RELAY365_EXEC)
+    again = run_cli("service", "install", "--root", str(root), "--exec", SYSTEM_EXEC)
     assert again.returncode == 0 and "unchanged" in again.stderr, again.stderr
     unit.write_text(unit.read_text().replace("RestartSec=5s", "RestartSec=1s"))
-    refused = run_cli("service", "install", "--root", str(root), "--exec", RELAY365_EXEC)
+    refused = run_cli("service", "install", "--root", str(root), "--exec", SYSTEM_EXEC)
     assert refused.returncode == 2 and "exists and differs" in " ".join(refused.stderr.split())
     assert "RestartSec=1s" in unit.read_text()
-    forced = run_cli("service", "install", "--root", str(root), "--exec", RELAY365_EXEC, "--force")
+    forced = run_cli("service", "install", "--root", str(root), "--exec", SYSTEM_EXEC, "--force")
     assert forced.returncode == 0 and "RestartSec=5s" in unit.read_text()
 
 
@@ -152,7 +157,7 @@ def test_install_refuses_what_the_sandbox_breaks(
 ) -> None:
     root = tmp_path / "root"
     service_config(root, **sections)
-    r = run_cli("service", "install", "--root", str(root), "--exec", RELAY365_EXEC)
+    r = run_cli("service", "install", "--root", str(root), "--exec", SYSTEM_EXEC)
     assert r.returncode == 2
     assert complaint.format(root=root) in " ".join(r.stderr.split()), r.stderr
     assert not (root / "etc/systemd").exists() and not (root / "etc/passwd").exists()
@@ -164,7 +169,14 @@ def test_install_refuses_a_home_installation_and_names_the_fix(tmp_path: Path) -
     r = run_cli("service", "install", "--root", str(root), "--exec", "/root/.local/bin/relay365")
     err = " ".join(r.stderr.split())
     assert r.returncode == 2 and "the service cannot see" in err and "PIPX_HOME=/opt/pipx" in err
-    missing = run_cli("service", "install", "--root", str(tmp_path / "empty"), "--exec", RELAY365_EXEC)
+    # A script outside the hidden places whose interpreter (a venv's python) is inside one.
+    script = tmp_path / "relay365"
+    script.write_text("#!/home/alice/venv/bin/python\nfrom relay365.cli import main\nmain()\n")
+    assert interpreter_of(script) == Path("/home/alice/venv/bin/python")
+    assert hidden_by_sandbox(interpreter_of(script) or script) == Path("/home")
+    assert interpreter_of(Path("/usr/bin/python3")) is None  # a binary, nothing to follow
+    assert hidden_by_sandbox(Path("/usr/bin/python3")) is None and hidden_by_sandbox(script) == Path("/tmp")
+    missing = run_cli("service", "install", "--root", str(tmp_path / "empty"), "--exec", SYSTEM_EXEC)
     assert missing.returncode == 0, missing.stderr
     assert "No config at /etc/relay365/relay365.toml yet" in " ".join(missing.stderr.split())
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import shutil
 from pathlib import Path
 from typing import Annotated
@@ -24,7 +25,10 @@ def install_command(
     ] = DEFAULT_CONFIG,
     user: Annotated[str, typer.Option(help="the system user the service runs as")] = SERVICE,
     exec_path: Annotated[
-        str | None, typer.Option("--exec", help="the relay365 command (default: this installation's)")
+        str | None,
+        typer.Option(
+            "--exec", help="the relay365 command, e.g. '/usr/bin/python3 -m relay365' (default: this one)"
+        ),
     ] = None,
     print_only: Annotated[bool, typer.Option("--print", help="print the unit; write nothing")] = False,
     root: Annotated[
@@ -38,8 +42,11 @@ def install_command(
     if exec_path is None:
         exec_start = default_exec()
     else:
-        found = shutil.which(exec_path) if "/" not in exec_path else exec_path
-        exec_start = (str(Path(found).absolute()) if found else exec_path,)
+        words = shlex.split(exec_path)
+        if not words:
+            raise typer.BadParameter("--exec: empty")
+        found = shutil.which(words[0]) if "/" not in words[0] else words[0]
+        exec_start = (str(Path(found).absolute()) if found else words[0], *words[1:])
     options = UnitOptions(exec_start=exec_start, config=config, user=user)
     if print_only:
         typer.echo(render_unit(options), nl=False)

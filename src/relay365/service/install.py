@@ -39,16 +39,33 @@ def _inside(root: Path, path: Path) -> Path:
     return root / path.relative_to("/")
 
 
+def interpreter_of(exe: Path) -> Path | None:
+    """The interpreter a script names on its ``#!`` line (a venv's python, itself often a symlink)."""
+    try:
+        with exe.open("rb") as f:
+            head = f.readline(512)
+    except OSError:
+        return None
+    if not head.startswith(b"#!"):
+        return None
+    words = head[2:].decode("utf-8", "replace").split()
+    return Path(words[0]) if words else None
+
+
 def check_exec(options: UnitOptions) -> None:
+    """The command and the interpreter it runs must be visible inside the sandbox."""
     exe = Path(options.exec_start[0])
     if not exe.is_absolute():
         raise InstallError(f"--exec {exe}: give the absolute path of the relay365 command")
-    if (prefix := hidden_by_sandbox(exe)) is not None:
-        raise InstallError(
-            f"relay365 is installed under {prefix} ({exe}), which the service cannot see (ProtectHome=,"
-            " PrivateTmp=). Install it system-wide, e.g. as root:"
-            " PIPX_HOME=/opt/pipx PIPX_BIN_DIR=/usr/local/bin pipx install relay365"
-        )
+    for path in (exe, interpreter_of(exe)):
+        if path is not None and (prefix := hidden_by_sandbox(path)) is not None:
+            raise InstallError(
+                f"relay365 runs from {path.resolve()}, under {prefix}, which the service cannot see"
+                " (ProtectHome=, PrivateTmp=). Install it system-wide, e.g. as root: PIPX_HOME=/opt/pipx"
+                " PIPX_BIN_DIR=/usr/local/bin pipx install --python /usr/bin/python3 relay365"
+            )
+        if path is exe and not exe.is_file():
+            raise InstallError(f"--exec {exe}: no such file")
 
 
 def check_config(options: UnitOptions, root: Path, report: InstallReport) -> Path | None:
