@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import getpass
-import logging
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -17,9 +16,8 @@ from rich.console import Console
 from rich.table import Table
 
 from relay365 import __version__
-from relay365.app import Relay
 from relay365.errors import ConfigError, QueueEntryNotFound, Relay365Error
-from relay365.logformats import LOG_FORMATS, resolve_format
+from relay365.logformats import LOG_FORMATS
 from relay365.settings import Settings, load_settings
 from relay365.spool.model import QueueEntry
 from relay365.spool.sqlite import SqliteSpool
@@ -29,9 +27,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-config_app = typer.Typer(
-    help="Check the configuration file; print the documented example.", no_args_is_help=True
-)
+config_app = typer.Typer(help="Check the config file; print the documented example.", no_args_is_help=True)
 device_app = typer.Typer(help="Device credentials.", no_args_is_help=True)
 route_app = typer.Typer(help="Explain routing decisions.", no_args_is_help=True)
 queue_app = typer.Typer(
@@ -136,35 +132,11 @@ def serve(
         except (Relay365Error, OSError) as e:
             raise _fail(str(e)) from None
         return
-    from relay365.app import make_redactor
-    from relay365.app import serve as run
+    from relay365.service.run import serve_config
 
-    settings = _settings(config or DEFAULT_CONFIG)
-    fmt = log_format or settings.server.log_format
-    configure_logging(settings.server.log_level, make_redactor(settings), fmt)
-    # In a terminal: plain lines. Under the journal or as JSON: every line is a log record.
-    plain = resolve_format(fmt, stream=sys.stderr) == "text"
-
-    def say(text: str) -> None:
-        if plain:
-            err.print(text, highlight=False)
-        else:
-            logging.getLogger("relay365.serve").info(text)
-
-    def ready(relay: Relay) -> None:
-        for listener in settings.listeners:
-            say(
-                f"relay365 listening: {listener.name} on {listener.address}:{relay.ports.get(listener.name)}"
-                f" (tls={listener.tls})"
-            )
-
-    try:
-        asyncio.run(run(settings, ready=ready))
-    except Relay365Error as e:
-        if plain:
-            raise _fail(str(e)) from None
-        logging.getLogger("relay365.serve").error("error: %s", e)
-        raise typer.Exit(2) from None
+    code = serve_config(config or DEFAULT_CONFIG, log_format=log_format)
+    if code:
+        raise typer.Exit(code)
 
 
 @route_app.command("test")

@@ -26,7 +26,7 @@ from relay365.logformats import (
     make_formatter,
     syslog_priority,
 )
-from tests.core.helpers import RELAY365, closed_port, smarthost_cfg, write_config
+from tests.core.helpers import RELAY365, closed_port, run_cli, smarthost_cfg, write_config
 
 SECRET = "Cl13nt-s3cret-9931-Rw"
 
@@ -185,3 +185,31 @@ def test_serve_picks_the_format(
     else:
         records = [json.loads(line) for line in lines]
         assert {r["logger"] for r in records} >= {"relay365.app", "relay365.serve"}
+
+
+def test_startup_errors_use_the_log_format(tmp_path: Path) -> None:
+    """A config that cannot start (a secret file others can read) is reported in the format the journal
+    or a JSON shipper expects, and names the fix; a broken config before any format is known too."""
+    secret = tmp_path / "secret"
+    secret.write_text("Upstr3am-pw-5521-Jm\n")
+    secret.chmod(0o644)
+    bad_secret = {"name": "up", "type": "smarthost", "port": 2525, "tls": "required", "username": "u",
+                  "password_file": str(secret)}  # fmt: skip
+    for log_format, pattern in (
+        ("journal", r"<3>relay365\.serve: error: .*/secret is readable by others .*chmod 600.*"),
+        ("json", r"\{.*"),
+    ):
+        config = write_config(tmp_path, server={"log_format": log_format}, transport=[bad_secret])
+        r = run_cli("serve", "-c", str(config))
+        assert r.returncode == 2
+        [line] = r.stderr.strip().splitlines()
+        assert re.fullmatch(pattern, line), line
+        assert "Upstr3am-pw-5521-Jm" not in r.stderr
+        if log_format == "json":
+            record = json.loads(line)
+            assert record["level"] == "ERROR" and "chmod 600" in record["message"]
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[server]\nlog_level = 'LOUD'\n")
+    r = run_cli("serve", "-c", str(broken), "--log-format", "journal")
+    assert r.returncode == 2
+    assert r.stderr.startswith("<3>relay365.serve: error: Config 'server.log_level' has value 'LOUD'.")

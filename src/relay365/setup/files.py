@@ -13,13 +13,15 @@ def write_file(path: Path, text: str, *, mode: int, force: bool) -> bool:
     """Write ``text`` to ``path`` atomically (a temporary file renamed over it) with ``mode``.
 
     Returns False when ``path`` already holds exactly ``text`` (nothing to do); raises InstallError when
-    it holds something else and ``force`` is not set.
+    it holds something else and ``force`` is not set. A replaced file keeps its owner and group (a config
+    that ``relay365 service install`` shared with the service's group stays readable by the service).
     """
     data = text.encode("utf-8")
     try:
         current = path.read_bytes()
+        owner = path.stat()
     except FileNotFoundError:
-        current = None
+        current, owner = None, None
     except OSError as e:
         raise InstallError(f"cannot read {path}: {e.strerror}") from None
     if current == data:
@@ -35,6 +37,8 @@ def write_file(path: Path, text: str, *, mode: int, force: bool) -> bool:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+            if owner is not None and os.geteuid() == 0:
+                os.chown(tmp, owner.st_uid, owner.st_gid)
             os.chmod(tmp, mode)  # the umask may have narrowed it
             os.replace(tmp, path)
         except BaseException:
