@@ -6,6 +6,7 @@ example."""
 from __future__ import annotations
 
 import base64
+import os
 import re
 import stat
 import tomllib
@@ -179,6 +180,9 @@ def test_init_names_the_bad_or_missing_answer(tmp_path: Path, args: tuple[str, .
 def test_init_never_overwrites_without_force(tmp_path: Path) -> None:
     out = tmp_path / "relay365.toml"
     out.write_text("# mine\n")
+    root = os.geteuid() == 0
+    if root:
+        os.chown(out, 0, 4321)  # shared with the service's group by `relay365 service install`
     args = ("--transport", "direct_send", *COMMON, "--device-ip", "10.0.0.1")
     r = init(out, *args)
     assert r.returncode == 2 and "exists" in r.stderr and "--force" in " ".join(r.stderr.split())
@@ -186,6 +190,9 @@ def test_init_never_overwrites_without_force(tmp_path: Path) -> None:
     r = init(out, *args, "--force")
     assert r.returncode == 0, r.stderr
     checked(out)
+    # Replaced, not rewritten in place: same owner and group, so the service can still read it.
+    assert (out.stat().st_uid, out.stat().st_gid) == ((0, 4321) if root else (os.geteuid(), os.getegid()))
+    assert not list(tmp_path.glob(".relay365.toml.*"))  # no temporary file left
 
 
 def test_service_config_spools_in_the_state_directory() -> None:
