@@ -169,3 +169,42 @@ async def test_unreachable_socket_is_logged_once_and_never_raises(
     assert len(warnings) == 1, warnings
     assert Notifier.from_environ({"NOTIFY_SOCKET": "vsock:2:1234"}).enabled is False
     assert await Notifier.from_environ({}).ready("x") is False
+
+
+def drain(sock: socket.socket) -> list[str]:
+    """Every datagram already queued on ``sock``."""
+    sock.setblocking(False)
+    out = []
+    while True:
+        try:
+            out.append(sock.recv(4096).decode())
+        except BlockingIOError:
+            return out
+
+
+def test_no_ready_when_a_listener_cannot_bind(tmp_path: Path) -> None:
+    """A port already taken: serve exits with a clear error, systemd sees why in STATUS, never READY."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = write_config(
+            tmp_path,
+            listener=[
+                {"name": "lan", "port": 0, "tls": "none"},
+                {"name": "busy", "port": port, "tls": "none"},
+            ],
+            transport=[smarthost_cfg(closed_port())],
+        )
+        with notify_socket(tmp_path, "path") as (sock, value):
+            env = {**os.environ, "NOTIFY_SOCKET": value}
+            r = subprocess.run(
+                [*RELAY365, "serve", "-c", str(config)], capture_output=True, text=True, timeout=60, env=env,
+                check=False,
+            )  # fmt: skip
+            seen = drain(sock)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and f"{port}" in r.stderr and "address already in use" in r.stderr
+    assert seen[0] == "STATUS=Starting: recovering the spool, opening the listeners"
+    assert seen[-1].startswith("STATUS=Failed to start: ") and f"{port}" in seen[-1], seen
+    assert not any("READY=1" in m for m in seen)

@@ -57,7 +57,7 @@ def serve_config(path: Path, *, log_format: LogFormat | None = None) -> int:
 
     try:
         asyncio.run(serve(settings, ready=ready))
-    except Relay365Error as e:  # messages that never hold a secret (SecretError names only the key and file)
-        report_error(str(e), fmt)
+    except (Relay365Error, OSError) as e:  # never a secret: SecretError names only the key and file
+        report_error(str(e), fmt)  # OSError: a listener address in use or not on this host
         return 2
     return 0
