@@ -41,8 +41,12 @@ def init(out: Path, *args: str, stdin: str | None = None) -> Any:
     return run_cli("init", "--output", str(out), *args, stdin=stdin)
 
 
+# Where init says the secrets go; `config check` runs serve's preflight, which reads them.
+SECRET_ENV = {"RELAY365_CLIENT_SECRET": "App-s3cret-1181-Wx", "RELAY365_SMARTHOST_PASSWORD": "Sm-pw-2290-Qa"}
+
+
 def checked(out: Path) -> dict[str, Any]:
-    r = run_cli("config", "check", str(out))
+    r = run_cli("config", "check", str(out), env=SECRET_ENV)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("ok ")
     return tomllib.loads(out.read_text())
@@ -60,15 +64,19 @@ def assert_no_secret(text: str) -> None:
     [
         ("submission", OAUTH),
         ("graph", (*OAUTH, "--tenant", "8f1c2d3e-4b5a-4c6d-9e7f-0a1b2c3d4e5f", "--client-secret-file",
-                   "/etc/relay365/client-secret")),
+                   "{tmp}/client-secret")),
         ("direct_send", ()),
         ("connector", ()),
     ],
 )  # fmt: skip
 def test_init_from_flags_passes_config_check(tmp_path: Path, option: str, extra: tuple[str, ...]) -> None:
     out = tmp_path / "relay365.toml"
+    extra = tuple(x.format(tmp=tmp_path) for x in extra)
     r = init(out, "--transport", option, *COMMON, *extra, *DEVICES, stdin="\n".join(PASSWORDS) + "\n")
     assert r.returncode == 0, r.stderr
+    secret_file = tmp_path / "client-secret"  # where init said (graph): the secret alone, mode 0600
+    secret_file.write_text(SECRET_ENV["RELAY365_CLIENT_SECRET"] + "\n")
+    secret_file.chmod(0o600)
     text = out.read_text()
     assert_no_secret(text + r.stdout + r.stderr)
     assert stat.S_IMODE(out.stat().st_mode) == 0o640
@@ -97,8 +105,8 @@ def test_init_from_flags_passes_config_check(tmp_path: Path, option: str, extra:
         assert "a line RELAY365_CLIENT_SECRET=... in /etc/relay365/env (chmod 600" in said
         assert "# - The app's client secret goes into the environment variable RELAY365_CLIENT_SECRET" in text
     if option == "graph":
-        assert transport["client_secret_file"] == "/etc/relay365/client-secret"
-        assert "The app's client secret goes into /etc/relay365/client-secret" in said
+        assert transport["client_secret_file"] == str(secret_file)
+        assert f"The app's client secret goes into {secret_file}: the secret alone, chmod 600" in said
     if option == "direct_send":
         assert route["recipient_domains"] == ["contoso.com", "fabrikam.com"]
     assert "stored as Argon2id hashes only" in said

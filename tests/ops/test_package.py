@@ -33,7 +33,12 @@ SHIPPED = (
 
 def run(*args: str | Path, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    env |= {"COLUMNS": "200", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    # config check reads the secrets the example names (the same preflight as serve)
+    env |= {
+        "COLUMNS": "200",
+        "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+        "RELAY365_SMARTHOST_PASSWORD": "Sm-pw-2290-Qa",
+    }
     r = subprocess.run(
         [str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
     )

@@ -241,8 +241,9 @@ def _write(plan: InitPlan, output: Path, *, force: bool) -> None:
     for line in secret_instructions(plan):
         err.print(f"  {line}", highlight=False)
     err.print(
-        f"Next: relay365 doctor --config {output}   then: relay365 serve --config {output}"
-        f"   (as a service: relay365 service install --config {output.absolute()})",
+        f"Next: relay365 config check {output}   (once the secrets are in place), relay365 doctor --config"
+        f" {output}, then relay365 serve --config {output} or, as a service: relay365 service install"
+        f" --config {output.absolute()}",
         highlight=False,
     )
 
