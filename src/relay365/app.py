@@ -223,9 +223,11 @@ async def _serve(settings: Settings, ready: Callable[[Relay], None], notify: Not
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-        await relay.stop()
+        # systemd stops watching after STOPPING=1. The relay stops last: once its spool is closed the loop
+        # must not run again, or a device session still open would reach the closed spool.
         watchdog.cancel()
         await asyncio.gather(watchdog, return_exceptions=True)
+        await relay.stop()
 
 
 def make_redactor(settings: Settings) -> Redactor:
