@@ -84,6 +84,7 @@ class Received:
     peer: str
     tls: bool
     auth: Any = None
+    mail_options: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -138,6 +139,7 @@ class _UpstreamHandler:
                 peer=str(session.peer[0]),
                 tls=session.ssl is not None,
                 auth=session.auth_data,
+                mail_options=list(envelope.mail_options),
             )
         )
         self.up.arrived.set()
@@ -159,8 +161,10 @@ class RecordingUpstream:
         tls_context: ssl.SSLContext | None = None,
         require_starttls: bool = False,
         auth: Callable[[str, str], bool] | None = None,
+        smtputf8: bool = False,
     ) -> None:
         self.messages: list[Received] = []
+        self._smtputf8 = smtputf8
         self.connections = 0
         self.plan = UpstreamPlan()
         self.arrived = asyncio.Event()
@@ -194,6 +198,7 @@ class RecordingUpstream:
             tls_context=self._tls,
             require_starttls=self._require,
             auth_require_tls=True,
+            enable_SMTPUTF8=self._smtputf8,
             **kwargs,
         )
 

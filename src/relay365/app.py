@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import ssl
@@ -14,64 +15,46 @@ import time
 from collections.abc import Callable
 
 from relay365.admin.api import AdminServer
-from relay365.admin.metrics import Metrics
 from relay365.credentials import Redactor, load_secret
-from relay365.delivery.router import Router
+from relay365.delivery.router import NoRoute, Router
 from relay365.delivery.scheduler import Scheduler
-from relay365.errors import ConfigError
+from relay365.ingress.context import IngressContext, shutdown
+from relay365.ingress.handshake import HandshakeLog
 from relay365.ingress.identity import AuthGuard, ConnectionLimiter, DeviceDirectory
 from relay365.ingress.policy import RateLimiter
-from relay365.ingress.server import IngressContext, start_listener
-from relay365.ingress.tls import self_signed, server_context
+from relay365.ingress.server import start_listener
+from relay365.ingress.tls import self_signed_chains, server_context
+from relay365.observability.metrics import Metrics
+from relay365.preflight import PreflightReport, preflight
+from relay365.replies import classify
 from relay365.service.notify import Notifier
-from relay365.settings import ListenerSettings, Settings, TransportSettings
+from relay365.settings import ListenerSettings, Settings
 from relay365.spool.sqlite import SqliteSpool
 from relay365.transports.base import Transport
-from relay365.transports.connector import ConnectorTransport
-from relay365.transports.direct_send import DirectSendTransport, domain_rule
-from relay365.transports.graph import GraphTransport
-from relay365.transports.smarthost import SmartHostTransport
-from relay365.transports.submission import SubmissionTransport
+from relay365.transports.registry import build_transport, null_sender_transports, recipient_rules
 
 log = logging.getLogger(__name__)
 
 
 def explain_reply(reply: str) -> str | None:
     """A one-line admin hint for a reply, from the reply-code catalogue when it knows the code."""
-    try:
-        from relay365.diagnostics.catalogue import classify
-    except ImportError:
-        return None
     entry = classify(reply)
     if entry is None:
         return None
     return f"{entry.meaning} Fix: {entry.fix}"
 
 
-def build_transport(settings: TransportSettings, *, hostname: str) -> Transport:
-    kinds: dict[str, Callable[..., Transport]] = {
-        "smarthost": SmartHostTransport,
-        "submission": SubmissionTransport,
-        "direct_send": DirectSendTransport,
-        "connector": ConnectorTransport,
-        "graph": GraphTransport,
-    }
-    if settings.type not in kinds:
-        raise ConfigError(
-            f"transport {settings.name}.type",
-            settings.type,
-            "This transport type is not available in this build.",
-        )
-    return kinds[settings.type](settings, helo_name=hostname)
+def null_route_reply(router: Router) -> Callable[[str, str, str], str | None]:
+    """For ingress: refuse at RCPT a recipient of mail from <> that no route can carry."""
 
+    def reply(sender: str, rcpt: str, device: str) -> str | None:
+        try:
+            router.choose(rcpt=rcpt, sender=sender, device=device, size=0)
+        except NoRoute as e:
+            return f"550 5.7.1 {e}"
+        return None
 
-def transport_rules(settings: Settings) -> dict[str, Callable[[str], bool]]:
-    """Each transport's own recipient rule (Direct Send: only the tenant's accepted domains)."""
-    rules: dict[str, Callable[[str], bool]] = {}
-    for t in settings.transports:
-        if t.type == "direct_send":
-            rules[t.name] = domain_rule(t.m365.accepted_domains)
-    return rules
+    return reply
 
 
 def secrets_of(settings: Settings) -> list[str]:
@@ -85,11 +68,28 @@ def secrets_of(settings: Settings) -> list[str]:
     return values
 
 
+async def preflight_for(settings: Settings) -> PreflightReport:
+    """The preflight ``serve`` runs before it binds a port, and ``config check`` runs on its own."""
+    return await preflight(
+        settings, build_transport=functools.partial(build_transport, hostname=settings.server.hostname)
+    )
+
+
 class Relay:
-    def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``clock``: wall time for the queue; ``monotonic``: for the AUTH guard and rate limits."""
         self.settings = settings
-        self.spool = SqliteSpool(settings.server.spool_dir, clock=clock)
+        self.spool = SqliteSpool(
+            settings.server.spool_dir, clock=clock, min_free=settings.server.spool_min_free
+        )
         self._clock = clock
+        self._monotonic = monotonic
         self.transports: dict[str, Transport] = {}
         self.scheduler: Scheduler | None = None
         self.ingress: IngressContext | None = None
@@ -103,19 +103,23 @@ class Relay:
         if listener.tls == "none":
             return None
         if listener.cert_file and listener.key_file:
-            cert, key = listener.cert_file, listener.key_file
+            chains = [(listener.cert_file, listener.key_file)]
         else:
-            cert, key = self_signed(self.settings.server.spool_dir / "tls", self.settings.server.hostname)
-        return server_context(listener, cert=cert, key=key)
+            s = self.settings.server
+            chains = self_signed_chains(s.spool_dir / "tls", s.hostname, listener)
+        return server_context(listener, chains=chains)
 
     async def start(self) -> None:
         s = self.settings
-        for t in s.transports:
-            self.transports[t.name] = build_transport(t, hostname=s.server.hostname)
+        report = await preflight_for(s)
+        for warning in report.warnings:
+            log.warning("%s", warning)
+        self.transports.update(report.transports)
         await self.spool.open(recover=True)
+        router = Router(s.routes, accepts=recipient_rules(s), null_sender=null_sender_transports(s))
         self.scheduler = Scheduler(
             spool=self.spool,
-            router=Router(s.routes, accepts=transport_rules(s)),
+            router=router,
             transports=self.transports,
             settings=s.delivery,
             hostname=s.server.hostname,
@@ -128,11 +132,13 @@ class Relay:
             spool=self.spool,
             devices=DeviceDirectory(s.devices),
             limiter=ConnectionLimiter(total=s.server.max_connections, per_ip=s.server.max_connections_per_ip),
-            guard=AuthGuard(s.server),
-            rates=RateLimiter(),
+            guard=AuthGuard(s.server, clock=self._monotonic),
+            rates=RateLimiter(clock=self._monotonic),
             hostname=s.server.hostname,
             on_queued=self.scheduler.wake,
             metrics=self.metrics,
+            tls_failures=HandshakeLog(clock=self._clock),
+            route_reply=null_route_reply(router),
         )
         for listener in s.listeners:
             server = await start_listener(self.ingress, listener, self._tls(listener))
@@ -166,14 +172,19 @@ class Relay:
         )
 
     async def stop(self, *, grace: float = 30.0) -> None:
-        """Stop accepting, let sessions finish their writes, then stop delivery and close the spool."""
+        """Stop accepting, tell open sessions 421 4.3.2 (a message in DATA finishes first, within
+        ``grace``), let commits finish, then stop delivery and close the spool."""
         if self.admin is not None:
             await self.admin.stop()
         for server in self._servers:
             server.close()
+        if self.ingress is not None:
+            await shutdown(self.ingress, grace=grace)
         for server in self._servers:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(server.wait_closed(), grace)
+        if self.ingress is not None:
+            self.ingress.tls_failures.close()
         if self.ingress is not None and self.ingress.background:
             await asyncio.gather(*self.ingress.background, return_exceptions=True)
         if self.scheduler is not None:
@@ -227,7 +238,7 @@ async def _serve(settings: Settings, ready: Callable[[Relay], None], notify: Not
         # must not run again, or a device session still open would reach the closed spool.
         watchdog.cancel()
         await asyncio.gather(watchdog, return_exceptions=True)
-        await relay.stop()
+        await relay.stop(grace=settings.server.shutdown_grace)
 
 
 def make_redactor(settings: Settings) -> Redactor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import getpass
+import json
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -13,13 +14,14 @@ from typing import Annotated, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from relay365 import __version__
 from relay365.errors import ConfigError, QueueEntryNotFound, Relay365Error
 from relay365.logformats import LOG_FORMATS
 from relay365.settings import Settings, load_settings
-from relay365.spool.model import QueueEntry
+from relay365.spool.model import QueueEntry, QueueFilter, QueueState, entry_dict
 from relay365.spool.sqlite import SqliteSpool
 
 app = typer.Typer(
@@ -61,7 +63,7 @@ def _root(
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}", highlight=False)
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False)
     return typer.Exit(code)
 
 
@@ -74,13 +76,32 @@ def _settings(path: Path) -> Settings:
 
 @config_app.command("check")
 def config_check(file: Annotated[Path, typer.Argument(help="relay365.toml to validate")]) -> None:
-    """Validate FILE; print a summary, or the key and value that are wrong."""
+    """Validate FILE and run serve's preflight (secrets, certificates, ports, spool): passes exactly
+    when 'relay365 serve' would start. Prints a summary, or every problem with its key and file, and
+    warns about senders Microsoft will refuse (5.7.60)."""
+    from relay365.app import preflight_for
+    from relay365.diagnostics.sendas import send_as_risks
+
     s = _settings(file)
+
+    async def check() -> list[str]:
+        report = await preflight_for(s)
+        await report.close()
+        return report.warnings
+
+    try:
+        warnings = asyncio.run(check())
+    except Relay365Error as e:
+        raise _fail(str(e)) from None
+    for warning in warnings:
+        err.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False)
     console.print(
         f"[green]ok[/green] {file}: {len(s.listeners)} listener(s), {len(s.devices)} device(s),"
         f" {len(s.transports)} transport(s), {len(s.routes)} route(s)",
         highlight=False,
     )
+    for risk in send_as_risks(s):  # valid, but Microsoft will refuse these senders (5.7.60)
+        console.print(f"[yellow]warning[/yellow] {risk.message}\n  fix: {risk.fix}", highlight=False)
 
 
 @device_app.command("passwd")
@@ -110,28 +131,48 @@ def serve(
         Path | None, typer.Option("--config", "-c", help="relay365.toml (default: ./relay365.toml)")
     ] = None,
     demo_dir: Annotated[Path, typer.Option(help="state of the no-config demo")] = Path("var/demo"),
-    demo_port: Annotated[int, typer.Option(help="device port of the no-config demo")] = 2525,
+    port: Annotated[
+        int, typer.Option("--port", "--demo-port", help="device port of the no-config demo")
+    ] = 2525,
+    sandbox_submission_port: Annotated[
+        int, typer.Option(help="demo: the sandbox's SMTP AUTH port (0: any free port)")
+    ] = 0,
+    sandbox_mx_port: Annotated[int, typer.Option(help="demo: the sandbox's MX port (0: any free port)")] = 0,
+    sandbox_http_port: Annotated[
+        int, typer.Option(help="demo: the sandbox's HTTPS port, token endpoint and Graph (0: any)")
+    ] = 0,
     log_format: Annotated[
         str | None, typer.Option(help="auto | text | journal | json (default: [server] log_format)")
     ] = None,
 ) -> None:
     """Run the relay until SIGTERM/SIGINT. With no relay365.toml: the relay in front of the built-in
-    Exchange Online sandbox (a working demo on 127.0.0.1:2525)."""
+    Exchange Online sandbox (a working demo on 127.0.0.1:2525; --port and --sandbox-*-port pin the
+    ports so it runs beside other services)."""
     from relay365.credentials import Redactor
     from relay365.logsetup import configure_logging
 
     if log_format is not None and log_format not in LOG_FORMATS:
         raise _fail(f"--log-format {log_format!r}: one of {', '.join(LOG_FORMATS)}")
+    demo_ports = (port, sandbox_submission_port, sandbox_mx_port, sandbox_http_port)
+    for value in demo_ports:
+        if not 0 <= value <= 65535:
+            raise _fail(f"port {value} is not a TCP port (0-65535)")
     if config is None and not DEFAULT_CONFIG.exists():
-        from relay365.demo import run_demo
+        from relay365.demo import SandboxPorts, run_demo
 
         configure_logging("INFO", Redactor(), log_format or "auto")
         err.print("No relay365.toml here: starting the demo (relay365 + local Exchange Online sandbox).")
+        ports = SandboxPorts(submission=sandbox_submission_port, mx=sandbox_mx_port, http=sandbox_http_port)
         try:
-            asyncio.run(run_demo(demo_dir.absolute(), port=demo_port))
+            asyncio.run(run_demo(demo_dir.absolute(), port=port, sandbox_ports=ports))
         except (Relay365Error, OSError) as e:
             raise _fail(str(e)) from None
         return
+    if demo_ports != (2525, 0, 0, 0):
+        raise _fail(
+            "--port and --sandbox-*-port are for the demo (no relay365.toml); with a config, "
+            "set each [[listener]] port in the file"
+        )
     from relay365.service.run import serve_config
 
     code = serve_config(config or DEFAULT_CONFIG, log_format=log_format)
@@ -148,26 +189,38 @@ def route_test(
     config: ConfigOpt = DEFAULT_CONFIG,
 ) -> None:
     """Explain which route and transport each recipient would take, and why."""
-    from relay365.app import transport_rules
     from relay365.delivery.router import NoRoute, Router
+    from relay365.diagnostics.sendas import sender_risk
+    from relay365.transports.registry import null_sender_transports, recipient_rules
 
     settings = _settings(config)
-    router = Router(settings.routes, accepts=transport_rules(settings))
-    table = Table(title=f"from=<{mail_from}> size={size} device={device or '-'}")
+    rewrite = next((d.rewrite_sender for d in settings.devices if d.name == device), None)
+    sender = rewrite or mail_from  # the relay rewrites before it routes
+    router = Router(
+        settings.routes, accepts=recipient_rules(settings), null_sender=null_sender_transports(settings)
+    )
+    shown = f"<{mail_from}>" + (f" rewritten to <{rewrite}>" if rewrite else "")
+    table = Table(title=f"from={shown} size={size} device={device or '-'}")
     for col in ("recipient", "route", "transport", "why"):
         table.add_column(col, overflow="fold")
     unroutable = False
+    warnings: set[str] = set()
     for rcpt in to:
         try:
-            c = router.choose(rcpt=rcpt, sender=mail_from, device=device, size=size)
+            c = router.choose(rcpt=rcpt, sender=sender, device=device, size=size)
             kind = settings.transport(c.transport).type
             then = f"; if it is refused: {', '.join(c.fallbacks)}" if c.fallbacks else ""
             table.add_row(rcpt, c.route, f"{c.transport} ({kind})", c.reason + then)
-
+            for name in (c.transport, *c.fallbacks):
+                risk = sender_risk(settings, transport=name, sender=sender)
+                if risk:
+                    warnings.add(risk)
         except NoRoute as e:
             unroutable = True
             table.add_row(rcpt, "-", "-", f"[red]bounced at once[/red]: {e}")
     console.print(table)
+    for warning in sorted(warnings):
+        console.print(f"[yellow]warning[/yellow] {warning}", highlight=False)
     if unroutable:
         raise typer.Exit(1)
 
@@ -178,8 +231,7 @@ def login(
     config: ConfigOpt = DEFAULT_CONFIG,
 ) -> None:
     """Sign in once with the device code flow; the refresh token then renews itself unattended."""
-    from relay365.oauth import GRAPH_SCOPE, SMTP_SCOPE
-    from relay365.transports.submission import token_source
+    from relay365.oauth import GRAPH_SCOPE, SMTP_SCOPE, token_source
 
     settings = _settings(config)
     try:
@@ -226,15 +278,42 @@ def _age(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+StateOpt = Annotated[
+    QueueState | None,
+    typer.Option(help="messages with a recipient in this state, or 'held' for messages on hold"),
+]
+DeviceOpt = Annotated[str | None, typer.Option(help="messages from this device")]
+SenderOpt = Annotated[
+    str | None, typer.Option(help="envelope sender: an address, @domain, a * pattern, or <>")
+]
+RecipientOpt = Annotated[str | None, typer.Option(help="a recipient: an address, @domain or a * pattern")]
+
+
 @queue_app.command("list")
-def queue_list(config: ConfigOpt = DEFAULT_CONFIG) -> None:
-    """One row per queued message."""
-    entries = _with_spool(config, lambda spool: spool.list())
-    table = Table(title=f"{len(entries)} message(s) in the queue")
+def queue_list(
+    state: StateOpt = None,
+    device: DeviceOpt = None,
+    sender: SenderOpt = None,
+    recipient: RecipientOpt = None,
+    limit: Annotated[int, typer.Option(min=0, help="show at most N messages, oldest first (0: all)")] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON (for scripts)")] = False,
+    config: ConfigOpt = DEFAULT_CONFIG,
+) -> None:
+    """One row per queued message, oldest first; filters combine (all must hold)."""
+    where = QueueFilter(state=state, device=device, sender=sender, recipient=recipient)
+    page = _with_spool(config, lambda spool: spool.query(where, limit=limit or None))
+    if as_json:
+        shown = [entry_dict(e) for e in page.entries]
+        typer.echo(json.dumps({"total": page.total, "shown": len(shown), "messages": shown}, indent=1))
+        return
+    title = f"{page.total} message(s) in the queue" + ("" if where.is_empty() else " match")
+    if len(page.entries) < page.total:
+        title += f"; showing the oldest {len(page.entries)} (--limit)"
+    table = Table(title=title)
     for col in ("queue id", "age", "size", "from", "device", "recipients", "state", "last reply"):
         table.add_column(col, overflow="fold")
     now = time.time()
-    for e in entries:
+    for e in page.entries:
         states = sorted({r.state.value for r in e.recipients})
         last = next((r.last_reply for r in e.recipients if r.last_reply), "")
         table.add_row(
@@ -286,10 +365,38 @@ def queue_release(queue_id: str, config: ConfigOpt = DEFAULT_CONFIG) -> None:
 
 
 @queue_app.command("retry")
-def queue_retry(queue_id: str, config: ConfigOpt = DEFAULT_CONFIG) -> None:
-    """Make a deferred message due now (the server picks it up within its poll interval)."""
-    _with_spool(config, lambda spool: spool.retry(queue_id, time.time()))
-    console.print(f"{queue_id} scheduled for delivery now")
+def queue_retry(
+    queue_ids: Annotated[list[str] | None, typer.Argument(help="queue ids", show_default=False)] = None,
+    every: Annotated[bool, typer.Option("--all", help="every message in the queue")] = False,
+    state: StateOpt = None,
+    device: DeviceOpt = None,
+    sender: SenderOpt = None,
+    recipient: RecipientOpt = None,
+    config: ConfigOpt = DEFAULT_CONFIG,
+) -> None:
+    """Make messages due now: by queue id, --all, or by filter (the server picks them up within its
+    poll interval and stops holding back unreachable upstreams). Held messages stay held."""
+    where = QueueFilter(state=state, device=device, sender=sender, recipient=recipient)
+    chosen = [bool(queue_ids), every, not where.is_empty()]
+    if sum(chosen) != 1:
+        raise _fail(
+            "name the messages one way: queue ids, --all, or filters"
+            " (--state, --device, --sender, --recipient)"
+        )
+    now = time.time()
+    if queue_ids:
+        ids = queue_ids
+
+        async def each(spool: SqliteSpool) -> None:
+            for qid in ids:
+                await spool.retry(qid, now)
+
+        _with_spool(config, each)
+        for qid in ids:
+            console.print(f"{qid} scheduled for delivery now")
+        return
+    count = _with_spool(config, lambda spool: spool.retry_matching(where, now))
+    console.print(f"{count} message(s) scheduled for delivery now")
 
 
 @queue_app.command("delete")

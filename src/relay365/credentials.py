@@ -62,7 +62,12 @@ def load_secret(ref: SecretRef, environ: Mapping[str, str] | None = None) -> str
             f"{ref.key}: {ref.file} is readable by others (mode {stat.S_IMODE(st.st_mode):o});"
             " run 'chmod 600' on it."
         )
-    value = ref.file.read_text(encoding="utf-8").strip()
+    try:
+        value = ref.file.read_text(encoding="utf-8").strip()
+    except OSError as e:
+        raise SecretError(f"{ref.key}: cannot read {ref.file}: {e.strerror}.") from None
+    except UnicodeDecodeError:
+        raise SecretError(f"{ref.key}: {ref.file} is not UTF-8 text.") from None
     if not value:
         raise SecretError(f"{ref.key}: {ref.file} is empty.")
     return value

@@ -8,9 +8,11 @@ Exchange Online sandbox, whose mailboxes can be looked into with ``relay365 sand
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -111,17 +113,40 @@ def cli_command() -> str:
     return "relay365"
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SandboxPorts:
+    """Where the demo's sandbox listens (0: any free port), so a demo can run beside other services."""
+
+    submission: int = 0
+    mx: int = 0
+    http: int = 0
+
+
 async def run_demo(
-    state: Path, *, port: int = DEMO_PORT, ready: Callable[[Relay], None] = lambda relay: None
+    state: Path,
+    *,
+    port: int = DEMO_PORT,
+    sandbox_ports: SandboxPorts = SandboxPorts(),
+    ready: Callable[[Relay], None] = lambda relay: None,
 ) -> None:
     await asyncio.to_thread(state.mkdir, parents=True, exist_ok=True, mode=0o700)
-
-    async with Sandbox(example_tenant(), state_dir=state / "sandbox") as sb:
+    tenant = dataclasses.replace(
+        example_tenant(),
+        submission_port=sandbox_ports.submission,
+        mx_port=sandbox_ports.mx,
+        http_port=sandbox_ports.http,
+    )
+    async with Sandbox(tenant, state_dir=state / "sandbox") as sb:
         settings = demo_settings(sb, state, port=port)
         console = Console(stderr=True)
 
         def on_ready(relay: Relay) -> None:
             print_device_settings(console, settings, relay, state)
+            console.print(
+                f"Sandbox: SMTP AUTH 127.0.0.1:{sb.submission_port}, MX 127.0.0.1:{sb.mx_port}, "
+                f"HTTPS (token, Graph) {sb.base_url}",
+                highlight=False,
+            )
             ready(relay)
 
         await serve(settings, ready=on_ready)

@@ -5,17 +5,27 @@
     Relay365Error
      ├── ConfigError                 a configuration key has a bad value (names key and value)
      ├── SecretError                 a secret could not be loaded (env var missing, file mode too open)
+     ├── PreflightError              serve cannot start: every problem the preflight found, one a line
+     ├── DependencyVersionError      a pinned library whose internals relay365 uses has another version
      ├── SpoolError                  the spool could not store or read a message
      │    ├── SpoolFullError         no space left: ingress answers 452 4.3.1
      │    └── SpoolIOError           any other I/O error: ingress answers 451 4.3.0
      ├── QueueEntryNotFound          a queue id that is not in the spool
+     ├── Refusal                     ingress refuses what a device sent; carries the SMTP reply
+     │    ├── CommandRefused         a command line (bare LF/CR, NUL, not UTF-8) or a shutdown
+     │    └── MessageRefused         the message's header section (folded first line, limits)
      ├── TokenError                  an OAuth token could not be obtained (always transient for mail)
      ├── InstallError                init / service install refuse: a file exists, a path is unreachable
      └── DeliveryError               raised by a transport for the whole message
           ├── TransientDeliveryError retry later, optionally not before ``retry_after`` seconds
+          │    ├── UpstreamUnreachableError  no session at all (connect, TLS, greeting): the
+          │    │                             upstream's mail is held back at once
+          │    └── ConnectionLostError       the session was up, then broke: this message waits;
+          │                                  the upstream is held only after several in a row
           └── PermanentDeliveryError the upstream refused for good: bounce with a DSN
 
-Transports raise only the ``DeliveryError`` family; the scheduler catches only that family.
+Transports raise only the ``DeliveryError`` family. Anything else escaping a transport is a bug: the
+scheduler records it as a transient failure of that attempt (``451 4.3.0 internal error: ...``).
 The transient/permanent decision is made once, in the transport.
 """
 
@@ -40,6 +50,19 @@ class SecretError(Relay365Error):
     """A secret could not be loaded. The message never contains the secret itself."""
 
 
+class PreflightError(Relay365Error):
+    """``relay365 serve`` cannot start (and ``config check`` fails) for these reasons, one a line."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = tuple(problems)
+        lines = "".join(f"\n  - {p}" for p in self.problems)
+        super().__init__(f"relay365 cannot start: {len(self.problems)} problem(s):{lines}")
+
+
+class DependencyVersionError(Relay365Error):
+    """A library relay365 reaches into (aiosmtpd, see ``ingress/compat.py``) is not the pinned version."""
+
+
 class SpoolError(Relay365Error):
     """The spool could not store or read a message."""
 
@@ -54,6 +77,27 @@ class SpoolIOError(SpoolError):
 
 class QueueEntryNotFound(Relay365Error):
     """No queue entry has this id."""
+
+
+class Refusal(Relay365Error):
+    """Ingress refuses what a device sent; ``reply`` is the exact SMTP reply to answer with."""
+
+    def __init__(self, reply: str) -> None:
+        self.reply = reply
+        super().__init__(reply)
+
+
+class CommandRefused(Refusal):
+    """A command line is refused; ``close``: the connection is closed after the reply, because
+    nothing the client sends after it can be trusted to be in sync (a bare LF, a shutdown)."""
+
+    def __init__(self, reply: str, *, close: bool = False) -> None:
+        super().__init__(reply)
+        self.close = close
+
+
+class MessageRefused(Refusal):
+    """The message is refused at the end of DATA (its header section breaks a rule)."""
 
 
 class TokenError(Relay365Error):
@@ -79,6 +123,16 @@ class TransientDeliveryError(DeliveryError):
     def __init__(self, reply: str, *, retry_after: float | None = None) -> None:
         super().__init__(reply)
         self.retry_after = retry_after
+
+
+class UpstreamUnreachableError(TransientDeliveryError):
+    """No session could be set up (connection refused or timed out, TLS handshake, 5xx greeting):
+    RFC 3463 X.4.1 "no answer from host". Every message to this upstream would fail the same way."""
+
+
+class ConnectionLostError(TransientDeliveryError):
+    """The session was up and broke before the transaction completed (RFC 3463 X.4.2 "bad
+    connection"): a fault of this attempt, not proof that the upstream is down."""
 
 
 class PermanentDeliveryError(DeliveryError):

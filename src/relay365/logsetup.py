@@ -19,6 +19,7 @@ def configure_logging(level: str, redactor: Redactor, log_format: LogFormat = "a
     root = logging.getLogger()
     root.setLevel(level)
     root.addHandler(handler)
-    # aiosmtpd logs every command line at INFO (AUTH lines included); keep it to warnings.
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    # aiosmtpd logs every command line at INFO (AUTH lines included), and its warnings ("unrecognised
+    # command") repeat what relay365's own refusal line says: keep it to errors.
+    logging.getLogger("mail.log").setLevel(logging.ERROR)
     return handler

@@ -28,7 +28,9 @@ import msal
 import requests
 import requests.adapters
 
-from relay365.errors import TokenError
+from relay365.credentials import load_secret
+from relay365.errors import ConfigError, TokenError
+from relay365.settings import TransportSettings
 
 log = logging.getLogger(__name__)
 SMTP_SCOPE = "https://outlook.office365.com/.default"
@@ -190,3 +192,24 @@ class TokenSource:
         self._save_cache()
         claims = result.get("id_token_claims") or {}
         return str(claims.get("preferred_username") or self._s.username or "")
+
+
+def token_source(settings: TransportSettings, *, scope: str) -> TokenSource:
+    m = settings.m365
+    if not (m.tenant and m.client_id):
+        raise ConfigError(f"transport {settings.name}.client_id", m.client_id, "OAuth needs it.")
+    cert_pem = m.certificate_file.read_text(encoding="utf-8") if m.certificate_file else None
+    delegated = not (m.client_secret or cert_pem)
+    oauth = OAuthSettings(
+        tenant=m.tenant,
+        client_id=m.client_id,
+        authority_host=m.authority,
+        client_secret=load_secret(m.client_secret) if m.client_secret else None,
+        certificate_pem=cert_pem,
+        certificate_thumbprint=m.certificate_thumbprint,
+        token_cache=m.token_cache,
+        username=m.delegated_user or m.mailbox,
+        ca_file=m.authority_ca_file,
+    )
+    scopes = DELEGATED_SMTP_SCOPES if delegated and scope == SMTP_SCOPE else (scope,)
+    return TokenSource(oauth, scopes=scopes)

@@ -16,6 +16,7 @@ from typing import Any, Literal, TypeVar, cast
 
 from relay365.errors import ConfigError
 from relay365.logformats import LOG_FORMATS, LogFormat
+from relay365.netdns import parse_nameserver
 
 TlsMode = Literal["none", "starttls", "starttls-required", "implicit"]
 UpstreamTls = Literal["none", "opportunistic", "required", "implicit"]
@@ -29,6 +30,10 @@ TLS_VERSIONS: tuple[TlsVersion, ...] = ("1.0", "1.1", "1.2", "1.3")
 DEFAULT_MAX_MESSAGE_SIZE = 35 * 1024 * 1024
 # Exchange Online's default recipients per message (exchange-online.md, "Message size").
 DEFAULT_MAX_RECIPIENTS = 500
+# Exchange Online limits, "Message limits": message header size limit 256 KB (a bigger header section
+# is refused by Microsoft with an NDR, so relay365 refuses it while the device is still connected).
+DEFAULT_MAX_HEADER_SIZE = 256 * 1024
+NULL_SENDER = "<>"  # the null reverse-path (RFC 5321 4.5.5) in allowed_senders and route senders
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +47,10 @@ class ServerSettings:
     auth_failures_before_block: int = 5
     auth_block_seconds: float = 300.0
     auth_failure_delay: float = 1.0
+    shutdown_grace: float = 30.0  # SIGTERM: seconds a session in DATA gets to finish its message
+    # Free space kept for the queue's own bookkeeping (delivery outcomes, DSNs): below it devices
+    # get 452 4.3.1 (Postfix: queue_minfree; RFC 1870 6.1 for an announced SIZE).
+    spool_min_free: int = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +71,7 @@ class ListenerSettings:
     bare_newlines: Literal["reject", "normalize"] = "reject"
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     max_recipients: int = DEFAULT_MAX_RECIPIENTS
+    max_header_size: int = DEFAULT_MAX_HEADER_SIZE
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,10 +304,12 @@ def _port(t: _Table, name: str, default: int) -> int:
 
 
 def _sender_pattern(key: str, value: str) -> str:
+    """An address, ``@domain``, ``*`` (any sender, the null sender included) or ``<>`` (the null
+    sender only)."""
     v = value.lower()
-    if v == "*" or (v.startswith("@") and "." in v) or ("@" in v and not v.startswith("@")):
+    if v in ("*", NULL_SENDER) or (v.startswith("@") and "." in v) or ("@" in v and not v.startswith("@")):
         return v
-    raise ConfigError(key, value, "Use an address, '@domain' or '*'.")
+    raise ConfigError(key, value, "Use an address, '@domain', '<>' (the null sender) or '*'.")
 
 
 _SERVER = ServerSettings()
@@ -316,7 +328,11 @@ def _server(t: _Table) -> ServerSettings:
         ),
         auth_block_seconds=t.positive("auth_block_seconds", float, 300.0),
         auth_failure_delay=t.get("auth_failure_delay", float, 1.0),
+        shutdown_grace=t.positive("shutdown_grace", float, _SERVER.shutdown_grace),
+        spool_min_free=t.get("spool_min_free", int, _SERVER.spool_min_free),
     )
+    if s.spool_min_free < 0:
+        raise ConfigError(t.key("spool_min_free"), s.spool_min_free, "Must be 0 or more (bytes).")
     t.done()
     return s
 
@@ -352,6 +368,7 @@ def _listener(t: _Table) -> ListenerSettings:
         ),
         max_message_size=t.positive("max_message_size", int, DEFAULT_MAX_MESSAGE_SIZE),
         max_recipients=t.positive("max_recipients", int, DEFAULT_MAX_RECIPIENTS),
+        max_header_size=t.positive("max_header_size", int, DEFAULT_MAX_HEADER_SIZE),
     )
     try:
         ipaddress.ip_address(s.address)
@@ -490,6 +507,11 @@ def _m365(t: _Table, kind: str) -> M365Options:
         connections=t.positive("connections", int, 4 if kind == "graph" else 3),
         pacing_window=t.positive("pacing_window", float, 60.0),
     )
+    ports = {parse_nameserver(ns, key=t.key("nameservers"))[1] for ns in o.nameservers}
+    if len(ports) > 1:
+        raise ConfigError(
+            t.key("nameservers"), list(o.nameservers), "All name servers must use the same port."
+        )
     needs_mailbox = kind == "graph" or (kind == "submission")
     if needs_mailbox and not o.mailbox:
         raise ConfigError(t.key("mailbox"), None, f"A {kind} transport sends as a mailbox; name it.")

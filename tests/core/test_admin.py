@@ -53,7 +53,7 @@ async def test_metrics_health_and_queue(tmp_path: Path) -> None:
             got = samples(reply.text)
             accepted = ("relay365_messages_accepted_total", (("device", "local"), ("listener", "lan")))
             assert got[accepted] == 2.0
-            assert got[("relay365_smtp_refusals_total", (("code", "503"),))] == 1.0
+            assert got[("relay365_smtp_refusals_total", (("code", "503"), ("status", "5.5.1")))] == 1.0
             transient = (("outcome", "transient"), ("transport", "up"))
             assert got[("relay365_delivery_results_total", transient)] >= 1.0
             open_rcpts = sum(

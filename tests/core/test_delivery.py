@@ -272,7 +272,7 @@ async def test_upstream_stall_after_dot_defers(
             qid = await send(relay)
             entry = await wait_state(relay.spool, qid, "alice@contoso.com", RcptState.DEFERRED)
         assert "Timeout" in entry.recipients[0].last_reply
-        assert entry.recipients[0].last_reply.startswith("451 4.4.1")
+        assert entry.recipients[0].last_reply.startswith("451 4.4.2")  # RFC 3463: bad connection
         assert "lost after DATA began; the upstream may have it already" in caplog.text
         # The upstream drops its stalled transaction when we hang up; the retry delivers it.
         upstream.plan.stall_after_data = 0.0

@@ -60,8 +60,8 @@ async def test_delivered_to_smtp_sink(tmp_path: Path) -> None:
         (("-r", "DATA"), "450 4.3.0"),
         (("-r", "."), "450 4.3.0"),
         (("-Q", "RCPT"), "421"),
-        (("-q", "MAIL"), "451 4.4.1"),  # hang up without a reply: a network error, transient
-        (("-q", "."), "451 4.4.1"),
+        (("-q", "MAIL"), "451 4.4.2"),  # hang up without a reply: a lost connection, transient
+        (("-q", "."), "451 4.4.2"),
     ],
 )
 async def test_fault_defers_then_retry_delivers(

@@ -187,14 +187,14 @@ async def test_bad_mail_parameters(relay: Relay) -> None:
     assert (await c.cmd("MAIL FROM:<a@contoso.com> BODY=BINARYMIME")).startswith("501")
     assert (await c.cmd("MAIL FROM:<a@contoso.com> SIZE=99999999999")).startswith("552")
     assert (await c.cmd("MAIL FROM:<a@contoso.com> FOO=BAR")).startswith("555")
-    assert (await c.cmd("MAIL FROM:<a\rb@contoso.com>")).startswith(("501", "553"))
+    assert (await c.cmd("MAIL FROM:<a\rb@contoso.com>")).startswith("500 5.5.2 Bare CR")
     await c.close()
 
 
 async def test_crlf_in_helo_is_rejected(relay: Relay) -> None:
     c = await RawSMTP.connect(relay.ports["lan"])
     await c.reply()
-    assert (await c.cmd(b"EHLO foo\rX-Inj: 1")).startswith("501 5.5.4")
+    assert (await c.cmd(b"EHLO foo\rX-Inj: 1")).startswith("500 5.5.2 Bare CR")
     assert (await c.cmd(b"HELO foo bar")).startswith("501 5.5.4")
     assert (await c.cmd("MAIL FROM:<a@contoso.com>")).startswith("503")
     await c.close()

@@ -75,7 +75,7 @@ def check_format(log: str, log_format: str) -> None:
         assert authenticated and authenticated[0]["peer"] == "127.0.0.1"
         assert authenticated[0]["device"] == "printer"
         events = "\n".join(r["message"] for r in records)
-    assert "authentication failed peer=127.0.0.1" in events
+    assert "refused peer=127.0.0.1 device=- listener=lan command=AUTH" in events
     assert "authenticated peer=127.0.0.1 device=printer" in events
 
 

@@ -61,7 +61,7 @@ def test_errors_name_key_and_value(tmp_path: Path, data: dict[str, Any], key: st
 
 
 def test_example_config_is_valid() -> None:
-    settings = load_settings(Path(__file__).parents[2] / "src/relay365/examples/relay365.example.toml")
+    settings = load_settings(Path(__file__).parents[2] / "relay365.example.toml")
     assert settings.listeners and settings.devices and settings.transports
 
 

@@ -55,7 +55,7 @@ def deliver(port: int, body: bytes) -> tuple[int, str]:
 def settings_on(spool: Path, tmp_path: Path) -> object:
     return make_settings(
         tmp_path,
-        server={"spool_dir": str(spool)},
+        server={"spool_dir": str(spool), "spool_min_free": 0},  # raw ENOSPC (reserve: test_spool_reserve.py)
         listener=[{"name": "lan", "port": 0, "tls": "none"}],
         transport=[smarthost(closed_port())],
         delivery={"min_backoff": 3600, "max_backoff": 7200, "poll_interval": 0.2},

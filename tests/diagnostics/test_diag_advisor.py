@@ -147,17 +147,65 @@ def test_decision_table(case: str, kw: dict[str, object], option: Option, via: b
 
 
 def test_nothing_fits_says_so() -> None:
-    rec = recommend(answers(daily_recipients=50_000, external_recipients=True))
+    rec = recommend(answers(daily_recipients=50_000, external_recipients=True, third_party_cloud=True))
     assert rec.via_relay365
     assert rec.warnings[0].startswith("No Microsoft 365 option meets every answer")
     assert "10,000 recipients per day" in rec.warnings[0]
+
+
+def test_certificate_connector_without_static_ip() -> None:
+    """Issue 13 item 9: SMTP AUTH off and no static IP still leaves a certificate-based connector
+    (relay365 presents the certificate); it is offered, and chosen when Graph cannot carry the volume."""
+    rec = recommend(answers(smtp_auth_disabled=True, external_recipients=True))
+    assert rec.option is G and any(c.option is C and c.via_relay365 for c in rec.alternatives)
+    bulk = recommend(answers(smtp_auth_disabled=True, external_recipients=True, daily_recipients=50_000))
+    assert (bulk.option, bulk.via_relay365, bulk.choice.fits) == (C, True, True)
+    assert "certificate-based connector" in to_dict(bulk)["recommendation"]["title"]
+    assert any("TlsSenderCertificateName" in r for r in bulk.reasons)
+    assert any("public CA" in w for w in bulk.warnings)
+    snippet = tomllib.loads(config_snippet(bulk))
+    assert snippet["transport"][0]["client_cert_file"] == "connector.pem"
+    # The device alone still cannot: it would have to present the certificate itself.
+    direct = next(c for c in bulk.rejected if c.option is C and not c.via_relay365)
+    assert "certificate-based connector" in direct.blockers[0]
+
+
+@pytest.mark.parametrize(
+    "kw", [{}, {"smtp_auth_disabled": True, "external_recipients": True, "daily_recipients": 50_000}]
+)
+def test_printed_config_survives_a_narrow_terminal_and_write(kw: dict[str, object], tmp_path: Path) -> None:
+    """At width 60 the printed relay365.toml is still valid TOML (never wrapped or boxed), and
+    --write saves the same; an existing file needs --force."""
+    f = tmp_path / "answers.json"
+    f.write_text(json.dumps(answers(**kw).to_dict()))
+    out = tmp_path / "relay365.toml"
+    result = CliRunner().invoke(
+        app, ["advise", "--answers", str(f), "--write", str(out)], env={"COLUMNS": "60"}, terminal_width=60
+    )
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    start = next(i for i, line in enumerate(lines) if "relay365.toml (save it with --write FILE)" in line)
+    end = next(i for i in range(start + 1, len(lines)) if set(lines[i].strip()) == {"─"})
+    printed = "\n".join(lines[start + 1 : end]) + "\n"
+    assert max(len(line) for line in printed.splitlines()) > 60  # long lines stay whole
+    assert tomllib.loads(printed) == tomllib.loads(out.read_text())
+    assert printed == out.read_text()
+    again = CliRunner().invoke(app, ["advise", "--answers", str(f), "--write", str(out)])
+    assert again.exit_code == 2 and "--force" in again.output
+    forced = CliRunner().invoke(
+        app, ["advise", "--answers", str(f), "--write", str(out), "--force", "--json"]
+    )
+    assert forced.exit_code == 0
 
 
 ALL = list(itertools.product((False, True), repeat=len(BOOLS)))
 
 
 def _parse(snippet: str, base: Path) -> Settings:
-    """The advisor's snippet, exactly as printed, through the relay's own config parser."""
+    """The advisor's snippet, exactly as printed, through the relay's own config parser (with the
+    certificate files a certificate-based connector names put next to it)."""
+    for name in ("connector.pem", "connector.key"):
+        (base / name).touch()
     return parse_settings(tomllib.loads(snippet), base=base)
 
 
@@ -213,8 +261,8 @@ def test_every_combination_respects_the_comparison_table(volume: int, tmp_path: 
         if fits:
             if o is D:  # Relay to internet: No; Sent Items: No; RejectDirectSend refuses it
                 assert not (a.external_recipients or a.sent_items or a.reject_direct_send), a
-            if o is C:  # Requires a static IP; third-party hosting: No; Sent Items: No
-                assert a.static_ip and not a.third_party_cloud and not a.sent_items, a
+            if o is C:  # A static IP (or relay365's certificate); third-party hosting: No; Sent Items: No
+                assert (a.static_ip or via) and not a.third_party_cloud and not a.sent_items, a
             if o in (S, G):
                 assert volume <= 10_000, a
             if o is S:

@@ -32,8 +32,17 @@ async def sandbox(tmp_path: Path) -> AsyncIterator[Sandbox]:
         yield sb
 
 
-async def _run(tmp_path: Path, *transports: dict[str, object]) -> dict[str, CheckResult]:
-    cfg = write_config(tmp_path, transport=list(transports))
+SCANNER_DEVICE = {"name": "lan", "ip_allow": ["127.0.0.0/8"], "rewrite_sender": "scanner@contoso.test"}
+
+
+async def _run(
+    tmp_path: Path,
+    *transports: dict[str, object],
+    device: dict[str, object] = SCANNER_DEVICE,
+    routes: list[dict[str, object]] | None = None,
+) -> dict[str, CheckResult]:
+    extra = {"route": routes} if routes else {}
+    cfg = write_config(tmp_path, transport=list(transports), device=[device], **extra)
     results = await run_config_doctor(ConfigDoctorOptions(config=cfg, timeout_s=10))
     by_name = {r.name: r for r in results}
     assert len(by_name) == len(results), [r.name for r in results]
@@ -143,3 +152,43 @@ async def test_basic_auth_submission_warns(tmp_path: Path, sandbox: Sandbox) -> 
     row = rows["[basic] Basic auth scanner@contoso.test"]
     assert row.status is Status.WARN and "December 2026" in row.detail and "xoauth2" in row.fix
     assert not any("Token" in n for n in rows)
+
+
+async def test_doctor_predicts_send_as_refusals_and_probes_them(
+    tmp_path: Path, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 13 item 7: senders a device may use that the transport's mailbox cannot send as are a
+    warning; with credentials the doctor asks Exchange (MAIL FROM, then RSET) and Graph (a recipient-less
+    sendMail) whether the mailbox may send as each address. Nothing is sent."""
+    monkeypatch.setenv(SECRET_ENV, APP_SECRET)
+    device = {
+        "name": "copier",
+        "ip_allow": ["127.0.0.0/8"],
+        "allowed_senders": ["noreply@contoso.test", "alice@contoso.test", "@fabrikam.test"],
+    }
+    routes = [
+        {"name": "internal", "transport": "submission", "recipient_domains": ["contoso.test"]},
+        {"name": "rest", "transport": "graph"},
+    ]
+    rows = await _run(tmp_path, submission(sandbox), graph(sandbox), device=device, routes=routes)
+    for transport in ("submission", "graph"):
+        warning = rows[f"Senders of copier on {transport}"]
+        assert warning.status is Status.WARN
+        assert warning.detail.startswith(
+            "device 'copier' may send as noreply@contoso.test, alice@contoso.test, @fabrikam.test; "
+            f"transport '{transport}' sends as scanner@contoso.test: Microsoft will refuse other senders"
+        )
+        assert (
+            'rewrite_sender = "scanner@contoso.test"' in warning.fix
+            and "Add-RecipientPermission" in warning.fix
+        )
+    # scanner has Send As on noreply (tenant), not on alice.
+    granted = rows["[submission] Send As noreply@contoso.test (scanner@contoso.test)"]
+    assert granted.status is Status.PASS and "nothing sent" in granted.detail
+    denied = rows["[submission] Send As alice@contoso.test (scanner@contoso.test)"]
+    assert denied.status is Status.FAIL and denied.detail.startswith("550 5.7.60")
+    assert "Send As" in denied.fix
+    assert rows["[graph] Send As noreply@contoso.test (scanner@contoso.test, Graph)"].status is Status.PASS
+    graph_denied = rows["[graph] Send As alice@contoso.test (scanner@contoso.test, Graph)"]
+    assert graph_denied.status is Status.FAIL and "ErrorSendAsDenied" in graph_denied.detail
+    assert sandbox.ctx.store.list(mailbox=None, folder=None) == []  # the probes sent nothing

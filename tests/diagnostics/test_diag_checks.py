@@ -14,7 +14,7 @@ from relay365.diagnostics.checks.smtp import check_ehlo
 from relay365.diagnostics.checks.spf_check import check_spf
 from relay365.diagnostics.checks.tls import check_tls
 from relay365.diagnostics.dnsserver import DnsServer
-from relay365.diagnostics.resolver import make_async_resolver, make_resolver
+from relay365.netdns import make_async_resolver, make_resolver
 
 from .peers import Certs, SmtpBehaviour, SmtpListener, closed_port
 

@@ -10,8 +10,8 @@ import dns.resolver
 import pytest
 
 from relay365.diagnostics.dnsserver import DnsServer, DnsServerError, ThreadedDnsServer
-from relay365.diagnostics.resolver import make_async_resolver, make_resolver, parse_nameserver
 from relay365.errors import ConfigError
+from relay365.netdns import make_async_resolver, make_resolver, parse_nameserver
 
 LONG = "v=spf1 " + " ".join(f"ip4:198.51.100.{i}" for i in range(1, 40)) + " -all"
 ZONE = {

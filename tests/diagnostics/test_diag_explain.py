@@ -29,6 +29,13 @@ def test_explain_json() -> None:
     assert data["transient"] is True
     assert data["entry"]["category"] == "authentication"
     assert data["entry"]["source"].startswith("https://learn.microsoft.com/")
+    assert data["entry"]["protocol"] == "smtp"
+    graph = json.loads(CliRunner().invoke(app, ["explain", "--json", "403 ErrorSendAsDenied: x"]).output)
+    assert (graph["entry"]["protocol"], graph["entry"]["category"], graph["transient"]) == (
+        "graph",
+        "sender permission",
+        False,
+    )
 
 
 def test_explain_bare_code_and_unknown() -> None:

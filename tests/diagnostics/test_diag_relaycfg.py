@@ -11,12 +11,12 @@ import trustme
 from typer.testing import CliRunner
 
 from relay365.cli import app
-from relay365.diagnostics.catalogue import summary
 from relay365.diagnostics.checks import CheckResult, Status
 from relay365.diagnostics.checks.relaycfg import SPOOL_FAIL_BYTES, SPOOL_WARN_BYTES
 from relay365.diagnostics.dnsserver import DnsServer
 from relay365.diagnostics.doctor import worst
 from relay365.diagnostics.doctor_config import ConfigDoctorOptions, run_config_doctor
+from relay365.replies import summary
 from relay365.spool.model import Envelope, RcptState, RecipientUpdate
 from relay365.spool.sqlite import SqliteSpool
 

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from relay365.cli import app
 from relay365.diagnostics import spf
 from relay365.diagnostics.dnsserver import DnsServer, ThreadedDnsServer
-from relay365.diagnostics.resolver import make_resolver
+from relay365.netdns import make_resolver
 
 MS = "v=spf1 ip4:40.92.0.0/15 ip4:40.107.0.0/16 ip6:2a01:111:f400::/48 -all"
 ZONE = {

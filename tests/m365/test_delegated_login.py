@@ -10,11 +10,10 @@ from pathlib import Path
 
 import httpx
 
-from relay365.oauth import SMTP_SCOPE
+from relay365.oauth import SMTP_SCOPE, token_source
 from relay365.sandbox.runner import Sandbox
 from relay365.sandbox.tenant import example_tenant
 from relay365.settings import parse_settings
-from relay365.transports.submission import token_source
 from tests.conftest import make_settings, running_relay
 from tests.m365.test_smtp_transports import send, wait_until
 

@@ -8,6 +8,8 @@ import json
 import os
 import re
 import signal
+import smtplib
+import socket
 import subprocess
 import sys
 import time
@@ -63,3 +65,58 @@ def test_demo_without_config_delivers_what_swaks_sends(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         rest, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, output + rest
+
+
+def test_demo_ports_can_be_pinned(tmp_path: Path) -> None:
+    """Issue 13 item 11: ``serve --port`` and the sandbox's ports, so a demo runs beside other services."""
+    port, submission, mx, http = (free_port() for _ in range(4))
+    env = {**os.environ, "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
+    command = [
+        sys.executable, "-m", "relay365", "serve", "--demo-dir", "state", "--port", str(port),
+        "--sandbox-submission-port", str(submission), "--sandbox-mx-port", str(mx),
+        "--sandbox-http-port", str(http),
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    assert proc.stdout is not None
+    output = ""
+    try:
+        deadline = time.monotonic() + 60
+        while "Sandbox:" not in output:
+            line = proc.stdout.readline()
+            assert line and time.monotonic() < deadline, f"demo did not start:\n{output}"
+            output += line
+        assert f"swaks --server 127.0.0.1:{port} " in output
+        assert (
+            f"SMTP AUTH 127.0.0.1:{submission}, MX 127.0.0.1:{mx}, HTTPS (token, Graph) https://127.0.0.1:{http}"
+            in output
+        )
+        for smtp_port in (port, submission, mx):
+            with smtplib.SMTP("127.0.0.1", smtp_port, timeout=10) as client:
+                assert client.noop()[0] == 250
+        with socket.create_connection(("127.0.0.1", http), timeout=10):
+            pass
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, output + rest
+
+
+def test_pinned_ports_in_use_and_with_a_config(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "relay365", "serve", "--demo-dir", "state", "--port", str(free_port()),
+             "--sandbox-http-port", str(taken)],
+            cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    assert result.returncode == 2 and f"cannot listen on 127.0.0.1:{taken}" in result.stderr
+    (tmp_path / "relay365.toml").write_text('[[listener]]\nname = "lan"\nport = 0\n')
+    with_config = subprocess.run(
+        [sys.executable, "-m", "relay365", "serve", "--port", "2600"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert with_config.returncode == 2 and "are for the demo" in with_config.stderr

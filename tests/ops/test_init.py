@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from relay365.credentials import verify_password
-from relay365.examples import example_config_text
+from relay365.setup.example import example_config_text
 from relay365.setup.init import default_spool
 from tests.core.helpers import run_cli
 
@@ -215,7 +215,13 @@ def test_config_example_prints_and_writes_the_shipped_file(tmp_path: Path) -> No
     out = tmp_path / "relay365.toml"
     r = run_cli("config", "example", "--output", str(out))
     assert r.returncode == 0, r.stderr
-    checked(out)
+    # As an admin would: the secrets it names set, the folders its token caches go into made.
+    (tmp_path / "var").mkdir()
+    secrets = {
+        name: "Example-s3cret-0001" for name in re.findall(r'_env\s*=\s*"(\w+)"', r.stdout + out.read_text())
+    }
+    check = run_cli("config", "check", str(out), env=secrets)
+    assert check.returncode == 0 and check.stdout.startswith("ok "), check.stderr
     out.write_text("# edited\n")
     r = run_cli("config", "example", "--output", str(out))
     assert r.returncode == 2 and out.read_text() == "# edited\n"

@@ -147,6 +147,7 @@ def serve_http(
         log_level="warning",
         lifespan="off",
         timeout_graceful_shutdown=2,
+        date_header=False,  # the sandbox app sends Date itself (its clock), as the runner configures it
     )
     config.load()
     config.ssl = ctx.tls.server_context()

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from relay365.sandbox.cli import app
 from relay365.sandbox.runner import Sandbox
+from tests.core.helpers import free_port
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -71,8 +72,10 @@ async def test_sandbox_command_runs_the_example_tenant_end_to_end(tmp_path: Path
     """``python -m relay365.sandbox.cli``: settings printed, a real token from the HTTPS token
     endpoint used for XOAUTH2 on the submission port, Direct Send on the MX port, then Ctrl-C."""
     state = tmp_path / "state"
+    pinned = [free_port() for _ in range(3)]  # issue 13 item 11: the ports can be pinned
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "relay365.sandbox.cli", "--state-dir", str(state),
+        "--submission-port", str(pinned[0]), "--mx-port", str(pinned[1]), "--http-port", str(pinned[2]),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         env={**os.environ, "COLUMNS": "160", "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
@@ -87,6 +90,7 @@ async def test_sandbox_command_runs_the_example_tenant_end_to_end(tmp_path: Path
             assert title in banner
         ports = [int(p) for p in re.findall(r"Port\s*\W\s*(\d+)", banner)]
         submission_port, mx_port, _, http_port = ports
+        assert [submission_port, mx_port, http_port] == pinned
         ca = state / "tls" / "ca.pem"
         authority = f"https://127.0.0.1:{http_port}/8f1c2d3e-4b5a-4c6d-9e7f-0a1b2c3d4e5f"
         tls = ssl.create_default_context(cafile=str(ca))

@@ -157,7 +157,9 @@ async def test_certificate_without_connector_is_5_7_64(sandbox: Sandbox, tmp_pat
     await client.quit()
 
 
-async def test_certificate_from_an_untrusted_ca_fails_the_handshake(sandbox: Sandbox, tmp_path: Path) -> None:
+async def test_untrusted_certificate_proceeds_and_relay_is_5_7_64(sandbox: Sandbox, tmp_path: Path) -> None:
+    """As Exchange Online: an untrusted client certificate does not fail the handshake; it attributes
+    nothing, so relaying is refused with 5.7.64 (KB 3212877) while Direct Send still works."""
     leaf = trustme.CA().issue_cert(CERT_NAME)
     cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
     leaf.cert_chain_pems[0].write_to_path(str(cert))
@@ -167,8 +169,48 @@ async def test_certificate_from_an_untrusted_ca_fails_the_handshake(sandbox: San
         "--from", "app@contoso.test", "--to", EXTERNAL,
     )  # fmt: skip
     assert code != 0, transcript
+    assert " ~> RCPT TO:" in transcript  # swaks marks commands sent over TLS with ~
+    assert "550 5.7.64 TenantAttribution; Relay Access Denied" in transcript
     assert sandbox.ctx.store.list() == []
-    assert sandbox.ctx.store.rejections() == {"mx tls handshake": 1}
+    assert sandbox.ctx.store.rejections() == {"mx 550 5.7.64": 1}
+    client = await mx_client(sandbox, starttls=True, cert=(cert, key))
+    await client.mail("app@contoso.test")
+    with pytest.raises(aiosmtplib.SMTPRecipientRefused) as refused:
+        await client.rcpt(EXTERNAL)
+    assert refused.value.code == 550 and refused.value.message.startswith("5.7.64")
+    await client.rset()
+    errors, _ = await client.sendmail(
+        "app@contoso.test", [ALICE], message("app@contoso.test", ALICE).as_bytes()
+    )
+    assert errors == {}
+    await client.quit()
+    (stored,) = sandbox.ctx.store.list(mailbox=ALICE)
+    assert stored.authenticated_as is None  # anonymous Direct Send, not the connector
+
+
+async def test_incomplete_certificate_chain_is_5_7_64(sandbox: Sandbox, tmp_path: Path) -> None:
+    """A leaf issued by an intermediate CA, sent without the intermediate: the chain does not reach
+    the trusted root (KB 3212877's cause). With the intermediate, the connector matches."""
+    leaf = sandbox.ctx.tls.ca.create_child_ca().issue_cert(CERT_NAME)
+    key = tmp_path / "k.pem"
+    leaf.private_key_pem.write_to_path(str(key))
+    alone, full = tmp_path / "leaf.pem", tmp_path / "chain.pem"
+    leaf.cert_chain_pems[0].write_to_path(str(alone))
+    full.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+    client = await mx_client(sandbox, starttls=True, cert=(alone, key))
+    await client.mail("app@contoso.test")
+    with pytest.raises(aiosmtplib.SMTPRecipientRefused) as refused:
+        await client.rcpt(EXTERNAL)
+    assert refused.value.message.startswith("5.7.64")
+    await client.quit()
+    client = await mx_client(sandbox, starttls=True, cert=(full, key))
+    errors, _ = await client.sendmail(
+        "app@contoso.test", [EXTERNAL], message("app@contoso.test", EXTERNAL).as_bytes()
+    )
+    assert errors == {}
+    await client.quit()
+    (relayed,) = sandbox.ctx.store.list(folder="Internet")
+    assert relayed.authenticated_as == "connector:relay cert"
 
 
 async def test_reject_direct_send(start_sandbox: Any) -> None:

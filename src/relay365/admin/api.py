@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from relay365.errors import SpoolError
+from relay365.spool.model import QueueFilter, QueueState, entry_dict
 
 if TYPE_CHECKING:
     from relay365.app import Relay
@@ -34,7 +35,10 @@ async def _refresh(relay: Relay) -> dict[str, Any]:
     suspended = relay.scheduler.suspended() if relay.scheduler else {}
     for name in relay.transports:
         m.suspended.labels(name).set(1 if name in suspended else 0)
+    stopped = relay.scheduler.delivery_stopped() if relay.scheduler else None
+    m.delivery_stopped.set(0 if stopped is None else 1)
     return {
+        "delivery": {"stopped": stopped is not None, "reason": stopped},
         "queue": {
             "recipients": stats.recipients,
             "held_messages": stats.held,
@@ -59,46 +63,34 @@ def create_app(relay: Relay) -> Starlette:
             state = await _refresh(relay)
         except SpoolError as e:
             return JSONResponse({"status": "error", "error": f"spool unavailable: {e}"}, status_code=503)
+        if state["delivery"]["stopped"]:  # mail is accepted (within the reserve) but not delivered
+            return JSONResponse({"status": "degraded", "listeners": relay.ports, **state}, status_code=503)
         return JSONResponse({"status": "ok", "listeners": relay.ports, **state})
 
     async def queue(request: Request) -> Response:
-        raw = request.query_params.get("limit", "100")
+        """``?limit=N&state=S&device=D&sender=P&recipient=P``: the filters of ``relay365 queue list``."""
+        q = request.query_params
+        raw = q.get("limit", "100")
         if not raw.isdigit() or not 1 <= int(raw) <= QUEUE_LIMIT:
             return JSONResponse(
                 {"error": f"limit must be a whole number from 1 to {QUEUE_LIMIT}, not {raw!r}"},
                 status_code=400,
             )
+        state = q.get("state")
+        if state is not None and state not in set(QueueState):
+            choices = ", ".join(QueueState)
+            return JSONResponse({"error": f"state must be one of {choices}, not {state!r}"}, status_code=400)
+        where = QueueFilter(
+            state=QueueState(state) if state is not None else None,
+            device=q.get("device"),
+            sender=q.get("sender"),
+            recipient=q.get("recipient"),
+        )
         try:
-            entries = await relay.spool.list()
+            page = await relay.spool.query(where, limit=int(raw))
         except SpoolError as e:
             return JSONResponse({"error": f"spool unavailable: {e}"}, status_code=503)
-        shown = entries[: int(raw)]
-        return JSONResponse(
-            {
-                "total": len(entries),
-                "messages": [
-                    {
-                        "queue_id": e.queue_id,
-                        "from": e.envelope.mail_from,
-                        "device": e.envelope.device,
-                        "size": e.size,
-                        "received_at": e.received_at,
-                        "held": e.held,
-                        "recipients": [
-                            {
-                                "rcpt": r.rcpt,
-                                "state": r.state.value,
-                                "attempts": r.attempts,
-                                "next_attempt": r.next_attempt,
-                                "last_reply": r.last_reply,
-                            }
-                            for r in e.recipients
-                        ],
-                    }
-                    for e in shown
-                ],
-            }
-        )
+        return JSONResponse({"total": page.total, "messages": [entry_dict(e) for e in page.entries]})
 
     return Starlette(
         routes=[

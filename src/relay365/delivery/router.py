@@ -1,7 +1,8 @@
 """Which transport takes which recipient. Rules are tried in order; the first that matches wins.
 
 A rule matches on recipient domain, envelope sender, device and message size; every condition it
-names must hold. A message whose recipients match different routes is split per route.
+names must hold. A message whose recipients match different routes is split per route. Mail from the
+null sender ``<>`` only takes routes (and fallbacks) whose transport can carry it.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from relay365.settings import RouteSettings
+from relay365.settings import NULL_SENDER, RouteSettings
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,17 +27,28 @@ class NoRoute(LookupError):
 
 def _sender_ok(patterns: tuple[str, ...], sender: str) -> bool:
     s = sender.lower()
+    if not s:
+        return any(p in ("*", NULL_SENDER) for p in patterns)
     return any(p == "*" or (p.startswith("@") and s.endswith(p)) or p == s for p in patterns)
 
 
 class Router:
-    """``accepts`` maps a transport name to its own recipient rule (Direct Send: accepted domains)."""
+    """``accepts`` maps a transport name to its own recipient rule (Direct Send: accepted domains);
+    ``null_sender`` names the transports that can send from ``<>`` (None: all of them)."""
 
     def __init__(
-        self, routes: Sequence[RouteSettings], accepts: Mapping[str, Callable[[str], bool]] | None = None
+        self,
+        routes: Sequence[RouteSettings],
+        accepts: Mapping[str, Callable[[str], bool]] | None = None,
+        *,
+        null_sender: frozenset[str] | None = None,
     ) -> None:
         self._routes = tuple(routes)
         self._accepts = dict(accepts or {})
+        self._null_sender = null_sender
+
+    def _carries(self, transport: str, sender: str) -> bool:
+        return bool(sender) or self._null_sender is None or transport in self._null_sender
 
     def choose(self, *, rcpt: str, sender: str, device: str, size: int) -> RouteChoice:
         domain = rcpt.rpartition("@")[2].lower()
@@ -63,7 +75,11 @@ class Router:
             if accepts is not None and not accepts(rcpt):
                 refused.append(f"route {r.name} ({r.transport}) only reaches the tenant's own domains")
                 continue
+            if not self._carries(r.transport, sender):
+                refused.append(f"route {r.name} ({r.transport}) sends as a mailbox, not the null sender <>")
+                continue
             reason = "matches " + ", ".join(why) if why else "catch-all route"
-            return RouteChoice(r.name, r.transport, reason, r.fallbacks)
+            fallbacks = tuple(f for f in r.fallbacks if self._carries(f, sender))
+            return RouteChoice(r.name, r.transport, reason, fallbacks)
         detail = "; ".join(refused) if refused else "no route rule matches"
         raise NoRoute(f"no route for <{rcpt}>: {detail}")

@@ -1,7 +1,13 @@
 """The scheduler (Postfix's qmgr): picks due recipients, groups them per route, hands each group to
 its transport, and records the outcome per recipient: delivered, deferred with back-off, or bounced
-with exactly one DSN per failed attempt. It catches only the ``DeliveryError`` family from
-transports; anything else is a bug, logged, and the entry is retried after a cool-down.
+with exactly one DSN per failed attempt.
+
+Transports raise the ``DeliveryError`` family. Anything else escaping an attempt (a transport's bug,
+an unreadable message file, a failing DSN hint) is logged with its traceback and recorded like a 4xx:
+``451 4.3.0 internal error: <type>: <text>`` on each recipient it left without an outcome, with the
+normal back-off and queue lifetime, ending in one DSN. Nothing retries silently.
+Outcomes are written through the ``OutcomeRecorder``, which stops all delivery while the spool
+cannot record them (recorder.py); unreachable upstreams are held back by ``UpstreamHolds``.
 """
 
 from __future__ import annotations
@@ -11,14 +17,23 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-from relay365.admin.metrics import Metrics
 from relay365.delivery import backoff
 from relay365.delivery.dsn import Failure, build_dsn, original_headers, status_of
+from relay365.delivery.holds import UpstreamHolds
 from relay365.delivery.pacing import Pacer, is_throttle_reply
+from relay365.delivery.recorder import PROBE_INTERVAL, AttemptRecord, OutcomeRecorder
 from relay365.delivery.router import NoRoute, Router
-from relay365.errors import PermanentDeliveryError, TransientDeliveryError
+from relay365.errors import (
+    ConnectionLostError,
+    PermanentDeliveryError,
+    Relay365Error,
+    TransientDeliveryError,
+    UpstreamUnreachableError,
+)
+from relay365.observability.metrics import Metrics
 from relay365.settings import DeliverySettings
 from relay365.spool.model import (
     Bounce,
@@ -26,6 +41,7 @@ from relay365.spool.model import (
     PaceEvent,
     QueueEntry,
     RcptState,
+    Recipient,
     RecipientUpdate,
     Spool,
 )
@@ -38,9 +54,17 @@ from relay365.transports.base import (
 )
 
 log = logging.getLogger(__name__)
-SUSPEND_SECONDS = 30.0  # how long an unreachable upstream is left alone (at most min_backoff)
-UNREACHABLE = "451 4.4.1"  # the transports' reply for "could not connect / TLS failed"
 NO_ROUTE_REPLY = "554 5.4.4 No route configured for this recipient"
+_OPEN = (RcptState.QUEUED, RcptState.DEFERRED)
+
+
+def internal_reply(error: BaseException) -> str:
+    """The recorded reply for an exception that is not a ``DeliveryError`` (RFC 3463 X.3.0: other
+    or undefined mail system status), one line, readable in ``relay365 queue show``."""
+    text = " ".join(str(error).split())[:500]
+    if isinstance(error, Relay365Error):  # the relay's own, already worded for the admin
+        return f"451 4.3.0 {text}"
+    return f"451 4.3.0 internal error: {type(error).__name__}: {text}"
 
 
 def route_level(reply: str) -> bool:
@@ -49,6 +73,21 @@ def route_level(reply: str) -> bool:
     those move on to a route's fallback transport."""
     status = status_of(reply)
     return not (status[2:].startswith("1.") or status.endswith(".4.1"))
+
+
+@dataclass
+class _Attempt:
+    """What one delivery attempt of one message has settled so far."""
+
+    entry: QueueEntry
+    due: list[Recipient]
+    updates: list[RecipientUpdate] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+    events: list[PaceEvent] = field(default_factory=list)
+
+    def unsettled(self) -> list[Recipient]:
+        done = {u.rcpt for u in self.updates}
+        return [r for r in self.due if r.rcpt not in done]
 
 
 class Scheduler:
@@ -78,7 +117,8 @@ class Scheduler:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = False
         self._pacer = Pacer(clock=clock)
-        self._suspended: dict[str, float] = {}
+        self._holds = UpstreamHolds(clock=clock, min_backoff=settings.min_backoff)
+        self._recorder = OutcomeRecorder(spool=spool)
         self._flush_seen = spool.flush_requested()
 
     def wake(self, queue_id: str = "") -> None:
@@ -91,8 +131,11 @@ class Scheduler:
     async def run(self) -> None:
         while not self._stopping:
             try:
-                await self.run_once()
-                timeout = await self._sleep_time()
+                if await self._recorder.recover():
+                    await self.run_once()
+                    timeout = await self._sleep_time()
+                else:  # the spool cannot record outcomes: probe it again soon
+                    timeout = min(self._settings.poll_interval, PROBE_INTERVAL)
             except Exception:
                 log.exception("scheduler pass failed; retrying after the poll interval")
                 timeout = self._settings.poll_interval
@@ -105,7 +148,7 @@ class Scheduler:
         if len(self._inflight) >= self._settings.concurrency:
             return poll
         nxt = await self._spool.next_due_time()
-        back = self._all_suspended(self._clock())
+        back = self._holds.all_held(self._transports)
         if back is not None:
             nxt = back if nxt is None else max(nxt, back)
         if nxt is None:
@@ -116,41 +159,29 @@ class Scheduler:
         for qid, until in list(self._cooldown.items()):
             if until <= now:
                 del self._cooldown[qid]
-        return frozenset(self._inflight | self._cooldown.keys())
-
-    def _suspend(self, name: str, reply: str) -> None:
-        """An upstream that cannot be reached is not tried for every message (Postfix: a dead
-        destination); its mail waits in the queue until the suspension ends."""
-        now = self._clock()
-        until = now + min(self._settings.min_backoff, SUSPEND_SECONDS)
-        held = self._suspended.get(name, 0.0)
-        if held <= now:  # one warning per hold, not one per delivery that was already under way
-            log.warning("transport %s unreachable (%s); holding its mail for %.0fs", name, reply, until - now)
-        self._suspended[name] = max(held, until)
+        return frozenset(self._inflight | self._cooldown.keys() | self._recorder.unrecorded())
 
     def suspended(self) -> dict[str, float]:
         """Transports held back as unreachable, with the time their hold ends."""
-        now = self._clock()
-        return {name: until for name, until in self._suspended.items() if until > now}
+        return self._holds.held()
 
-    def _all_suspended(self, now: float) -> float | None:
-        """When every transport is suspended: the time the first one comes back."""
-        ends = [self._suspended.get(name, 0.0) for name in self._transports]
-        return min(ends) if ends and min(ends) > now else None
+    def delivery_stopped(self) -> str | None:
+        """Why all delivery is stopped (the spool cannot record outcomes), or None."""
+        return self._recorder.stopped()
 
     async def run_once(self) -> int:
         """Start delivery of every due entry that fits the concurrency; return how many started."""
         free = self._settings.concurrency - len(self._inflight)
-        if free <= 0 or self._stopping:
+        if free <= 0 or self._stopping or self._recorder.stopped() is not None:
             return 0
         now = self._clock()
         flush = self._spool.flush_requested()
         if flush > self._flush_seen:
             # "queue retry" means now: forget which upstreams were held back (Postfix: flush dead).
             self._flush_seen = flush
-            self._suspended.clear()
+            self._holds.clear()
             self._cooldown.clear()
-        if self._all_suspended(now) is not None:
+        if self._holds.all_held(self._transports) is not None:
             return 0
         entries = await self._spool.due(now, limit=free, exclude=self._excluded(now))
         for entry in entries:
@@ -174,13 +205,35 @@ class Scheduler:
                 t.cancel()
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
+        if not await self._recorder.recover():
+            lost = self._recorder.lost_on_stop()
+            log.error(
+                "stopping with %d delivery outcome(s) the spool could not record (%s); these messages"
+                " will be delivered once more after the restart: %s",
+                len(lost),
+                self._recorder.stopped(),
+                " ".join(lost),
+            )
 
     async def _deliver(self, entry: QueueEntry) -> None:
         ok = False
+        now = self._clock()
+        attempt = _Attempt(entry, [r for r in entry.recipients if r.state in _OPEN and r.next_attempt <= now])
         try:
-            await self._attempt(entry)
+            try:
+                await self._attempt(attempt, now)
+            except Exception as e:  # a bug: this attempt fails like a 4xx, visibly
+                log.exception("%s: delivery attempt failed with an internal error", entry.queue_id)
+                reply = internal_reply(e)
+                for r in attempt.unsettled():
+                    res = RecipientResult(r.rcpt, Outcome.TRANSIENT, reply)
+                    attempt.updates.append(self._update(entry, res, r.attempts, attempt.failures))
+            bounce = await self._bounce(entry, attempt.failures)
+            await self._recorder.record(
+                AttemptRecord(entry.queue_id, tuple(attempt.updates), bounce, tuple(attempt.events))
+            )
             ok = True
-        except Exception:
+        except Exception:  # last resort (the DSN or the record itself is broken): a cool-down
             log.exception("delivery of %s failed unexpectedly; retrying after cool-down", entry.queue_id)
         finally:
             self._inflight.discard(entry.queue_id)
@@ -189,13 +242,11 @@ class Scheduler:
             self._wake.set()
 
     def _groups(
-        self, entry: QueueEntry, now: float
+        self, entry: QueueEntry, due: list[Recipient]
     ) -> tuple[dict[tuple[str, tuple[str, ...]], list[str]], list[tuple[str, str]]]:
         groups: dict[tuple[str, tuple[str, ...]], list[str]] = {}
         unroutable: list[tuple[str, str]] = []
-        for r in entry.recipients:
-            if r.state not in (RcptState.QUEUED, RcptState.DEFERRED) or r.next_attempt > now:
-                continue
+        for r in due:
             try:
                 choice = self._router.choose(
                     rcpt=r.rcpt,
@@ -221,12 +272,22 @@ class Scheduler:
         )
         try:
             results = await transport.deliver(message)
+        except UpstreamUnreachableError as e:
+            self._holds.unreachable(transport.name, e.reply)
+            return [RecipientResult(r, Outcome.TRANSIENT, e.reply, e.retry_after) for r in rcpts]
+        except ConnectionLostError as e:
+            self._holds.lost(transport.name, e.reply)
+            return [RecipientResult(r, Outcome.TRANSIENT, e.reply, e.retry_after) for r in rcpts]
         except TransientDeliveryError as e:
-            if e.reply.startswith(UNREACHABLE):
-                self._suspend(transport.name, e.reply)
+            self._holds.answered(transport.name)
             return [RecipientResult(r, Outcome.TRANSIENT, e.reply, e.retry_after) for r in rcpts]
         except PermanentDeliveryError as e:
+            self._holds.answered(transport.name)
             return [RecipientResult(r, Outcome.PERMANENT, e.reply) for r in rcpts]
+        except Exception as e:  # not the contract: a bug in the transport, recorded as this attempt's
+            log.exception("%s: transport %s raised an internal error", entry.queue_id, transport.name)
+            return [RecipientResult(r, Outcome.TRANSIENT, internal_reply(e)) for r in rcpts]
+        self._holds.answered(transport.name)
         missing = set(rcpts) - {r.rcpt for r in results}
         results += [
             RecipientResult(r, Outcome.TRANSIENT, "451 4.3.0 no result from transport")
@@ -234,23 +295,24 @@ class Scheduler:
         ]
         return results
 
-    async def _attempt(self, entry: QueueEntry) -> None:
-        now = self._clock()
-        groups, unroutable = self._groups(entry, now)
+    async def _attempt(self, attempt: _Attempt, now: float) -> None:
+        entry = attempt.entry
+        groups, unroutable = self._groups(entry, attempt.due)
         states = {r.rcpt: r for r in entry.recipients}
-        updates: list[RecipientUpdate] = []
-        failures = [Failure(r, f"{NO_ROUTE_REPLY} ({why})") for r, why in unroutable]
-        updates += [RecipientUpdate(f.rcpt, RcptState.BOUNCED, f.reply) for f in failures]
-        events: list[PaceEvent] = []
+        updates, failures, events = attempt.updates, attempt.failures, attempt.events
+        for rcpt, why in unroutable:
+            failures.append(Failure(rcpt, f"{NO_ROUTE_REPLY} ({why})"))
+            updates.append(RecipientUpdate(rcpt, RcptState.BOUNCED, failures[-1].reply))
         pending = [(name, fallbacks, rcpts) for (name, fallbacks), rcpts in groups.items()]
         while pending:
             name, fallbacks, rcpts = pending.pop(0)
             transport = self._transports[name]
             paced = transport if isinstance(transport, PacedTransport) else None
-            if self._suspended.get(name, 0.0) > now:
+            held_until = self._holds.until(name)
+            if held_until > now:
                 updates += [
                     RecipientUpdate(
-                        r, states[r].state, states[r].last_reply, self._suspended[name], counts_attempt=False
+                        r, states[r].state, states[r].last_reply, held_until, counts_attempt=False
                     )
                     for r in rcpts
                 ]
@@ -306,8 +368,6 @@ class Scheduler:
                     fallbacks[0],
                 )
                 pending.append((fallbacks[0], fallbacks[1:], retry))
-        bounce = await self._bounce(entry, failures)
-        await self._spool.record(entry.queue_id, updates, bounce=bounce, pace_events=events)
 
     def _slow_down(self, paced: PacedTransport, results: list[RecipientResult]) -> None:
         """A throttling reply pauses the mailbox (Retry-After, or one window)."""
@@ -349,16 +409,31 @@ class Scheduler:
                 "%s: not bouncing a message from <> (%d failed recipient(s))", entry.queue_id, len(failures)
             )
             return None
-        head = await asyncio.to_thread(_read_head, entry)
-        body = build_dsn(
-            hostname=self._hostname,
-            queue_id=entry.queue_id,
-            original_sender=sender,
-            arrival=entry.received_at,
-            failures=failures,
-            headers=original_headers(head),
-            explain=self._explain,
-        )
+        try:
+            headers = original_headers(await asyncio.to_thread(_read_head, entry))
+        except OSError as e:
+            log.warning("%s: the DSN goes without the original headers: %s", entry.queue_id, e)
+            headers = b""
+
+        def dsn(headers: bytes, explain: Callable[[str], str | None]) -> bytes:
+            return build_dsn(
+                hostname=self._hostname,
+                queue_id=entry.queue_id,
+                original_sender=sender,
+                arrival=entry.received_at,
+                failures=failures,
+                headers=headers,
+                explain=explain,
+            )
+
+        try:
+            body = dsn(headers, self._explain)
+        except Exception:  # the hints (reply-code catalogue) or the headers: the DSN goes without
+            log.exception("%s: building the DSN failed; sending it without hints", entry.queue_id)
+            try:
+                body = dsn(headers, lambda reply: None)
+            except Exception:
+                body = dsn(b"", lambda reply: None)
         log.info("%s: bounce to <%s> for %d recipient(s)", entry.queue_id, sender, len(failures))
         self._metrics.bounces.inc()
         return Bounce(body, Envelope(mail_from="", rcpt_tos=(sender,), device="relay365", is_dsn=True))

@@ -1,9 +1,9 @@
-"""The admin's setup tools: reply-code catalogue, explain, SPF, advisor, doctor.
+"""The admin's setup tools: explain, SPF, advisor, doctor (the reply-code catalogue is core data:
+:mod:`relay365.replies`).
 
 ::
 
-    catalogue.py      classify(reply) / is_transient(reply) / summary(reply): the one reply-code decision
-    explain.py        relay365 explain CODE_OR_TEXT
+    explain.py        relay365 explain CODE_OR_TEXT (relay365.replies.classify, rendered)
     spf.py            the recommended SPF record, merge with DNS, pyspf evaluation on a given resolver
     advisor.py        the seed article's comparison as a decision (advisor_output.py: settings, TOML, DNS)
     dnsserver.py      a loopback authoritative DNS server (UDP+TCP) for tests and offline checks

@@ -166,10 +166,12 @@ def blockers(option: Option, a: Answers, *, via_relay365: bool) -> tuple[str, ..
         if a.sent_items:
             out.append(f"{ROW_SENT_ITEMS}: No")
     elif option is Option.CONNECTOR:
-        if not a.static_ip:
+        if not a.static_ip and not via_relay365:
+            # A certificate-based connector needs no static IP, but the device itself would have to
+            # present a TLS client certificate naming your domain; relay365 can (client_cert_file).
             out.append(
-                f"{ROW_AUTH}: one or more static IP addresses, not shared with other organizations "
-                "(or a certificate-based connector)"
+                f"{ROW_AUTH}: one or more static IP addresses, not shared with other organizations, "
+                "or a TLS client certificate the device presents (certificate-based connector)"
             )
         if a.third_party_cloud:
             out.append(f"{ROW_THIRD_PARTY}: No (for example not directly from Microsoft Azure)")
@@ -184,9 +186,25 @@ def blockers(option: Option, a: Answers, *, via_relay365: bool) -> tuple[str, ..
     return tuple(out)
 
 
-# Microsoft's order for the device alone, then relay365's order of upstreams.
+# Microsoft's order for the device alone, then relay365's order of upstreams. Without a static IP the
+# connector needs a public certificate naming your domain: Graph comes first then (an app registration
+# is easier to get than a certificate), the certificate-based connector stays possible.
 DEVICE_ORDER = (Option.SUBMISSION, Option.DIRECT_SEND, Option.CONNECTOR)
 RELAY_ORDER = (Option.SUBMISSION, Option.DIRECT_SEND, Option.CONNECTOR, Option.GRAPH)
+RELAY_ORDER_NO_STATIC_IP = (Option.SUBMISSION, Option.DIRECT_SEND, Option.GRAPH, Option.CONNECTOR)
+
+
+def certificate_connector(option: Option, a: Answers) -> bool:
+    """A connector that knows the sender by its TLS certificate, not by a static IP."""
+    return option is Option.CONNECTOR and not a.static_ip
+
+
+def title(option: Option, a: Answers) -> str:
+    if certificate_connector(option, a):
+        return (
+            "Option 3: SMTP relay through a certificate-based connector (your MX endpoint, TLS certificate)"
+        )
+    return TITLES[option]
 
 
 def _reasons(choice: Candidate, a: Answers) -> list[str]:
@@ -210,6 +228,11 @@ def _reasons(choice: Candidate, a: Answers) -> list[str]:
         out.append(f"{ROW_AUTH}: none; {ROW_TLS}: Optional; no mailbox or licence needed")
         if a.daily_recipients > RECIPIENTS_PER_DAY:
             out.append(f"{ROW_THROTTLING}: higher than SMTP AUTH's 10,000 recipients a day")
+    elif o is Option.CONNECTOR and not a.static_ip:
+        out.append(
+            f"{ROW_AUTH}: relay365's TLS client certificate, named after your domain, identifies you to a "
+            "certificate-based connector (TlsSenderCertificateName); no static IP needed"
+        )
     elif o is Option.CONNECTOR:
         out.append(f"{ROW_AUTH}: your static IP identifies you (connector); {ROW_TLS}: Optional")
     else:
@@ -252,12 +275,13 @@ class Recommendation:
 def recommend(a: Answers) -> Recommendation:
     """The article's decision for these answers (see the module docstring for the order)."""
     device = [Candidate(o, False, blockers(o, a, via_relay365=False)) for o in DEVICE_ORDER]
-    relay = [Candidate(o, True, blockers(o, a, via_relay365=True)) for o in RELAY_ORDER]
+    order = RELAY_ORDER if a.static_ip else RELAY_ORDER_NO_STATIC_IP
+    relay = [Candidate(o, True, blockers(o, a, via_relay365=True)) for o in order]
     warnings: list[str] = []
     choice = next((c for c in device if c.fits), None) or next((c for c in relay if c.fits), None)
     if choice is None:
         # Nothing fits every answer: the relay365 candidate with the fewest blockers, and say so.
-        choice = min(relay, key=lambda c: (len(c.blockers), RELAY_ORDER.index(c.option)))
+        choice = min(relay, key=lambda c: (len(c.blockers), order.index(c.option)))
         warnings.append(
             "No Microsoft 365 option meets every answer; the closest is shown. For bulk mail the "
             "article suggests a bulk email provider. Unmet: " + "; ".join(choice.blockers)
@@ -274,6 +298,12 @@ def recommend(a: Answers) -> Recommendation:
     if choice.option is Option.CONNECTOR:
         warnings.append(
             "Connector relay uses Microsoft's high-risk delivery pool only under 'reasonable limits'"
+        )
+    if certificate_connector(choice.option, a):
+        warnings.append(
+            "The certificate must come from a public CA, name one of your accepted domains (CN or SAN) and "
+            "allow client authentication; the connector's TlsSenderCertificateName must match it "
+            "(relay365 doctor checks all of this)"
         )
     if not choice.via_relay365 and choice.option is Option.SUBMISSION and a.daily_messages > 30 * 60:
         warnings.append("Over 30 messages in a minute are throttled: relay365 in front would pace them")

@@ -11,7 +11,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from relay365.diagnostics.advisor import TITLES, Option, Recommendation
+from relay365.diagnostics.advisor import Option, Recommendation, certificate_connector, title
 from relay365.diagnostics.endpoints import SUBMISSION_HOST, mx_endpoint
 from relay365.diagnostics.spf import MICROSOFT_INCLUDE, recommended_record
 
@@ -142,6 +142,13 @@ def _transport_lines(rec: Recommendation) -> list[str]:
             f"tls = {_q(tls)}",
             f"accepted_domains = [{_q(a.domain)}]   # CHANGE: all of your accepted domains",
         ]
+        if certificate_connector(o, a):
+            lines += [
+                "# The certificate-based connector knows relay365 by this certificate (public CA, CN or",
+                f"# SAN = relay.{a.domain} or another name in your domains, intermediates after it).",
+                'client_cert_file = "connector.pem"   # CHANGE: next to this file, or an absolute path',
+                'client_key_file = "connector.key"    # CHANGE: its private key (mode 0600)',
+            ]
     if o in (Option.SUBMISSION, Option.GRAPH):
         lines += [
             f"tenant = {_q(a.domain)}                  # your tenant's domain or directory (tenant) id",
@@ -185,7 +192,7 @@ def to_dict(rec: Recommendation) -> dict[str, Any]:
         "recommendation": {
             "transport": rec.option.value,
             "via_relay365": rec.via_relay365,
-            "title": TITLES[rec.option],
+            "title": title(rec.option, rec.answers),
         },
         "reasons": list(rec.reasons),
         "rejected": [
@@ -204,7 +211,7 @@ def to_dict(rec: Recommendation) -> dict[str, Any]:
 
 
 def render(rec: Recommendation, console: Console) -> None:
-    head = ("relay365 in front of " if rec.via_relay365 else "") + TITLES[rec.option]
+    head = ("relay365 in front of " if rec.via_relay365 else "") + title(rec.option, rec.answers)
     body = "\n".join(f"[green]+[/] {escape(r)}" for r in rec.reasons)
     if rec.warnings:
         body += "\n" + "\n".join(f"[yellow]![/] {escape(w)}" for w in rec.warnings)
@@ -226,9 +233,11 @@ def render(rec: Recommendation, console: Console) -> None:
     grid.add_row("Credentials", Text(settings.credentials))
     grid.add_row("Sender address", Text(settings.sender))
     console.print(grid)
-    console.print(
-        Panel(Text(config_snippet(rec).rstrip()), title="relay365 config (snippet)", border_style="cyan")
-    )
+    # The config is printed as plain lines, never wrapped or boxed, so what is copied from a narrow
+    # terminal is the same valid TOML that --write saves.
+    console.rule("relay365.toml (save it with --write FILE)", style="cyan")
+    console.print(Text(config_snippet(rec).rstrip()), soft_wrap=True, highlight=False)
+    console.rule(style="cyan")
     for record in dns_records(rec):
         value = f"[green]{escape(record.value)}[/]"
         console.print(f"[bold]DNS[/] {escape(record.name)} {record.type} {value}  ({escape(record.why)})")

@@ -19,9 +19,9 @@ from relay365.diagnostics import spf as spf_mod
 from relay365.diagnostics.checks import CheckResult, Status
 from relay365.diagnostics.doctor_config import ConfigDoctorOptions, run_config_doctor
 from relay365.diagnostics.render import render_spf
-from relay365.diagnostics.resolver import make_resolver
 from relay365.diagnostics.sendcheck import SendTestOptions
 from relay365.errors import ConfigError
+from relay365.netdns import make_resolver
 
 
 def _print_json(data: Any) -> None:
@@ -107,8 +107,14 @@ def advise_command(
         bool, typer.Option("--no-input", help="Never prompt; fail on a missing answer.")
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    write: Annotated[
+        Path | None, typer.Option("--write", help="Save the suggested relay365.toml to this file.")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="With --write: replace an existing file.")] = False,
 ) -> None:
     """Recommend how a device or application should send through Microsoft 365 (the article's table)."""
+    if write is not None and write.exists() and not force:
+        raise typer.BadParameter(f"--write {write}: the file exists (add --force to replace it)")
     given: dict[str, Any] = {}
     if answers_file is not None:
         try:
@@ -136,6 +142,15 @@ def advise_command(
         _print_json(advisor_output.to_dict(rec))
     else:
         advisor_output.render(rec, Console())
+    if write is not None:
+        try:
+            write.write_text(advisor_output.config_snippet(rec), encoding="utf-8")
+        except OSError as exc:
+            raise typer.BadParameter(f"--write {write}: {exc.strerror or exc}") from exc
+        Console(stderr=True).print(
+            f"wrote {write}: change the lines marked CHANGE, then run relay365 config check {write}",
+            highlight=False,
+        )
 
 
 def _ask_missing(given: dict[str, Any], *, no_input: bool) -> None:

@@ -16,7 +16,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from relay365.diagnostics.checks.auth import check_graph, check_token, check_xoauth2
+from relay365.diagnostics.checks.auth import (
+    check_graph,
+    check_send_as_graph,
+    check_send_as_smtp,
+    check_token,
+    check_xoauth2,
+)
+from relay365.diagnostics.checks.client_cert import check_client_certificate
 from relay365.diagnostics.checks.dns import check_mx
 from relay365.diagnostics.checks.network import check_tcp
 from relay365.diagnostics.checks.relaycfg import (
@@ -32,8 +39,9 @@ from relay365.diagnostics.checks.smtp import check_ehlo
 from relay365.diagnostics.checks.spf_check import check_spf
 from relay365.diagnostics.checks.tls import _certificate_result, check_tls, verifying_context
 from relay365.diagnostics.doctor import _soften
-from relay365.diagnostics.resolver import make_async_resolver, make_resolver
+from relay365.diagnostics.sendas import SendAsRisk, send_as_risks
 from relay365.diagnostics.sendcheck import SendTestOptions, send_test_checks
+from relay365.netdns import make_async_resolver, make_resolver
 from relay365.settings import Settings, TransportSettings
 
 OAUTH_TYPES = ("submission", "graph")
@@ -123,8 +131,11 @@ async def transport_network(t: TransportSettings, *, timeout_s: float) -> list[C
     return [replace(r, name=label + r.name) for r in results]
 
 
-async def transport_auth(t: TransportSettings, *, timeout_s: float) -> list[CheckResult]:
-    """Token, then XOAUTH2 (submission) or the Graph permission probe."""
+async def transport_auth(
+    t: TransportSettings, *, timeout_s: float, send_as: tuple[str, ...] = ()
+) -> list[CheckResult]:
+    """Token, then XOAUTH2 (submission) or the Graph permission probe; then, for the ``send_as``
+    addresses devices may use, whether the mailbox may send as them (what the token can see)."""
     if t.type == "submission" and t.m365.auth == "basic":
         return [
             warned(
@@ -137,17 +148,34 @@ async def transport_auth(t: TransportSettings, *, timeout_s: float) -> list[Chec
     token, results = await check_token(t)
     if token is not None:
         if t.type == "submission":
-            results.append(await check_xoauth2(t, token, timeout_s=timeout_s))
+            login = await check_xoauth2(t, token, timeout_s=timeout_s)
+            results.append(login)
+            if send_as and login.status is Status.PASS:
+                results += await check_send_as_smtp(t, token, send_as, timeout_s=timeout_s)
         else:
-            results.append(await check_graph(t, token, timeout_s=timeout_s))
+            probe = await check_graph(t, token, timeout_s=timeout_s)
+            results.append(probe)
+            if send_as and probe.status is Status.PASS:
+                results += await check_send_as_graph(t, token, send_as, timeout_s=timeout_s)
     return [replace(r, name=f"[{t.name}] {r.name}") for r in results]
 
 
-async def _transport(t: TransportSettings, timeout_s: float) -> list[CheckResult]:
+async def _transport(
+    t: TransportSettings, opts: ConfigDoctorOptions, risks: list[SendAsRisk]
+) -> list[CheckResult]:
+    timeout_s = opts.timeout_s
     results = await transport_network(t, timeout_s=timeout_s)
+    if t.type == "connector":  # the causes of 5.7.64 the relay's side can show
+        results += await asyncio.to_thread(check_client_certificate, t, now=opts.now)
     if t.type in OAUTH_TYPES:
-        results += await transport_auth(t, timeout_s=timeout_s)
+        addresses = tuple(dict.fromkeys(a for r in risks if r.transport == t.name for a in r.addresses))
+        results += await transport_auth(t, timeout_s=timeout_s, send_as=addresses)
     return results
+
+
+def send_as_rows(risks: list[SendAsRisk]) -> list[CheckResult]:
+    """One warning per device whose senders will meet 5.7.60 / ErrorSendAsDenied (see sendas.py)."""
+    return [warned(f"Senders of {r.device} on {r.transport}", r.message, r.fix) for r in risks]
 
 
 async def relay_checks(settings: Settings, opts: ConfigDoctorOptions) -> list[CheckResult]:
@@ -182,12 +210,13 @@ async def run_config_doctor(opts: ConfigDoctorOptions) -> list[CheckResult]:
     settings, loaded = check_config(opts.config)
     if settings is None:
         return [loaded]
+    risks = send_as_risks(settings)
     jobs: list[Awaitable[list[CheckResult]]] = [relay_checks(settings, opts)]
-    jobs += [_transport(t, opts.timeout_s) for t in settings.transports]
+    jobs += [_transport(t, opts, risks) for t in settings.transports]
     if opts.check_dns:
         jobs += _dns_jobs(settings, opts)
     batches = await asyncio.gather(*jobs)
-    results = [loaded, *(r for batch in batches for r in batch)]
+    results = [loaded, *send_as_rows(risks), *(r for batch in batches for r in batch)]
     if opts.send_test is not None:
         results += await send_test_checks(settings, opts.send_test)
     return results

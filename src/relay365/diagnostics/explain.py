@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
-from relay365.diagnostics.catalogue import CatalogueEntry, ParsedReply, classify, is_transient, parse_reply
+from relay365.replies import ParsedReply, ReplyEntry, classify, is_transient, parse_reply
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,7 +19,7 @@ class Explanation:
 
     query: str
     parsed: ParsedReply
-    entry: CatalogueEntry | None
+    entry: ReplyEntry | None
     transient: bool
 
     @property
@@ -39,6 +39,7 @@ class Explanation:
             if entry is None
             else {
                 "code": entry.code,
+                "protocol": entry.protocol,
                 "typical_reply": entry.typical_reply,
                 "category": entry.category.value,
                 "meaning": entry.meaning,

@@ -22,8 +22,8 @@ from typing import Any
 import aiosmtplib
 import httpx
 
-from relay365.diagnostics.catalogue import summary
 from relay365.diagnostics.checks.result import CheckResult, failed, passed
+from relay365.replies import summary
 from relay365.settings import ListenerSettings, Settings
 
 _QUEUED = re.compile(r"queued as (\S+)", re.IGNORECASE)

@@ -1,8 +1,10 @@
 """Who is this device? Three ways, mirroring Microsoft's three options: source IP / CIDR allow-list,
 SMTP AUTH against per-device Argon2id hashes, or a TLS client certificate (fingerprint or subject).
 
-Also the per-IP guards: connection caps (global and per IP, answered ``421 4.7.0``) and AUTH brute
-force protection (a growing delay after each failure, then ``421 4.7.0`` and a block of the IP).
+Also the guards: connection caps (global and per IP, answered ``421 4.7.0``) and AUTH brute-force
+protection (failures counted per address and per user name; a growing delay after each failure, then
+AUTH is refused with ``454 4.7.0`` for that address or user, while mail from devices known by address
+or certificate keeps flowing).
 """
 
 from __future__ import annotations
@@ -127,28 +129,117 @@ class ConnectionLimiter:
         return self._count
 
 
+class _Failures:
+    """Failure counts per key (an address or a user name); a key's count ends ``window`` seconds
+    after its last failure. Bounded: beyond ``MAX_TRACKED`` keys the oldest entries go first."""
+
+    def __init__(self, *, window: float, clock: Callable[[], float]) -> None:
+        self._window = window
+        self._clock = clock
+        self._counts: dict[str, tuple[int, float]] = {}  # key -> (failures, time of the last one)
+        self._pending: dict[str, int] = {}  # key -> passwords being verified right now
+
+    def count(self, key: str) -> int:
+        count, last = self._counts.get(key, (0, 0.0))
+        if count and self._clock() - last > self._window:
+            del self._counts[key]
+            count = 0
+        return count + self._pending.get(key, 0)
+
+    def begin(self, key: str) -> None:
+        self._pending[key] = self._pending.get(key, 0) + 1
+
+    def end(self, key: str, *, failed: bool) -> int:
+        left = self._pending.get(key, 1) - 1
+        if left > 0:
+            self._pending[key] = left
+        else:
+            self._pending.pop(key, None)
+        if not failed:
+            return 0
+        now = self._clock()
+        count, last = self._counts.pop(key, (0, 0.0))  # re-inserted: ordered by last failure
+        count = (count if now - last <= self._window else 0) + 1
+        self._counts[key] = (count, now)
+        if len(self._counts) > MAX_TRACKED:
+            self._prune()
+        return count
+
+    def clear(self, key: str) -> None:
+        self._counts.pop(key, None)
+
+    def _prune(self) -> None:
+        now = self._clock()
+        for key, (_count, last) in list(self._counts.items()):
+            if now - last > self._window or len(self._counts) > MAX_TRACKED:
+                del self._counts[key]
+            else:
+                break  # ordered by last failure: the rest is newer
+
+
+MAX_TRACKED = 100_000  # addresses and user names with recent failures (a few MB at most)
+
+
+def address_key(ip: str) -> str:
+    """The unit an address block applies to: the IPv4 address, or the IPv6 /64 (one host or one
+    customer network can use every address of its /64; RFC 6177)."""
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return ip
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.IPv6Network((addr, 64), strict=False))
+    return str(addr)
+
+
 class AuthGuard:
-    """Per-IP AUTH failure accounting: delay grows with failures; after N the IP is blocked."""
+    """AUTH brute-force protection: failures are counted per source address and per user name.
+
+    After ``auth_failures_before_block`` failures from an address, or for a user name (from any
+    address), AUTH from that address, or for that user, is refused for ``auth_block_seconds`` after
+    the last failure, before any password is verified: a right password during a block does not
+    lift it. A success clears only that user's count, so a device that knows its own password
+    cannot reset the count of the address it guesses another user's password from. Passwords being
+    verified count as failures until they are known not to be, so a burst of parallel guesses
+    cannot slip past the limit. Each failure is answered after a delay that doubles (at most 8x).
+    """
 
     def __init__(self, settings: ServerSettings, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._limit = settings.auth_failures_before_block
-        self._block_for = settings.auth_block_seconds
         self._delay = settings.auth_failure_delay
-        self._clock = clock
-        self._failures: dict[str, tuple[int, float]] = {}
+        self._by_address = _Failures(window=settings.auth_block_seconds, clock=clock)
+        self._by_user = _Failures(window=settings.auth_block_seconds, clock=clock)
 
-    def blocked(self, ip: str) -> bool:
-        count, since = self._failures.get(ip, (0, 0.0))
-        if count and self._clock() - since > self._block_for:
-            self._failures.pop(ip, None)
+    @staticmethod
+    def _user(username: str) -> str:
+        return username.lower()[:256]
+
+    def blocked(self, ip: str, username: str | None = None) -> bool:
+        if self._by_address.count(address_key(ip)) >= self._limit:
+            return True
+        return username is not None and self._by_user.count(self._user(username)) >= self._limit
+
+    def begin(self, ip: str, username: str) -> bool:
+        """Before verifying a password: False while blocked; else the attempt is reserved and must
+        end with ``success`` or ``failure``."""
+        if self.blocked(ip, username):
             return False
-        return count >= self._limit
+        self._by_address.begin(address_key(ip))
+        self._by_user.begin(self._user(username))
+        return True
 
-    def failure_delay(self, ip: str) -> float:
-        """Record a failure; the delay before answering 535 (doubling, capped at 8 x base)."""
-        count, _ = self._failures.get(ip, (0, 0.0))
-        self._failures[ip] = (count + 1, self._clock())
-        return float(min(self._delay * (2 ** min(count, 3)), self._delay * 8))
+    def success(self, ip: str, username: str) -> None:
+        self._by_address.end(address_key(ip), failed=False)
+        user = self._user(username)
+        self._by_user.end(user, failed=False)
+        self._by_user.clear(user)
 
-    def success(self, ip: str) -> None:
-        self._failures.pop(ip, None)
+    def failure(self, ip: str, username: str) -> float:
+        """Record a failure; return the delay before answering 535 (doubling, capped at 8 x base)."""
+        count = max(
+            self._by_address.end(address_key(ip), failed=True),
+            self._by_user.end(self._user(username), failed=True),
+        )
+        return float(min(self._delay * (2 ** min(count - 1, 3)), self._delay * 8))

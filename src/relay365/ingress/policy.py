@@ -13,7 +13,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from relay365.settings import DeviceSettings, ListenerSettings
+from relay365.settings import NULL_SENDER, DeviceSettings, ListenerSettings
 
 # RFC 5321 4.1.2 dot-atom local part, minus the relay-routing characters '%' and '!'.
 _LOCAL = r"[A-Za-z0-9#$&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9#$&'*+/=?^_`{|}~-]+)*"
@@ -35,16 +35,22 @@ def helo_reply(hostname: str) -> str | None:
     return None
 
 
-def address_reply(raw_arg: str, address: str, *, what: str, fqdn: bool = True) -> str | None:
+def address_reply(
+    raw_arg: str, address: str, *, what: str, fqdn: bool = True, smtputf8: bool = False
+) -> str | None:
     """Refuse relay tricks and malformed addresses. ``raw_arg`` is the text after ``FROM:``/``TO:``.
     ``fqdn``: the address goes upstream, so its domain must be fully qualified (Postfix's
-    reject_non_fqdn_sender/recipient); a device whose sender is rewritten may use ``root@printer``."""
+    reject_non_fqdn_sender/recipient); a device whose sender is rewritten may use ``root@printer``.
+    ``smtputf8``: MAIL had the SMTPUTF8 parameter, so the addresses may be non-ASCII."""
     if any(c in raw_arg for c in "\r\n\x00"):
         return "501 5.5.2 Control characters in address"
     if raw_arg.lstrip().startswith("<@"):
         return "553 5.1.3 Source routes are not accepted"
     if what == "sender" and address == "":
         return None
+    if not smtputf8 and not address.isascii():
+        # RFC 6531 3.4 / 3.5: a non-ASCII address needs the SMTPUTF8 parameter on MAIL.
+        return f"553 5.6.7 Non-ASCII {what} address needs SMTPUTF8 (RFC 6531)"
     local, _, _domain = address.rpartition("@")
     if not local or len(local) > MAX_LOCAL_PART or len(address) > MAX_ADDRESS:
         return f"553 5.1.3 Bad {what} address syntax"
@@ -56,15 +62,20 @@ def address_reply(raw_arg: str, address: str, *, what: str, fqdn: bool = True) -
 
 
 def _matches(pattern: str, address: str) -> bool:
+    """``*`` is any sender, the null sender ``<>`` included (it names no one, so it spoofs no one);
+    ``<>`` is the null sender only; an address or ``@domain`` never matches the null sender."""
     a = address.lower()
     if pattern == "*":
         return True
+    if not a:
+        return pattern == NULL_SENDER
     if pattern.startswith("@"):
         return a.endswith(pattern)
     return a == pattern
 
 
 def sender_reply(device: DeviceSettings, address: str) -> str | None:
+    """``address`` is ``""`` for the null sender."""
     if any(_matches(p, address) for p in device.allowed_senders):
         return None
     return f"550 5.7.1 Device {device.name} may not send as <{address}>"
@@ -115,3 +126,38 @@ class RateLimiter:
     def accepted(self, device: DeviceSettings) -> None:
         if device.max_messages_per_minute is not None:
             self._window(device.name).append(self._clock())
+
+
+# RFC 2034: with ENHANCEDSTATUSCODES advertised, replies carry an RFC 3463 status. aiosmtpd's own
+# replies ("500 Error: bad syntax", "503 Error: send HELO first", ...) get the one their code means.
+_STATUS = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(?:[ ]|$)")
+_DEFAULT_STATUS = {
+    "421": "4.3.0",  # service not available
+    "451": "4.3.0",  # local error in processing
+    "454": "4.7.0",  # TLS not available / temporary authentication failure (RFC 3207, RFC 4954)
+    "500": "5.5.2",  # syntax error, command unrecognised
+    "501": "5.5.4",  # syntax error in parameters or arguments
+    "502": "5.5.1",  # command not implemented
+    "503": "5.5.1",  # bad sequence of commands
+    "504": "5.5.4",  # command parameter not implemented
+    "530": "5.7.0",  # authentication required (RFC 4954)
+    "535": "5.7.8",  # authentication credentials invalid (RFC 4954)
+    "552": "5.3.4",  # message too big
+    "553": "5.1.3",  # mailbox name not allowed: bad address syntax
+    "555": "5.5.4",  # MAIL/RCPT parameters not recognised (RFC 5321 4.1.1.11)
+}
+
+
+def with_status(reply: str) -> str:
+    """``reply`` with an enhanced status code (RFC 3463) after the basic code, if it has none."""
+    if len(reply) < 4 or _STATUS.match(reply):
+        return reply
+    code = reply[:3]
+    status = _DEFAULT_STATUS.get(code, f"{code[0]}.0.0")
+    return f"{code}{reply[3]}{status} {reply[4:]}".rstrip()
+
+
+def status_of(reply: str) -> str:
+    """The enhanced status code of a reply (``5.7.1``), or ``""``."""
+    m = _STATUS.match(reply)
+    return m.group(0)[4:].strip() if m else ""

@@ -1,64 +1,60 @@
 """The device-facing SMTP server: aiosmtpd 1.4.6 with the holes a production relay must close.
 
-aiosmtpd gives the command loop, STARTTLS (with the RFC 3207 buffer discard) and the command syntax.
-This subclass adds what it lacks: connection caps (421 4.7.0), device identity (IP, AUTH, client
-certificate), case-insensitive AUTH PLAIN/LOGIN with brute-force back-off, per-device policy, a
-recipient limit, and a streaming DATA that writes to the spool as it arrives, refuses bare CR/LF/NUL,
-and answers 250 only after the spool's fsync. Delivery never happens here.
+aiosmtpd gives the command loop, STARTTLS (with the RFC 3207 buffer discard) and the command syntax;
+it is reached through ``compat`` (the one module that touches its internals). This subclass adds what
+it lacks: connection caps (421 4.7.0), checked command lines (``lines``),
+device identity (IP, AUTH, client certificate), case-insensitive AUTH PLAIN/LOGIN with brute-force
+protection, per-device policy, the null sender, a recipient limit, a streaming DATA that checks the
+header section and writes to the spool as it arrives, refuses bare CR/LF/NUL, and answers 250 only
+after the spool's fsync, one log line and one count for every 4xx/5xx it answers, and a 421 to every
+open session on shutdown. Delivery never happens here.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import collections
-import inspect
 import logging
-import re
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, AnyStr
+from typing import AnyStr
 
-import aiosmtpd.smtp
-from aiosmtpd.smtp import SMTP, Session
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
+from aiosmtpd.smtp import Session, TLSSetupException
 
-from relay365.admin.metrics import Metrics
-from relay365.errors import SpoolError, SpoolFullError
-from relay365.ingress import policy
+from relay365.errors import CommandRefused, MessageRefused, SpoolError, SpoolFullError
+from relay365.ingress import auth, policy
+from relay365.ingress.compat import CompatHandler, CompatSMTP, SessionReader
+from relay365.ingress.context import IngressContext
 from relay365.ingress.data import DataParser
-from relay365.ingress.headers import HeaderEditor, HeaderTooLarge, received_field
-from relay365.ingress.identity import AuthGuard, ConnectionLimiter, DeviceDirectory, peer_certificate
-from relay365.settings import DeviceSettings, ListenerSettings
-from relay365.spool.model import Envelope, IncomingMessage, Spool
+from relay365.ingress.handshake import implicit_tls
+from relay365.ingress.headers import HeaderEditor, received_field
+from relay365.ingress.identity import peer_certificate
+from relay365.ingress.lines import SHUTTING_DOWN, CommandReader
+from relay365.settings import NULL_SENDER, DeviceSettings, ListenerSettings
+from relay365.spool.model import Envelope, IncomingMessage
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 16
-AUTH_LINE_LIMIT = 12288  # RFC 4954 4: an AUTH line may be up to 12288 octets
-# <local@domain> with dot-atoms only (RFC 5321 4.1.2): the form nearly every client sends. aiosmtpd's
-# email-header parser gives the same address for it; anything else still goes through that parser.
-_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_SIMPLE_PATH = re.compile(rf"[ \t]*<({_ATOM}(?:\.{_ATOM})*@{_ATOM}(?:\.{_ATOM})*)>")
 
 
-@dataclass
-class IngressContext:
-    """What every session of every listener shares. Built once by the composition root."""
+def log_refusal(
+    *, peer: str, device: str, listener: str, command: str, reply: str, detail: str = "", level: int
+) -> None:
+    """The one log line of a 4xx/5xx answered to a device."""
+    log.log(
+        level,
+        "refused peer=%s device=%s listener=%s command=%s reply=%r%s",
+        peer,
+        device,
+        listener,
+        command,
+        reply,
+        f" {detail}" if detail else "",
+    )
 
-    spool: Spool
-    devices: DeviceDirectory
-    limiter: ConnectionLimiter
-    guard: AuthGuard
-    rates: policy.RateLimiter
-    hostname: str
-    on_queued: Callable[[str], None] = lambda queue_id: None
-    background: set[asyncio.Task[Any]] = field(default_factory=set)
-    metrics: Metrics = field(default_factory=Metrics)
 
-
-class _Hooks:
+class _Hooks(CompatHandler):
     """aiosmtpd calls these after its own syntax checks; the verdicts come from ``policy``."""
 
     async def handle_MAIL(
@@ -72,36 +68,7 @@ class _Hooks:
         return server.on_rcpt(envelope, address, options)
 
 
-class _AuthMemberCache:
-    """aiosmtpd 1.4.6 runs ``inspect.getmembers`` on the session and on the handler at every
-    connection to find ``auth_*`` methods: 12% of the CPU of a one-message session. For relay365's
-    own classes the same members are found from names cached per class; everything else is
-    ``inspect`` itself."""
-
-    def __init__(self) -> None:
-        self._names: dict[type, tuple[str, ...]] = {}
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(inspect, name)
-
-    def getmembers(
-        self, obj: object, predicate: Callable[[Any], bool] | None = None
-    ) -> list[tuple[str, Any]]:
-        if predicate is not None or not isinstance(obj, RelaySMTP | _Hooks):
-            return inspect.getmembers(obj, predicate)
-        cls = type(obj)
-        names = self._names.get(cls)
-        if names is None:
-            names = self._names[cls] = tuple(
-                n for n in dir(cls) if n.startswith("auth_") and inspect.isfunction(getattr(cls, n))
-            )
-        return [(n, getattr(obj, n)) for n in names]
-
-
-aiosmtpd.smtp.inspect = _AuthMemberCache()  # type: ignore[attr-defined,assignment]
-
-
-class RelaySMTP(SMTP):
+class RelaySMTP(CompatSMTP):
     # The stream reader's limit doubles as the DATA chunk buffer; command lines are still held to
     # 512 octets (RFC 5321 4.5.3.1.4) by aiosmtpd's command_size_limit after the read.
     line_length_limit = CHUNK
@@ -133,21 +100,30 @@ class RelaySMTP(SMTP):
         self.cert_device: DeviceSettings | None = None
         self.login_device: DeviceSettings | None = None
         self._raw_arg = ""
+        self._lines: CommandReader | None = None
+        self._close_after_reply = False
+        self._detail = ""  # what the next refusal's log line adds (the user tried, the reason, ...)
+        self._detail_level = logging.WARNING
 
     # -- connection ------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if not self._admitted and self._original_transport is None:
+        if not self._admitted and not self.starttls_started:
             peer = transport.get_extra_info("peername") or ("", 0)
             self.peer_ip = str(peer[0])
-            reason = None
-            if self.ctx.guard.blocked(self.peer_ip):
-                reason = "421 4.7.0 Too many authentication failures from your address"
+            if self.ctx.closing:
+                reason: str | None = SHUTTING_DOWN
             else:
                 reason = self.ctx.limiter.admit(self.peer_ip)
             if reason is not None:
                 self._rejected = True
-                log.warning(
-                    "refused connection peer=%s listener=%s: %s", self.peer_ip, self.listener.name, reason
+                device = self.ctx.devices.by_ip(self.peer_ip, self.listener.name)
+                log_refusal(
+                    peer=self.peer_ip,
+                    device=device.name if device else "-",
+                    listener=self.listener.name,
+                    command="CONNECT",
+                    reply=reason,
+                    level=logging.WARNING,
                 )
                 assert isinstance(transport, asyncio.WriteTransport)
                 self.ctx.metrics.refusal(reason)
@@ -155,10 +131,15 @@ class RelaySMTP(SMTP):
                 transport.close()
                 return
             self._admitted = True
+            self.ctx.sessions.add(self)
             self.ip_device = self.ctx.devices.by_ip(self.peer_ip, self.listener.name)
         super().connection_made(transport)
-        if self._implicit_tls or self._tls_protocol is not None:
+        if self.tls_active:
             self._identify_certificate(transport)
+
+    def reader_connected(self, reader: SessionReader) -> None:
+        # Before aiosmtpd reads the first command line from it: command lines are checked (``lines``).
+        self._lines = CommandReader.adopt(reader, bare_newlines=self.listener.bare_newlines)
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._rejected:
@@ -166,6 +147,7 @@ class RelaySMTP(SMTP):
         if self._admitted:
             self._admitted = False
             self.ctx.limiter.release(self.peer_ip)
+            self.ctx.forget(self)
         super().connection_lost(error)
 
     def _identify_certificate(self, transport: asyncio.BaseTransport) -> None:
@@ -191,9 +173,13 @@ class RelaySMTP(SMTP):
         assert self.envelope is not None
         return self.envelope
 
+    def lines(self) -> CommandReader:
+        assert self._lines is not None
+        return self._lines
+
     @property
     def tls_active(self) -> bool:
-        return self._implicit_tls or self._tls_protocol is not None
+        return self._implicit_tls or super().tls_active
 
     @property
     def offers_auth(self) -> bool:
@@ -205,16 +191,69 @@ class RelaySMTP(SMTP):
     def _protocol(self) -> str:
         return "ESMTP" + ("S" if self.tls_active else "") + ("A" if self.login_device else "")
 
+    # -- replies: every 4xx/5xx gets an enhanced status code, one log line and a count -------------
+    def _note(self, detail: str, level: int = logging.WARNING) -> None:
+        """Detail for the log line of the refusal about to be sent."""
+        self._detail, self._detail_level = detail, level
+
+    def _refused(self, reply: str, command: str | None = None) -> None:
+        device = self.device()
+        detail, level = self._detail, self._detail_level
+        self._detail, self._detail_level = "", logging.WARNING
+        log_refusal(
+            peer=self.peer_ip,
+            device=device.name if device else "-",
+            listener=self.listener.name,
+            command=command or (self._lines.command if self._lines else "-"),
+            reply=reply,
+            detail=detail,
+            level=level,
+        )
+        self.ctx.metrics.refusal(reply)
+
     async def push(self, status: AnyStr) -> None:
-        text = status.decode("ascii", "replace") if isinstance(status, bytes) else status
-        if text[:1] in ("4", "5"):
-            self.ctx.metrics.refusal(text)
-        await super().push(status)
+        reply = status.decode("utf-8", "replace") if isinstance(status, bytes) else status
+        if reply[:1] in ("4", "5"):
+            reply = policy.with_status(reply)
+            self._refused(reply)
+        await super().push(reply)
+        if self._close_after_reply and self.transport is not None:
+            self.transport.close()
+
+    async def handle_exception(self, error: Exception) -> str:
+        """aiosmtpd answers what a command raised with this reply (then ``push`` closes if asked)."""
+        if isinstance(error, CommandRefused):
+            self._close_after_reply = self._close_after_reply or error.close
+            return error.reply
+        if isinstance(error, TLSSetupException):  # a failed STARTTLS handshake: one line, no traceback
+            cause = error.__cause__ or error
+            failures = self.ctx.tls_failures
+            failures.failed(peer=self.peer_ip, listener=self.listener, how="STARTTLS", error=cause)
+            return "454 4.7.0 TLS handshake failed"  # aiosmtpd closes the connection without a reply
+        return await super().handle_exception(error)
 
     async def _close_with(self, reply: str) -> None:
         await self.push(reply)
         assert self.transport is not None
         self.transport.close()
+
+    # -- shutdown (context.shutdown) ---------------------------------------------------------------
+    def begin_shutdown(self) -> None:
+        if self._lines is None or self._lines.waiting:
+            self.goodbye()  # idle: waiting for the client's next line
+        else:
+            self._lines.closing = True  # busy: 421 once the reply in progress is out
+
+    def goodbye(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if self._lines is not None:
+            self._lines.say_goodbye()
+        self._refused(SHUTTING_DOWN, command="-")
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(SHUTTING_DOWN.encode() + b"\r\n")
+        transport.close()
 
     # -- greeting --------------------------------------------------------------------------------
     async def smtp_HELO(self, hostname: str) -> None:
@@ -229,7 +268,7 @@ class RelaySMTP(SMTP):
         if bad:
             await self.push(bad)
             return
-        self._set_rset_state()  # type: ignore[no-untyped-call]
+        self.reset_transaction_state()
         self.sess().extended_smtp = True
         self.sess().host_name = hostname
         lines = [
@@ -270,64 +309,34 @@ class RelaySMTP(SMTP):
         if mechanism not in ("PLAIN", "LOGIN"):
             await self.push("504 5.5.4 Unrecognized authentication type")
             return
-        try:
-            credentials = await self._read_credentials(mechanism, initial)
-        except ValueError:
-            await self.push("501 5.5.2 Cannot decode response")
-            return
-        if credentials is None:
-            await self.push("501 5.7.0 Authentication aborted")
-            return
-        username, password = credentials
-        device = await self.ctx.devices.by_password(username, password, self.listener.name)
-        if device is not None:
-            self.ctx.guard.success(self.peer_ip)
-            self.login_device = device
+        outcome = await auth.authenticate(
+            mechanism,
+            initial,
+            ask=self._auth_line,
+            guard=self.ctx.guard,
+            devices=self.ctx.devices,
+            peer_ip=self.peer_ip,
+            listener=self.listener.name,
+        )
+        if outcome.device is not None:
+            self.login_device = outcome.device
             self.sess().authenticated = True
-            log.info("authenticated peer=%s device=%s", self.peer_ip, device.name)
-            await self.push("235 2.7.0 Authentication successful")
-            return
-        delay = self.ctx.guard.failure_delay(self.peer_ip)
-        log.warning("authentication failed peer=%s user=%r", self.peer_ip, username[:64])
-        await asyncio.sleep(delay)
-        if self.ctx.guard.blocked(self.peer_ip):
-            await self._close_with("421 4.7.0 Too many authentication failures, closing connection")
-            return
-        await self.push("535 5.7.8 Authentication credentials invalid")
-
-    async def _read_credentials(self, mechanism: str, initial: str | None) -> tuple[str, str] | None:
-        if mechanism == "PLAIN":
-            blob = initial if initial is not None else await self._auth_line("")
-            if blob is None:
-                return None
-            fields = _b64(blob).split(b"\x00")
-            if len(fields) != 3:
-                raise ValueError("PLAIN needs authzid NUL authcid NUL passwd")
-            return fields[1].decode("utf-8"), fields[2].decode("utf-8")
-        user_blob = initial if initial is not None else await self._auth_line("VXNlcm5hbWU6")
-        if user_blob is None:
-            return None
-        pass_blob = await self._auth_line("UGFzc3dvcmQ6")
-        if pass_blob is None:
-            return None
-        return _b64(user_blob).decode("utf-8"), _b64(pass_blob).decode("utf-8")
+            log.info("authenticated peer=%s device=%s", self.peer_ip, outcome.device.name)
+        self._note(outcome.detail)
+        await self.push(outcome.reply)
 
     async def _auth_line(self, challenge: str) -> str | None:
         await self.push(f"334 {challenge}")
-        line = await self._reader.readline()
-        if len(line) > AUTH_LINE_LIMIT:
+        try:
+            line = await self.lines().read_line()  # checked like a command line
+        except asyncio.LimitOverrunError:
+            raise CommandRefused("500 5.5.6 AUTH response too long", close=True) from None
+        if len(line) > auth.AUTH_LINE_LIMIT:
             raise ValueError("AUTH line too long")
         text = line.strip().decode("ascii", "replace")
         return None if text == "*" else text
 
     # -- envelope --------------------------------------------------------------------------------
-    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        m = _SIMPLE_PATH.match(arg)
-        rest = arg[m.end() :].lstrip(" \t") if m else "("
-        if m is None or rest.startswith("(") or m.group(1).index("@") > (self.local_part_limit or 1 << 30):
-            return super()._getaddr(arg)
-        return m.group(1), rest
-
     async def smtp_MAIL(self, arg: str | None) -> None:
         self._raw_arg = (arg or "")[5:] if (arg or "").upper().startswith("FROM:") else (arg or "")
         await super().smtp_MAIL(arg)
@@ -342,17 +351,33 @@ class RelaySMTP(SMTP):
             if self.listener.auth:
                 return "530 5.7.0 Authentication required"
             return f"550 5.7.1 Client host [{self.peer_ip}] is not allowed to relay"
+        # aiosmtpd parses "<>" as the address "<>"; it stays the envelope's (truthy) sender until
+        # the commit, where the null sender is "" (RFC 5321 4.5.5: it must be accepted).
+        sender = "" if address == NULL_SENDER else address
         reply = (
-            policy.address_reply(self._raw_arg, address, what="sender", fqdn=device.rewrite_sender is None)
-            or policy.sender_reply(device, address)
+            policy.address_reply(
+                self._raw_arg,
+                sender,
+                what="sender",
+                fqdn=device.rewrite_sender is None,
+                smtputf8=bool(envelope.smtp_utf8),
+            )
+            or policy.sender_reply(device, sender)
             or self.ctx.rates.reply(device)
         )
         if reply:
             return reply
+        announced = 0
         for opt in options:
             name, _, value = opt.partition("=")
             if name == "SIZE" and value.isdigit() and int(value) > policy.max_size(device, self.listener):
                 return "552 5.3.4 Message size exceeds fixed maximum message size"
+            if name == "SIZE" and value.isdigit():
+                announced = int(value)
+        try:  # free space above the spool's reserve (RFC 1870 6.1: 452 for temporary lack of room)
+            self.ctx.spool.check_room(announced)
+        except SpoolError as e:
+            return _spool_reply(e)
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return "250 2.1.0 Ok"
@@ -361,9 +386,12 @@ class RelaySMTP(SMTP):
         device = self.device()
         assert device is not None  # MAIL succeeded, so there is a device
         limit = policy.max_recipients(device, self.listener)
-        reply = policy.address_reply(self._raw_arg, address, what="recipient") or policy.recipient_reply(
-            device, address, len(envelope.rcpt_tos), limit
-        )
+        reply = policy.address_reply(
+            self._raw_arg, address, what="recipient", smtputf8=bool(envelope.smtp_utf8)
+        ) or policy.recipient_reply(device, address, len(envelope.rcpt_tos), limit)
+        if not reply and envelope.mail_from == NULL_SENDER and device.rewrite_sender is None:
+            # No DSN can ever report a failure of mail from <>: refuse now what no route can carry.
+            reply = self.ctx.route_reply("", address, device.name)
         if reply:
             return reply
         envelope.rcpt_tos.append(address)
@@ -384,6 +412,7 @@ class RelaySMTP(SMTP):
         try:
             incoming = self.ctx.spool.incoming()
         except SpoolError as e:
+            self._note(f"spool: {e}", logging.ERROR)
             await self.push(_spool_reply(e))
             return
         committing = False
@@ -396,7 +425,7 @@ class RelaySMTP(SMTP):
         finally:
             if not committing:
                 await incoming.abort()
-            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            self.reset_after_data()
 
     async def _receive(self, incoming: IncomingMessage, device: DeviceSettings) -> str | None:
         """Read DATA to its end; return None when the message is ready to commit, else the reply."""
@@ -407,6 +436,7 @@ class RelaySMTP(SMTP):
         editor = HeaderEditor(
             incoming.write,
             new_from=device.rewrite_sender,
+            max_size=self.listener.max_header_size,
             received=received_field(
                 helo=self.sess().host_name or "unknown",
                 ip=self.peer_ip,
@@ -419,10 +449,10 @@ class RelaySMTP(SMTP):
         size, failure = 0, None
         deadline = self.loop.time() + self.listener.data_timeout
         while True:
-            chunk = await self._reader.read(CHUNK)
+            chunk = await self.reader.read(CHUNK)
             if not chunk:
                 raise ConnectionResetError("client closed the connection during DATA")
-            self._reset_timeout()
+            self.reset_idle_timer()
             if self.loop.time() > deadline:
                 await self._close_with("421 4.4.2 Timeout during DATA, closing connection")
                 raise ConnectionResetError("DATA deadline exceeded")
@@ -434,26 +464,31 @@ class RelaySMTP(SMTP):
                 try:
                     editor.write(result.content)
                     await incoming.drain()
-                except HeaderTooLarge:
-                    failure = "552 5.3.4 Message header section too large to rewrite the sender"
+                except MessageRefused as e:
+                    failure = e.reply
                 except SpoolError as e:
+                    self._note(f"spool: {e}", logging.ERROR)
                     failure = _spool_reply(e)
             if result.leftover is not None:
-                self._reader._buffer[0:0] = result.leftover  # type: ignore[attr-defined]
+                self.reader.unread(result.leftover)  # pipelined commands after the end of DATA
                 break
         if parser.invalid:
-            log.warning("refused message peer=%s device=%s: %s", self.peer_ip, device.name, parser.invalid)
+            self._note(parser.invalid)
             return "550 5.6.11 Message refused: bare CR, bare LF or NUL in data (RFC 5321 2.3.8)"
         if failure is None:
             try:
                 editor.finish()
+            except MessageRefused as e:
+                failure = e.reply
             except SpoolError as e:
+                self._note(f"spool: {e}", logging.ERROR)
                 failure = _spool_reply(e)
         return failure
 
     async def _commit(self, incoming: IncomingMessage, device: DeviceSettings) -> str:
         env = self.env()
-        mail_from = device.rewrite_sender or env.mail_from or ""
+        null = env.mail_from == NULL_SENDER
+        mail_from = device.rewrite_sender or ("" if null else env.mail_from or "")
         envelope = Envelope(
             mail_from=mail_from,
             rcpt_tos=tuple(env.rcpt_tos),
@@ -461,6 +496,9 @@ class RelaySMTP(SMTP):
             peer=self.peer_ip,
             listener=self.listener.name,
             smtputf8=bool(env.smtp_utf8),
+            # A notification from <> never causes a bounce, even once its sender is rewritten
+            # (RFC 5321 4.5.5, RFC 3461 6.2: no notification about a notification).
+            is_dsn=null,
         )
         # Shielded: once the commit has started it finishes (row + file, or neither) even if the
         # client disconnects now; the entry is then complete, which is allowed (at-least-once).
@@ -470,7 +508,7 @@ class RelaySMTP(SMTP):
         try:
             queue_id = await asyncio.shield(task)
         except SpoolError as e:
-            log.error("spool refused message peer=%s device=%s: %s", self.peer_ip, device.name, e)
+            self._note(f"spool: {e}", logging.ERROR)
             return _spool_reply(e)
         self.ctx.rates.accepted(device)
         self.ctx.metrics.accepted.labels(self.listener.name, device.name).inc()
@@ -488,13 +526,6 @@ class RelaySMTP(SMTP):
         return f"250 2.0.0 Ok: queued as {queue_id}"
 
 
-def _b64(text: str) -> bytes:
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError("bad base64") from None
-
-
 def _spool_reply(error: SpoolError) -> str:
     if isinstance(error, SpoolFullError):
         return "452 4.3.1 Insufficient system storage"
@@ -505,12 +536,10 @@ async def start_listener(
     ctx: IngressContext, listener: ListenerSettings, tls_context: ssl.SSLContext | None
 ) -> asyncio.Server:
     loop = asyncio.get_running_loop()
+    factory: Callable[[], asyncio.Protocol] = lambda: RelaySMTP(ctx, listener, tls_context)  # noqa: E731
+    if listener.tls == "implicit":  # the handshake runs in the relay's code (ingress/handshake.py)
+        assert tls_context is not None
+        factory = implicit_tls(factory, context=tls_context, listener=listener, failures=ctx.tls_failures)
     return await loop.create_server(
-        lambda: RelaySMTP(ctx, listener, tls_context),
-        host=listener.address,
-        port=listener.port,
-        ssl=tls_context if listener.tls == "implicit" else None,
-        reuse_address=True,
-        backlog=1024,
-        ssl_handshake_timeout=30 if listener.tls == "implicit" else None,
+        factory, host=listener.address, port=listener.port, reuse_address=True, backlog=1024
     )

@@ -2,7 +2,8 @@
 
 ::
 
-    relay365 sandbox [--tenant FILE] [--state-dir DIR]     run every endpoint until Ctrl-C
+    relay365 sandbox [--tenant FILE] [--state-dir DIR] [--submission-port N] [--mx-port N] [--http-port N]
+                                                           run every endpoint until Ctrl-C
     relay365 sandbox mail list [--mailbox A] [--folder F] [--json]
     relay365 sandbox mail show ID [--raw]
     relay365 sandbox rejections [--json]
@@ -15,6 +16,7 @@ port, TLS, credentials).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 from datetime import UTC, datetime
@@ -149,14 +151,31 @@ def sandbox(
     tenant: Annotated[Path | None, typer.Option("--tenant", help="Tenant TOML file.")] = None,
     state_dir: StateDir = DEFAULT_STATE_DIR,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    submission_port: Annotated[
+        int | None, typer.Option(help="SMTP AUTH port (default: the tenant's, 0 = any free port)")
+    ] = None,
+    mx_port: Annotated[int | None, typer.Option(help="MX port (default: the tenant's)")] = None,
+    http_port: Annotated[
+        int | None, typer.Option(help="HTTPS port: token endpoint and Graph (default: the tenant's)")
+    ] = None,
 ) -> None:
     """Run the sandbox (all endpoints) until Ctrl-C."""
     if ctx.invoked_subcommand is not None:
         return
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
     console = _console()
+    pinned = {"submission_port": submission_port, "mx_port": mx_port, "http_port": http_port}
     try:
         model = load_tenant(tenant) if tenant is not None else example_tenant()
+        for key, value in pinned.items():
+            if value is not None and not 0 <= value <= 65535:
+                raise ConfigError(f"--{key.replace('_', '-')}", value, "Not a TCP port (0-65535).")
+        model = dataclasses.replace(
+            model,
+            submission_port=model.submission_port if submission_port is None else submission_port,
+            mx_port=model.mx_port if mx_port is None else mx_port,
+            http_port=model.http_port if http_port is None else http_port,
+        )
         asyncio.run(_serve(model, state_dir, console))
     except KeyboardInterrupt:
         console.print("Stopped.")

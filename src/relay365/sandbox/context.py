@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import ssl
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,8 +19,10 @@ import trustme
 
 from relay365.sandbox.clock import Clock
 from relay365.sandbox.faults import Faults
+from relay365.sandbox.mx_tls import LenientClientCertContext
 from relay365.sandbox.store import MailStore
 from relay365.sandbox.tenant import Tenant
+from relay365.sandbox.throttle import SubmissionThrottle
 
 if TYPE_CHECKING:
     from relay365.sandbox.tokens import TokenIssuer
@@ -73,16 +75,15 @@ class SandboxTLS:
         context.load_cert_chain(self.cert_path, self.key_path)
         return context
 
-    def mx_server_context(self) -> ssl.SSLContext:
-        """Like ``server_context`` but asks for an optional client certificate (connector attribution),
-        trusting the sandbox CA and any configured extra CAs. An untrusted client chain fails the
-        handshake (OpenSSL verifies every certificate a client presents)."""
-        context = self.server_context()
-        context.verify_mode = ssl.CERT_OPTIONAL
-        context.load_verify_locations(cafile=str(self.ca_pem_path))
-        for path in self.extra_client_cas:
-            context.load_verify_locations(cafile=str(path))
-        return context
+    def mx_server_context(self) -> LenientClientCertContext:
+        """For the MX endpoint: asks for an optional client certificate (connector attribution) and,
+        as Exchange Online, never fails the handshake over it; whether its chain ends at the sandbox
+        CA or a configured extra CA is left for the session to judge (5.7.64). See :mod:`.mx_tls`."""
+        return LenientClientCertContext(
+            cert_chain=self.cert_path,
+            key=self.key_path,
+            trusted_cas=(self.ca_pem_path, *self.extra_client_cas),
+        )
 
     def client_context(self) -> ssl.SSLContext:
         """A client context that trusts the sandbox CA (for tests and the CLI)."""
@@ -114,6 +115,12 @@ class SandboxContext:
     clock: Clock
     issuer: TokenIssuer
     tls: SandboxTLS
+    # The mailboxes' sending limits, shared by every protocol that submits as a mailbox (SMTP AUTH and
+    # Graph): Exchange counts a mailbox's recipients and messages whatever client sent them.
+    sending: SubmissionThrottle = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sending = SubmissionThrottle(limits=lambda: self.tenant.limits, clock=self.clock)
 
 
 def create_context(

@@ -18,6 +18,12 @@ in flight, "Application is over its MailboxConcurrency limit.", or more than
 exceed ``graph_max_request_bytes`` (413). A request holds its concurrency slot while its body
 arrives, so a slow upload occupies the mailbox as it does in Exchange Online.
 https://learn.microsoft.com/graph/throttling-limits#outlook-service-limits
+
+JSON bodies are read as OData reads them, property names without regard to case (``Message`` and
+``SaveToSentItems`` from msgraph-sdk; :mod:`graph_wire`). A submitted message then counts against the
+mailbox's Exchange sending limits, shared with SMTP AUTH (``ctx.sending``): over the rolling daily
+recipient limit it is accepted and refused with an NDR into the sender's Inbox, over the per-minute
+rate it is delayed (counted as throttled), as for every client of the mailbox.
 """
 
 from __future__ import annotations
@@ -26,22 +32,29 @@ import base64
 import binascii
 import logging
 import math
-import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email import policy
 from email.message import EmailMessage
-from email.parser import BytesParser
 from email.utils import format_datetime, getaddresses, make_msgid
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
-from relay365.errors import Relay365Error
+from relay365.sandbox.graph_wire import (
+    GraphError,
+    graph_error,
+    parse_json,
+    parse_mime,
+    read_limited,
+    request_ids,
+    same_name,
+)
+from relay365.sandbox.ndr import non_delivery_report
 from relay365.sandbox.tokens import (
     GRAPH_RESOURCE,
     AccessClaims,
@@ -61,39 +74,6 @@ GRAPH_WWW_AUTHENTICATE = (
     ' client_id="00000003-0000-0000-c000-000000000000"'
 )
 ACCESS_DENIED = "Access is denied. Check credentials and try again."
-
-
-class GraphError(Relay365Error):
-    """A Graph error reply: status, ``error.code``, ``error.message`` and extra headers."""
-
-    def __init__(
-        self, status: int, code: str, message: str, *, headers: dict[str, str] | None = None
-    ) -> None:
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = headers or {}
-        super().__init__(f"{status} {code}: {message}")
-
-
-def graph_error(
-    status: int, code: str, message: str, *, headers: dict[str, str] | None = None
-) -> JSONResponse:
-    """``{"error": {"code", "message", "innerError": {...}}}`` as Graph sends it."""
-    request_id = str(uuid.uuid4())
-    body = {
-        "error": {
-            "code": code,
-            "message": message,
-            "innerError": {
-                "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S"),
-                "request-id": request_id,
-                "client-request-id": request_id,
-            },
-        }
-    }
-    all_headers = {"request-id": request_id, "client-request-id": request_id, **(headers or {})}
-    return JSONResponse(body, status_code=status, headers=all_headers)
 
 
 @dataclass(frozen=True)
@@ -155,24 +135,6 @@ class _Throttle:
         return self._in_flight.get(key, 0)
 
 
-async def read_limited(request: Request, limit: int) -> bytes:
-    """The request body, or 413 if it exceeds ``limit`` (the rest is drained, not kept)."""
-    chunks: list[bytes] = []
-    total = 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total <= limit:
-            chunks.append(chunk)
-    if total > limit:
-        raise GraphError(
-            413,
-            "RequestEntityTooLarge",
-            f"The request body is {total} bytes; the maximum request size is {limit} bytes. "
-            "Use an upload session for large attachments.",
-        )
-    return b"".join(chunks)
-
-
 class GraphEndpoint:
     """Graph sendMail plus the draft / upload-session path (see :mod:`graph_upload`)."""
 
@@ -226,7 +188,9 @@ class GraphEndpoint:
     def fail(self, request: Request, err: GraphError) -> Response:
         self.ctx.store.count_rejection("graph", f"{err.status} {err.code}")
         logger.info("graph refused %s %s: %s", request.method, request.url.path, err)
-        return graph_error(err.status, err.code, err.message, headers=err.headers)
+        ids = request_ids(request.scope)
+        now = self.ctx.clock.now()
+        return graph_error(err.status, err.code, err.message, ids=ids, now=now, headers=err.headers)
 
     def _authenticate(self, request: Request) -> AccessClaims:
         header = request.headers.get("authorization", "")
@@ -281,7 +245,7 @@ class GraphEndpoint:
         else:
             data = parse_json(body)
             raw = data.get("message")
-            if not isinstance(raw, dict):
+            if not isinstance(raw, Mapping):
                 raise GraphError(400, "ErrorInvalidRequest", "The 'message' parameter is required.")
             save = data.get("saveToSentItems", True)
             if not isinstance(save, bool):
@@ -327,6 +291,8 @@ class GraphEndpoint:
                 "The message exceeds the maximum supported size., Cannot save changes made to an "
                 "item to store.",
             )
+        if not self._within_sending_limits(caller, message, recipients):
+            return
         del message["Bcc"]
         visible = message.as_bytes(policy=policy.SMTP)
         store = self.ctx.store
@@ -356,6 +322,45 @@ class GraphEndpoint:
             caller.identity,
         )
 
+    def _within_sending_limits(self, caller: Caller, message: EmailMessage, recipients: list[str]) -> bool:
+        """Exchange's per-mailbox sending limits apply to Graph as to every client of the mailbox
+        (https://learn.microsoft.com/office365/servicedescriptions/exchange-online-service-description/
+        exchange-online-limits#sending-limits). sendMail is accepted (202) before transport submits
+        it, so a message over the rolling 24-hour recipient limit is accepted and then refused with
+        an NDR to the sender (NDR reference, 5.1.90); over 30 messages a minute it is delayed, not
+        refused (counted as throttled, as on the SMTP endpoint)."""
+        mailbox = caller.mailbox.address
+        sending = self.ctx.sending
+        if sending.recipients_left_today(mailbox) < len(recipients):
+            self.ctx.store.count_rejection("graph", "550 5.1.90")
+            ndr = non_delivery_report(
+                original=message,
+                recipients=recipients,
+                reply=RECIPIENT_RATE_LIMIT,
+                reporting_host=f"{mailbox.rpartition('@')[2]}",
+                now=self.ctx.clock.now(),
+            )
+            self.ctx.store.add(
+                folder="Inbox",
+                mailbox=mailbox,
+                endpoint="graph",
+                mail_from="",
+                rcpt_tos=[mailbox],
+                authenticated_as=None,
+                content=ndr,
+            )
+            logger.info("graph: %s is over its daily recipient limit; NDR to its Inbox", mailbox)
+            return False
+        if sending.record_message(mailbox, len(recipients)):
+            self.ctx.store.count_rejection("graph", "throttled")
+        return True
+
+
+# NDR reference (non-delivery-reports-in-exchange-online), row 5.1.90.
+RECIPIENT_RATE_LIMIT = (
+    "550 5.1.90 Your message can't be sent because you've reached your daily limit for message recipients."
+)
+
 
 def _token_message(reason: str, token: str) -> str:
     if "." not in token:
@@ -367,49 +372,20 @@ def _token_message(reason: str, token: str) -> str:
     return "Access token validation failure."
 
 
-def parse_json(body: bytes) -> dict[str, Any]:
-    import json
-
-    try:
-        data = json.loads(body or b"null")
-    except ValueError as exc:
-        raise GraphError(400, "RequestBodyRead", f"Invalid JSON in the request body: {exc}") from exc
-    if not isinstance(data, dict):
-        raise GraphError(400, "RequestBodyRead", "The request body must be a JSON object.")
-    return data
-
-
-def parse_mime(body: bytes) -> EmailMessage:
-    """The MIME form: the whole RFC 5322 message, base64 encoded, as a ``text/plain`` body."""
-    compact = b"".join(body.split())
-    try:
-        raw = base64.b64decode(compact, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise GraphError(
-            400, "ErrorMimeContentInvalidBase64String", "Invalid base64 string for MIME content."
-        ) from exc
-    if not raw.strip():
-        raise GraphError(400, "ErrorMimeContentInvalid", "The MIME content is empty.")
-    message = BytesParser(policy=policy.default).parsebytes(raw)
-    if not isinstance(message, EmailMessage):  # pragma: no cover - policy.default guarantees it
-        raise GraphError(400, "ErrorMimeContentInvalid", "The MIME content could not be parsed.")
-    return message
-
-
 def _format_address(address: str, name: str | None) -> str:
     from email.headerregistry import Address
 
     return str(Address(display_name=name or "", addr_spec=address))
 
 
-def _recipients(raw: dict[str, Any], key: str) -> list[str]:
+def _recipients(raw: Mapping[str, Any], key: str) -> list[str]:
     value = raw.get(key) or []
     if not isinstance(value, list):
         raise GraphError(400, "ErrorInvalidRecipients", f"'{key}' must be a collection.")
     result: list[str] = []
     for entry in value:
-        email_address = entry.get("emailAddress") if isinstance(entry, dict) else None
-        address = email_address.get("address") if isinstance(email_address, dict) else None
+        email_address = entry.get("emailAddress") if isinstance(entry, Mapping) else None
+        address = email_address.get("address") if isinstance(email_address, Mapping) else None
         if not isinstance(address, str) or "@" not in address:
             raise GraphError(
                 400,
@@ -417,12 +393,12 @@ def _recipients(raw: dict[str, Any], key: str) -> list[str]:
                 f"At least one recipient is not valid., Recipient '{address}' is not resolved. "
                 "All recipients must be resolved before a message can be submitted.",
             )
-        name = email_address.get("name") if isinstance(email_address, dict) else None
+        name = email_address.get("name") if isinstance(email_address, Mapping) else None
         result.append(_format_address(address, name if isinstance(name, str) else None))
     return result
 
 
-def message_from_json(raw: dict[str, Any], *, mailbox: Mailbox) -> EmailMessage:
+def message_from_json(raw: Mapping[str, Any], *, mailbox: Mailbox) -> EmailMessage:
     """A Graph ``message`` resource as an RFC 5322 message (Bcc kept as a header for now)."""
     message = EmailMessage()
     sender = raw.get("from")
@@ -440,7 +416,7 @@ def message_from_json(raw: dict[str, Any], *, mailbox: Mailbox) -> EmailMessage:
             message[header] = ", ".join(entries)
     message["Subject"] = str(raw.get("subject") or "")
     for header in raw.get("internetMessageHeaders") or []:
-        name = str(header.get("name", "")) if isinstance(header, dict) else ""
+        name = str(header.get("name", "")) if isinstance(header, Mapping) else ""
         if not name.lower().startswith("x-"):
             raise GraphError(
                 400,
@@ -449,8 +425,8 @@ def message_from_json(raw: dict[str, Any], *, mailbox: Mailbox) -> EmailMessage:
             )
         message[name] = str(header.get("value", ""))
     body = raw.get("body") or {}
-    content = str(body.get("content", "")) if isinstance(body, dict) else ""
-    kind = str(body.get("contentType", "text")).lower() if isinstance(body, dict) else "text"
+    content = str(body.get("content", "")) if isinstance(body, Mapping) else ""
+    kind = str(body.get("contentType", "text")).lower() if isinstance(body, Mapping) else "text"
     message.set_content(content, subtype="html" if kind == "html" else "plain")
     for attachment in raw.get("attachments") or []:
         add_file_attachment(message, attachment)
@@ -459,9 +435,8 @@ def message_from_json(raw: dict[str, Any], *, mailbox: Mailbox) -> EmailMessage:
 
 def add_file_attachment(message: EmailMessage, attachment: object) -> None:
     """Add one ``#microsoft.graph.fileAttachment`` (``contentBytes`` base64) to ``message``."""
-    if not isinstance(attachment, dict) or attachment.get("@odata.type") not in (
-        "#microsoft.graph.fileAttachment",
-        "microsoft.graph.fileAttachment",
+    if not isinstance(attachment, Mapping) or not same_name(
+        attachment.get("@odata.type"), "#microsoft.graph.fileAttachment", "microsoft.graph.fileAttachment"
     ):
         raise GraphError(
             400, "ErrorInvalidRequest", "Only #microsoft.graph.fileAttachment is supported here."

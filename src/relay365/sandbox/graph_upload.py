@@ -21,6 +21,7 @@ from __future__ import annotations
 import hmac
 import re
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import EmailMessage
@@ -30,16 +31,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from relay365.sandbox.graph import (
-    Caller,
-    GraphError,
-    add_file_attachment,
-    attach_bytes,
-    message_from_json,
-    parse_json,
-    parse_mime,
-    read_limited,
-)
+from relay365.sandbox.graph import Caller, add_file_attachment, attach_bytes, message_from_json
+from relay365.sandbox.graph_wire import GraphError, parse_json, parse_mime, read_limited, same_name
 
 if TYPE_CHECKING:
     from relay365.sandbox.graph import GraphEndpoint
@@ -137,7 +130,7 @@ class Drafts:
             if not isinstance(people, list):
                 raise GraphError(400, "ErrorInvalidRequest", f"'{key}' must be a collection.")
             addresses = [
-                str(p.get("emailAddress", {}).get("address", "")) for p in people if isinstance(p, dict)
+                str(p.get("emailAddress", {}).get("address", "")) for p in people if isinstance(p, Mapping)
             ]
             del draft.message[header]
             if any(addresses):
@@ -204,7 +197,7 @@ class Drafts:
     async def _create_session(self, request: Request, caller: Caller, body: bytes) -> Response:
         draft = self._draft(request, caller)
         item = parse_json(body).get("AttachmentItem")
-        if not isinstance(item, dict) or item.get("attachmentType", "file") != "file":
+        if not isinstance(item, Mapping) or not same_name(item.get("attachmentType", "file"), "file"):
             raise GraphError(
                 400, "ErrorInvalidRequest", "AttachmentItem with attachmentType 'file' is required."
             )

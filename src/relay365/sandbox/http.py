@@ -3,7 +3,9 @@
 ``create_app(ctx)`` returns one Starlette app; the runner serves it with uvicorn over TLS. Routes:
 
 - identity (``login.microsoftonline.com`` role): see :mod:`relay365.sandbox.identity`
-- Graph (``graph.microsoft.com`` role): see :mod:`relay365.sandbox.graph`
+- Graph (``graph.microsoft.com`` role): see :mod:`relay365.sandbox.graph`; every response carries
+  Graph's ``request-id``, ``client-request-id``, ``Date`` and ``x-ms-ags-diagnostic``
+  (:mod:`relay365.sandbox.graph_wire`), every other response ``Date`` (the sandbox clock)
 - admin API (sandbox only, no authentication; loopback only)::
 
     GET    /_sandbox/messages?mailbox=&folder=   stored messages (metadata)
@@ -41,7 +43,14 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from relay365.sandbox.faults import Fault, FaultError
-from relay365.sandbox.graph import GraphEndpoint, graph_error
+from relay365.sandbox.graph import GraphEndpoint
+from relay365.sandbox.graph_wire import (
+    graph_error,
+    graph_headers,
+    request_ids,
+    start_request,
+    with_response_headers,
+)
 from relay365.sandbox.identity import DeviceCodeRefused, IdentityEndpoint, parse_form
 from relay365.sandbox.store import MessageNotFound
 from relay365.sandbox.tokens import OAuthError, error_response
@@ -70,10 +79,16 @@ class SandboxApp(Starlette):
         self.ctx = ctx
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        endpoint = _fault_endpoint(scope) if scope["type"] == "http" else None
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        endpoint = _fault_endpoint(scope)
+        # Every response carries Date; Graph's also its request ids and diagnostic (graph_wire).
+        ids = start_request(scope) if endpoint == "graph" else None
+        answer = with_response_headers(send, graph_headers(ids, self.ctx.clock.now()))
         fault = self.ctx.faults.take(endpoint, "request") if endpoint else None
         if endpoint is None or fault is None:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, answer)
             return
         logger.info("fault on %s %s: %s", endpoint, scope.get("path"), fault.action)
         if fault.action == "drop":
@@ -83,18 +98,22 @@ class SandboxApp(Starlette):
             await asyncio.sleep(fault.stall_seconds)
         if fault.reply:
             await _drain(receive)
-            response = self._fault_response(endpoint, fault)
-            await response(scope, receive, send)
+            response = self._fault_response(endpoint, fault, scope)
+            await response(scope, receive, answer)
             return
-        await super().__call__(scope, receive, send)
+        await super().__call__(scope, receive, answer)
 
-    def _fault_response(self, endpoint: str, fault: Fault) -> Response:
+    def _fault_response(self, endpoint: str, fault: Fault, scope: Scope) -> Response:
         status = int((fault.reply or "503").split()[0])
         self.ctx.store.count_rejection(endpoint, f"{status} fault")
         headers = dict(fault.headers)
         if endpoint == "graph":
             response: Response = graph_error(
-                status, _graph_code(status), "The service is temporarily unavailable (fault)."
+                status,
+                _graph_code(status),
+                "The service is temporarily unavailable (fault).",
+                ids=request_ids(scope),
+                now=self.ctx.clock.now(),
             )
         else:
             err = OAuthError(

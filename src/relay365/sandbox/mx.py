@@ -13,7 +13,9 @@ Anonymous SMTP for Direct Send and connector relay (``docs/exchange-online.md``)
 - ``RejectDirectSend``: an accepted-domain MAIL FROM without a matching connector gets
   ``550 5.7.68 TenantInboundAttribution; Direct Send not allowed for this organization from
   unauthorized sources``;
-- STARTTLS is optional and asks for (but does not require) a client certificate;
+- STARTTLS is optional and asks for (but does not require) a client certificate; a certificate whose
+  chain does not end at a trusted CA does not break the handshake (:mod:`.mx_tls`): it simply
+  attributes nothing, so relaying is refused with 5.7.64 as Exchange Online does;
 - messages up to `max_receive_message_size` (36 MB by default: Exchange Online receives 36 MB, sends 35 MB).
 """
 
@@ -22,11 +24,11 @@ from __future__ import annotations
 import ipaddress
 import logging
 import secrets
-import ssl
 from typing import Any, ClassVar
 
 from relay365.sandbox.context import SandboxContext
-from relay365.sandbox.smtp_common import ExchangeSMTP, SmtpEndpoint, peer_certificate_names, server_name
+from relay365.sandbox.mx_tls import ClientCertificate, LenientClientCertContext, LenientSSLObject
+from relay365.sandbox.smtp_common import ExchangeSMTP, SmtpEndpoint, server_name
 from relay365.sandbox.tenant import InboundConnector
 
 logger = logging.getLogger(__name__)
@@ -57,7 +59,12 @@ class MxSMTP(ExchangeSMTP):
     endpoint: ClassVar[str] = "mx"
 
     def __init__(
-        self, *, ctx: SandboxContext, endpoint: SmtpEndpoint, host_name: str, tls_context: ssl.SSLContext
+        self,
+        *,
+        ctx: SandboxContext,
+        endpoint: SmtpEndpoint,
+        host_name: str,
+        tls_context: LenientClientCertContext,
     ) -> None:
         super().__init__(ctx=ctx, host_name=host_name, tls_context=tls_context, on_close=endpoint.forget)
 
@@ -77,8 +84,17 @@ class MxSMTP(ExchangeSMTP):
 
     # -- attribution --------------------------------------------------------------------------
 
+    def client_certificate(self) -> ClientCertificate | None:
+        """The certificate the client presented after STARTTLS, with its chain's verdict."""
+        if not self.tls_active or self.transport is None:
+            return None
+        tls = self.transport.get_extra_info("ssl_object")
+        return tls.client_certificate() if isinstance(tls, LenientSSLObject) else None
+
     def certificate_names(self) -> list[str]:
-        return peer_certificate_names(self.peer_cert())
+        """Names of a *trusted* client certificate: only those can attribute the session."""
+        cert = self.client_certificate()
+        return list(cert.names) if cert is not None and cert.trusted else []
 
     def matching_connector(self) -> InboundConnector | None:
         """The first enabled connector that identifies this peer (certificate first, then IP)."""
@@ -105,7 +121,8 @@ class MxSMTP(ExchangeSMTP):
     def _wanted_connector(self, mail_from: str) -> bool:
         """Did this session try to be attributed to the tenant (so a failed match is 5.7.64)?"""
         tenant = self.ctx.tenant
-        if any(tenant.owns_name(name) for name in self.certificate_names()):
+        cert = self.client_certificate()  # trusted or not: it shows the sender meant a connector
+        if cert is not None and any(tenant.owns_name(name) for name in cert.names):
             return True
         has_connectors = any(c.enabled for c in tenant.connectors)
         return has_connectors and tenant.is_accepted_domain(_domain(mail_from))

@@ -160,6 +160,7 @@ class Sandbox:
             log_level="warning",
             lifespan="off",
             timeout_graceful_shutdown=2,
+            date_header=False,  # the app sends Date itself, from the sandbox clock
         )
         config.load()
         config.ssl = ctx.tls.server_context()  # TLS 1.2 minimum, as Microsoft's endpoints
@@ -177,6 +178,13 @@ class Sandbox:
         """Stop every endpoint (idempotent)."""
         if self._http_task is not None:
             self._http_server.should_exit = True
+            # Clients that keep a TLS connection alive (aiohttp, httpx pools) would hold uvicorn's
+            # graceful shutdown until its timeout and leave the sockets to the garbage collector:
+            # the sandbox is going away, so its connections end now.
+            for connection in list(getattr(self._http_server.server_state, "connections", ())):
+                transport = getattr(connection, "transport", None)
+                if isinstance(transport, asyncio.WriteTransport):
+                    transport.abort()
             try:
                 await asyncio.wait_for(self._http_task, timeout=_START_TIMEOUT)
             except (TimeoutError, asyncio.CancelledError, SystemExit):

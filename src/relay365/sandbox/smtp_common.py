@@ -1,6 +1,7 @@
 """What both sandbox SMTP endpoints share: Exchange Online's session texts, faults, TLS, lifecycle.
 
-Built on aiosmtpd 1.4.6's ``SMTP`` protocol, one instance per connection, served by
+Built on aiosmtpd 1.4.6's ``SMTP`` protocol (through ``relay365.ingress.compat``, which holds every use
+of its internals), one instance per connection, served by
 ``loop.create_server`` on the caller's event loop. Texts follow Exchange Online transcripts:
 banner ``220 <host> Microsoft ESMTP MAIL Service ready at <RFC 5322 date>``, ``EHLO`` answered with
 ``250-<host> Hello [<ip>]``, ``STARTTLS`` answered with ``220 2.0.0 SMTP server ready``,
@@ -15,14 +16,15 @@ import logging
 import re
 import secrets
 import ssl
-from asyncio import sslproto
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
-from aiosmtpd.smtp import SMTP, TLSSetupException, syntax
+from aiosmtpd.smtp import TLSSetupException, syntax
 
+from relay365.ingress.compat import CompatSMTP
 from relay365.sandbox.context import SandboxContext
+from relay365.sandbox.mx_tls import LenientClientCertContext
 
 logger = logging.getLogger(__name__)
 
@@ -74,19 +76,7 @@ def _strip_params(arg: str, names: tuple[str, ...]) -> str:
     return " ".join(kept)
 
 
-def peer_certificate_names(peercert: dict[str, Any] | None) -> list[str]:
-    """The DNS names (SAN first, then subject CN) of a verified peer certificate."""
-    if not peercert:
-        return []
-    names = [value.lower() for kind, value in peercert.get("subjectAltName", ()) if kind == "DNS"]
-    for rdn in peercert.get("subject", ()):
-        for key, value in rdn:
-            if key == "commonName":
-                names.append(str(value).lower())
-    return names
-
-
-class ExchangeSMTP(SMTP):
+class ExchangeSMTP(CompatSMTP):
     """One SMTP session of a sandbox endpoint (aiosmtpd protocol with Exchange Online texts)."""
 
     endpoint: ClassVar[str] = ""
@@ -95,7 +85,8 @@ class ExchangeSMTP(SMTP):
     line_length_limit = AUTH_LINE_LIMIT
     command_size_limit = AUTH_LINE_LIMIT  # before EHLO (then per-command limits apply)
 
-    def __init__(self, *, ctx: SandboxContext, host_name: str, tls_context: ssl.SSLContext | None,
+    def __init__(self, *, ctx: SandboxContext, host_name: str,
+                 tls_context: ssl.SSLContext | LenientClientCertContext | None,
                  on_close: Callable[[ExchangeSMTP], None]) -> None:  # fmt: skip
         self.ctx = ctx
         self._on_close = on_close
@@ -107,7 +98,8 @@ class ExchangeSMTP(SMTP):
             self,
             hostname=host_name,
             ident=self.make_ident(),
-            tls_context=tls_context,
+            # The MX endpoint's LenientClientCertContext is duck-typed for asyncio's sslproto (mx_tls).
+            tls_context=cast(ssl.SSLContext | None, tls_context),
             data_size_limit=None,
             enable_SMTPUTF8=True,
             decode_data=False,
@@ -133,16 +125,6 @@ class ExchangeSMTP(SMTP):
     def peer_ip(self) -> str:
         peer = self.session.peer if self.session is not None else None
         return str(peer[0]) if isinstance(peer, tuple) and peer else ""
-
-    @property
-    def tls_active(self) -> bool:
-        return self._tls_protocol is not None
-
-    def peer_cert(self) -> dict[str, Any] | None:
-        if not self.tls_active or self.transport is None:
-            return None
-        cert = self.transport.get_extra_info("peercert")
-        return cert if isinstance(cert, dict) else None
 
     def diag(self) -> str:
         """The ``[host timestamp id]`` trailer Exchange puts on authentication replies."""
@@ -171,7 +153,7 @@ class ExchangeSMTP(SMTP):
         await self.push(self.reject(reply))
 
     def abort_connection(self) -> None:
-        raw = self._original_transport or self.transport
+        raw = self.raw_transport
         if isinstance(raw, asyncio.WriteTransport):
             raw.abort()
 
@@ -191,14 +173,14 @@ class ExchangeSMTP(SMTP):
 
     # -- lifecycle ----------------------------------------------------------------------------
 
-    async def _handle_client(self) -> None:
+    async def before_greeting(self) -> bool:
         reply = await self.fault("connect")
         if reply is not None:
             await self.send_reply(reply)
             if self.transport is not None:
                 self.transport.close()
-            return
-        await super()._handle_client()
+            return False
+        return True
 
     def connection_lost(self, error: Exception | None) -> None:
         self._on_close(self)
@@ -278,7 +260,7 @@ class ExchangeSMTP(SMTP):
             await self.push("501 5.5.4 Invalid arguments")
             return
         size, last = int(parts[0]), len(parts) == 2
-        chunk = await self._reader.readexactly(size)  # read even when refusing (RFC 3030 section 4)
+        chunk = await self.reader.readexactly(size)  # read even when refusing (RFC 3030 section 4)
         envelope = self.envelope
         if await self.check_helo_needed() or envelope is None:
             return
@@ -301,16 +283,15 @@ class ExchangeSMTP(SMTP):
         self._bdat.clear()
         self._bdat_started, self._bdat_failed = False, None
         if failed is not None:
-            self._set_post_data_state()
+            self.reset_after_data()
             await self.send_reply(failed)
             return
         envelope.content = envelope.original_content = content
-        status = await self._call_handler_hook("DATA")
-        self._set_post_data_state()
+        status = await self.call_handler_hook("DATA")
+        self.reset_after_data()
         await self.push(status)
 
-    def _set_post_data_state(self) -> None:
-        super()._set_post_data_state()  # type: ignore[no-untyped-call]
+    def transaction_reset(self) -> None:
         self._bdat = bytearray()
         self._bdat_started = False
         self._bdat_failed = None
@@ -329,22 +310,11 @@ class ExchangeSMTP(SMTP):
             await self.send_reply(reply)
             return
         await self.push("220 2.0.0 SMTP server ready")
-        # From aiosmtpd 1.4.6 SMTP.smtp_STARTTLS: layer TLS over the connection.
-        waiter = self.loop.create_future()
-        self._tls_protocol = sslproto.SSLProtocol(self.loop, self, self.tls_context, waiter, server_side=True)
-        original = self.transport
-        assert original is not None
-        self._original_transport = original
-        original.set_protocol(self._tls_protocol)
-        self.transport = self._tls_protocol._app_transport
-        self._tls_protocol.connection_made(original)
         try:
-            await waiter
-        except asyncio.CancelledError:
-            raise
-        except Exception as error:
+            await self.start_tls()
+        except TLSSetupException:
             self.ctx.store.count_rejection(self.endpoint, "tls handshake")
-            raise TLSSetupException() from error
+            raise
 
 
 class SmtpEndpoint:
@@ -378,7 +348,7 @@ class SmtpEndpoint:
         tasks = []
         for session in list(self.sessions):
             session.abort_connection()
-            task = session._handler_coroutine
+            task = session.session_task
             if task is not None:
                 task.cancel()
                 tasks.append(task)

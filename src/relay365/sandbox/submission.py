@@ -112,10 +112,10 @@ class SubmissionSMTP(ExchangeSMTP):
                  host_name: str, tls_context: ssl.SSLContext) -> None:  # fmt: skip
         self.throttle = throttle
         self.login: SmtpLogin | None = None
-        super().__init__(ctx=ctx, host_name=host_name, tls_context=tls_context, on_close=self._closed)
+        super().__init__(ctx=ctx, host_name=host_name, tls_context=tls_context, on_close=self._session_closed)
         self._endpoint = endpoint
 
-    def _closed(self, session: ExchangeSMTP) -> None:
+    def _session_closed(self, session: ExchangeSMTP) -> None:
         if self.login is not None:
             self.throttle.release_slot(self.login.mailbox.address, id(self))
         self._endpoint.forget(self)
@@ -315,7 +315,7 @@ class SubmissionSMTP(ExchangeSMTP):
 
 def submission_endpoint(ctx: SandboxContext) -> SmtpEndpoint:
     """The submission endpoint (not yet listening; call ``start``)."""
-    throttle = SubmissionThrottle(limits=lambda: ctx.tenant.limits, clock=ctx.clock)
+    throttle = ctx.sending
     host_name = server_name("outlook.office365.com")
     tls_context = ctx.tls.server_context()
 

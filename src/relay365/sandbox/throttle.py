@@ -1,4 +1,4 @@
-"""SMTP AUTH submission limits per mailbox, on the sandbox clock.
+"""A mailbox's sending limits, on the sandbox clock: SMTP AUTH submission and Graph share them.
 
 Source: "Message storage and concurrent connection throttling for SMTP Authenticated Submission"
 (learn.microsoft.com/exchange/troubleshoot/send-emails/smtp-submission-improvements):

@@ -21,7 +21,7 @@ from relay365.credentials import hash_password
 from relay365.diagnostics import advisor
 from relay365.diagnostics.advisor import Option
 from relay365.errors import ConfigError, InstallError, Relay365Error
-from relay365.examples import example_config_text
+from relay365.setup.example import example_config_text
 from relay365.setup.files import write_file
 from relay365.setup.init import (
     DEFAULT_SECRET_ENV,

@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +42,32 @@ class RcptState(enum.StrEnum):
 
 
 FINAL_STATES = frozenset({RcptState.DELIVERED, RcptState.BOUNCED})
+
+
+class QueueState(enum.StrEnum):
+    """What ``relay365 queue list --state`` selects: a message with a recipient in that state, or
+    (``held``) a message on hold."""
+
+    QUEUED = "queued"
+    DEFERRED = "deferred"
+    DELIVERED = "delivered"
+    BOUNCED = "bounced"
+    HELD = "held"
+
+
+@dataclass(frozen=True, slots=True)
+class QueueFilter:
+    """Which messages ``Spool.query`` selects; every condition given must hold. ``sender`` and
+    ``recipient`` are an address, ``@domain`` or a pattern with ``*`` (case-insensitive); ``<>``
+    is the null sender. ``state`` and ``recipient`` apply to the same recipient."""
+
+    state: QueueState | None = None
+    device: str | None = None
+    sender: str | None = None
+    recipient: str | None = None
+
+    def is_empty(self) -> bool:
+        return self == QueueFilter()
 
 
 def new_queue_id() -> str:
@@ -78,6 +104,36 @@ class QueueEntry:
     held: bool
     body_path: Path
     recipients: tuple[Recipient, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class QueuePage:
+    """The first entries that match a filter (oldest first) and how many match in all."""
+
+    entries: list[QueueEntry]
+    total: int
+
+
+def entry_dict(e: QueueEntry) -> dict[str, Any]:
+    """A queue entry as JSON-ready data (``relay365 queue list --json`` and ``/api/queue``)."""
+    return {
+        "queue_id": e.queue_id,
+        "from": e.envelope.mail_from,
+        "device": e.envelope.device,
+        "size": e.size,
+        "received_at": e.received_at,
+        "held": e.held,
+        "recipients": [
+            {
+                "rcpt": r.rcpt,
+                "state": r.state.value,
+                "attempts": r.attempts,
+                "next_attempt": r.next_attempt,
+                "last_reply": r.last_reply,
+            }
+            for r in e.recipients
+        ],
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +176,14 @@ class Spool(Protocol):
 
     async def close(self) -> None: ...
 
-    def incoming(self) -> IncomingMessage: ...
+    def incoming(self) -> IncomingMessage:
+        """A new message; raises ``SpoolFullError`` when free space is below the reserve."""
+        ...
+
+    def check_room(self, size: int = 0) -> None:
+        """Raise ``SpoolFullError`` if storing ``size`` more bytes would cut into the free-space
+        reserve kept for the queue's own bookkeeping (delivery outcomes, DSNs)."""
+        ...
 
     async def stats(self) -> QueueStats: ...
 
@@ -143,7 +206,14 @@ class Spool(Protocol):
 
     async def get(self, queue_id: str) -> QueueEntry: ...
 
-    async def list(self) -> list[QueueEntry]: ...
+    async def query(self, where: QueueFilter, *, limit: int | None) -> QueuePage:
+        """The oldest ``limit`` (None: all) entries matching ``where``, and how many match."""
+        ...
+
+    async def retry_matching(self, where: QueueFilter, now: float) -> int:
+        """Make every open recipient of the matching messages due at ``now``; return how many
+        messages matched."""
+        ...
 
     async def hold(self, queue_id: str, held: bool) -> None: ...
 

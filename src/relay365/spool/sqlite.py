@@ -7,6 +7,11 @@ Durability (RFC 5321 section 6.1: once 250 is sent, the relay owns the message):
 3. only then does ingress answer ``250 2.0.0 Ok: queued as <id>``.
 The row is the commit point: a body file without a row is a crash leftover and is removed when the
 server starts (``open(recover=True)``). A queue entry is therefore complete or absent.
+
+Free-space reserve (Postfix's ``queue_minfree``): incoming messages may not bring the file system's
+free space below ``min_free`` bytes (``SpoolFullError``, ingress answers ``452 4.3.1``), so the
+queue's own bookkeeping (delivery outcomes, DSNs, which do not check the reserve) can still be
+written when devices have filled the disk.
 """
 
 from __future__ import annotations
@@ -25,12 +30,15 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from relay365.errors import QueueEntryNotFound, SpoolError, SpoolFullError, SpoolIOError
+from relay365.spool.filters import make_due, select_page
 from relay365.spool.model import (
     FINAL_STATES,
     Bounce,
     Envelope,
     PaceEvent,
     QueueEntry,
+    QueueFilter,
+    QueuePage,
     QueueStats,
     RcptState,
     Recipient,
@@ -103,8 +111,9 @@ class SqliteIncoming:
 
     SPILL = 128 * 1024
 
-    def __init__(self, spool: SqliteSpool) -> None:
+    def __init__(self, spool: SqliteSpool, *, keep_reserve: bool = True) -> None:
         self._spool = spool
+        self._keep_reserve = keep_reserve
         self.queue_id = new_queue_id()
         self.path = spool.messages_dir / self.queue_id
         self.size = 0
@@ -133,6 +142,8 @@ class SqliteIncoming:
         with self._lock:
             if self._closed:
                 raise SpoolIOError(f"message {self.queue_id} was aborted")
+            if self._keep_reserve:
+                self._spool.check_room(sum(len(p) for p in parts))
             try:
                 if self._fd is None:
                     self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -186,8 +197,9 @@ class SqliteIncoming:
 class SqliteSpool:
     """The default spool. All SQLite work runs on one dedicated thread, serialised."""
 
-    def __init__(self, directory: Path, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, directory: Path, *, clock: Callable[[], float] = time.time, min_free: int = 0) -> None:
         self.directory = directory
+        self.min_free = min_free
         self.messages_dir = directory / "messages"
         self.db_path = directory / "queue.db"
         self._clock = clock
@@ -263,7 +275,23 @@ class SqliteSpool:
         self._io.shutdown(wait=True)
 
     # -- receiving -------------------------------------------------------------------------------
+    def check_room(self, size: int = 0) -> None:
+        """``SpoolFullError`` if ``size`` more bytes would leave less than ``min_free`` free."""
+        if self.min_free <= 0 and size <= 0:
+            return
+        try:
+            st = os.statvfs(self.directory)
+        except OSError as e:
+            raise spool_error(e) from e
+        free = st.f_bavail * st.f_frsize
+        if free - size < self.min_free:
+            raise SpoolFullError(
+                f"spool full: {free // 1024} KiB free, {size // 1024} KiB more would cut into the"
+                f" {self.min_free // 1024} KiB reserved for the queue's bookkeeping"
+            )
+
     def incoming(self) -> SqliteIncoming:
+        self.check_room()
         return SqliteIncoming(self)
 
     async def enqueue(self, envelope: Envelope, body: bytes) -> str:
@@ -339,14 +367,18 @@ class SqliteSpool:
         row = conn.execute("SELECT * FROM messages WHERE queue_id=?", (queue_id,)).fetchone()
         if row is None:
             raise QueueEntryNotFound(queue_id)
-        rcpts = tuple(
+        rcpts = [
             Recipient(r[0], RcptState(r[1]), r[2], r[3], r[4])
             for r in conn.execute(
                 "SELECT rcpt, state, attempts, next_attempt, last_reply FROM recipients"
                 " WHERE queue_id=? ORDER BY pos",
                 (queue_id,),
             )
-        )
+        ]
+        return self._make_entry(row, rcpts)
+
+    def _make_entry(self, row: Sequence[Any], recipients: Sequence[Recipient]) -> QueueEntry:
+        rcpts = tuple(recipients)
         env = Envelope(
             mail_from=row[1],
             rcpt_tos=tuple(r.rcpt for r in rcpts),
@@ -392,7 +424,7 @@ class SqliteSpool:
     ) -> None:
         dsn: SqliteIncoming | None = None
         if bounce is not None:
-            dsn = self.incoming()
+            dsn = SqliteIncoming(self, keep_reserve=False)  # bookkeeping: may use the reserve
             dsn.write(bounce.body)
             await self.run_io(dsn._sync)
 
@@ -470,12 +502,23 @@ class SqliteSpool:
 
         return await self._db(query)
 
-    async def list(self) -> list[QueueEntry]:
-        def query(conn: sqlite3.Connection) -> list[QueueEntry]:
-            ids = [r[0] for r in conn.execute("SELECT queue_id FROM messages ORDER BY queue_id")]
-            return [self._entry(conn, i) for i in ids]
+    async def query(self, where: QueueFilter, *, limit: int | None) -> QueuePage:
+        """Filtered and counted in SQL (filters.py): a count and two queries for the page, whatever
+        the size of the queue."""
 
-        return await self._db(query)
+        def read(conn: sqlite3.Connection) -> QueuePage:
+            total, rows, rcpts = select_page(conn, where, limit)
+            return QueuePage([self._make_entry(row, rcpts.get(row[0], [])) for row in rows], total)
+
+        return await self._db(read)
+
+    async def list(self) -> list[QueueEntry]:
+        """Every entry (tests, small queues); admin tools use ``query`` with a limit."""
+        return (await self.query(QueueFilter(), limit=None)).entries
+
+    async def retry_matching(self, where: QueueFilter, now: float) -> int:
+        (self.directory / "flush").touch()  # also tells a running server to retry held-back upstreams
+        return await self._db(lambda conn: make_due(conn, where, now))
 
     async def _change(self, sql: str, params: tuple[Any, ...], queue_id: str) -> None:
         def write(conn: sqlite3.Connection) -> None:

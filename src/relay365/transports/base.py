@@ -10,9 +10,13 @@ in the transport, and nowhere else.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
+
+from relay365.errors import SpoolIOError
+from relay365.settings import TransportSettings
 
 
 class Outcome(enum.StrEnum):
@@ -33,7 +37,14 @@ class OutboundMessage:
     smtputf8: bool = False
 
     def read_body(self) -> bytes:
-        return self.body_path.read_bytes()
+        """The spooled bytes. A file that cannot be read is the spool's fault, not the upstream's:
+        ``SpoolIOError``, which the scheduler records as this attempt's failure."""
+        try:
+            return self.body_path.read_bytes()
+        except OSError as e:
+            raise SpoolIOError(
+                f"cannot read message file {self.body_path.name}: {type(e).__name__}: {e.strerror}"
+            ) from e
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,3 +85,18 @@ class PacedTransport(Transport, Protocol):
 
     pacing_key: str
     pacing: PaceLimits
+
+
+RecipientRule = Callable[[str], bool]
+
+
+@dataclass(frozen=True, slots=True)
+class TransportKind:
+    """What a transport module tells the rest of the relay about its type."""
+
+    type: str
+    factory: Callable[[TransportSettings, str], Transport]  # (settings, helo name) -> transport
+    # RFC 5321 4.5.5: can mail from the null sender <> go through it as it is? (README, "The null sender")
+    carries_null_sender: bool
+    # The recipients this type can reach at all (Direct Send: the tenant's accepted domains); None: any.
+    recipient_rule: Callable[[TransportSettings], RecipientRule | None] = lambda settings: None

@@ -6,7 +6,7 @@ External recipients are allowed.
 from __future__ import annotations
 
 from relay365.settings import TransportSettings
-from relay365.transports.base import OutboundMessage, RecipientResult
+from relay365.transports.base import OutboundMessage, RecipientResult, TransportKind
 from relay365.transports.mx import MxDelivery
 
 
@@ -22,3 +22,11 @@ class ConnectorTransport:
 
     async def close(self) -> None:
         await self._mx.close()
+
+
+# The tenant's MX endpoint accepts <> like any MX; a connector may relay to any recipient.
+KIND = TransportKind(
+    type="connector",
+    factory=lambda settings, helo: ConnectorTransport(settings, helo_name=helo),
+    carries_null_sender=True,
+)

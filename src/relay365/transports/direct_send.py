@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from relay365.settings import TransportSettings
-from relay365.transports.base import OutboundMessage, RecipientResult
+from relay365.transports.base import OutboundMessage, RecipientResult, TransportKind
 from relay365.transports.mx import MxDelivery
 
 
@@ -33,3 +33,12 @@ class DirectSendTransport:
 
     async def close(self) -> None:
         await self._mx.close()
+
+
+# The tenant's MX endpoint accepts <> like any MX; only the tenant's own domains are reachable.
+KIND = TransportKind(
+    type="direct_send",
+    factory=lambda settings, helo: DirectSendTransport(settings, helo_name=helo),
+    carries_null_sender=True,
+    recipient_rule=lambda settings: domain_rule(settings.m365.accepted_domains),
+)

@@ -24,12 +24,12 @@ from typing import Any
 
 import httpx
 
-from relay365.errors import TokenError, TransientDeliveryError
-from relay365.oauth import GRAPH_SCOPE, TokenSource
+from relay365.errors import ConnectionLostError, TokenError, TransientDeliveryError, UpstreamUnreachableError
+from relay365.oauth import GRAPH_SCOPE, TokenSource, token_source
 from relay365.settings import TransportSettings
-from relay365.transports.base import OutboundMessage, Outcome, PaceLimits, RecipientResult
+from relay365.transports.base import OutboundMessage, Outcome, PaceLimits, RecipientResult, TransportKind
 from relay365.transports.graph_large import send_json, send_via_draft
-from relay365.transports.submission import token_source
+from relay365.transports.replies import is_transient_graph
 
 log = logging.getLogger(__name__)
 # Graph's request limit is 4 MB; base64 grows the message by a third, so MIME sendMail takes
@@ -69,14 +69,9 @@ def graph_error(response: httpx.Response) -> GraphError:
 
 
 def classify(e: GraphError) -> Outcome:
-    """The one transient/permanent decision for Graph answers."""
-    if e.status in (401, 408, 429) or e.status >= 500:
-        return Outcome.TRANSIENT
-    if e.status == 403 and e.code != "ErrorSendAsDenied":
-        return Outcome.TRANSIENT  # permission/scope: the admin's to fix; mail waits (reliability.md)
-    if e.status == 404 and e.code in ("ErrorInvalidUser", "ResourceNotFound"):
-        return Outcome.TRANSIENT  # the configured mailbox is wrong: a configuration problem
-    return Outcome.PERMANENT
+    """The one transient/permanent decision for Graph answers: the reply catalogue's (permission,
+    scope and a wrong mailbox are the admin's to fix, so mail waits; reliability.md)."""
+    return Outcome.TRANSIENT if is_transient_graph(e.status, e.code, e.message) else Outcome.PERMANENT
 
 
 def envelope_recipients(body: bytes, rcpts: tuple[str, ...]) -> tuple[list[str], list[str], list[str], bool]:
@@ -142,10 +137,14 @@ class GraphTransport:
         async with self._slots:
             try:
                 response = await self._client.request(method, url, headers=headers, **kwargs)
-            except httpx.HTTPError as e:
-                raise TransientDeliveryError(
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.ProxyError) as e:
+                # RFC 3463 X.4.1: no connection at all; every request would fail the same way.
+                raise UpstreamUnreachableError(
                     f"451 4.4.1 Graph {method} failed: {type(e).__name__}: {e}"
                 ) from e
+            except httpx.HTTPError as e:
+                # X.4.2: the connection broke during this request (read error, timeout, reset).
+                raise ConnectionLostError(f"451 4.4.2 Graph {method} failed: {type(e).__name__}: {e}") from e
         if response.status_code >= 400:
             error = graph_error(response)
             if error.status == 401:
@@ -190,3 +189,11 @@ class GraphTransport:
     async def close(self) -> None:
         await self._client.aclose()
         self._tokens.close()
+
+
+# Graph sendMail has no envelope sender: the mailbox in the URL sends (and would get the bounces).
+KIND = TransportKind(
+    type="graph",
+    factory=lambda settings, helo: GraphTransport(settings, helo_name=helo),
+    carries_null_sender=False,
+)

@@ -16,28 +16,13 @@ import dns.exception
 import dns.resolver
 
 from relay365.errors import PermanentDeliveryError, TransientDeliveryError
+from relay365.netdns import make_async_resolver
 from relay365.settings import TransportSettings
 from relay365.transports.base import OutboundMessage, Outcome, RecipientResult
 from relay365.transports.smtp_client import SessionPool, send_over
 
 log = logging.getLogger(__name__)
-
-
-def make_resolver(nameservers: tuple[str, ...]) -> dns.asyncresolver.Resolver:
-    if not nameservers:
-        return dns.asyncresolver.Resolver()
-    r = dns.asyncresolver.Resolver(configure=False)
-    ips, ports = [], set()
-    for ns in nameservers:
-        ip, _, port = ns.rpartition(":") if ns.count(":") == 1 else (ns, "", "")
-        ips.append(ip or ns)
-        if port:
-            ports.add(int(port))
-    r.nameservers = ips
-    if ports:
-        r.port = ports.pop()
-    r.lifetime = 10.0
-    return r
+MX_LOOKUP_TIMEOUT = 10.0  # seconds for one MX lookup before the mail is deferred (4.4.3)
 
 
 async def mx_host(resolver: dns.asyncresolver.Resolver, domain: str) -> str:
@@ -46,6 +31,8 @@ async def mx_host(resolver: dns.asyncresolver.Resolver, domain: str) -> str:
         answer = await resolver.resolve(domain, "MX")
     except dns.resolver.NXDOMAIN:
         raise PermanentDeliveryError(f"550 5.1.2 Domain {domain} does not exist (DNS NXDOMAIN)") from None
+    except dns.exception.SyntaxError as e:  # e.g. an internationalized label too long once encoded
+        raise PermanentDeliveryError(f"553 5.1.2 Domain {domain} is not a valid DNS name: {e}") from None
     except (dns.resolver.NoAnswer, dns.resolver.NoNameservers, dns.exception.Timeout) as e:
         raise TransientDeliveryError(f"451 4.4.3 MX lookup for {domain} failed: {type(e).__name__}") from e
     records = sorted(answer, key=lambda r: r.preference)
@@ -67,7 +54,7 @@ class MxDelivery:
         self._helo = settings.helo_name or helo_name
         self._require_tls = require_tls
         self._allowed = allowed
-        self._resolver = make_resolver(settings.m365.nameservers)
+        self._resolver = make_async_resolver(settings.m365.nameservers, timeout=MX_LOOKUP_TIMEOUT)
         self._pools: dict[str, SessionPool] = {}
 
     def _pool(self, host: str) -> SessionPool:

@@ -12,7 +12,7 @@ import aiosmtplib
 from relay365.credentials import load_secret
 from relay365.errors import ConfigError, TransientDeliveryError
 from relay365.settings import TransportSettings
-from relay365.transports.base import OutboundMessage, RecipientResult
+from relay365.transports.base import OutboundMessage, RecipientResult, TransportKind
 from relay365.transports.smtp_client import SessionPool, send_over
 
 log = logging.getLogger(__name__)
@@ -68,3 +68,11 @@ class SmartHostTransport:
 
     async def close(self) -> None:
         await self._pool.close()
+
+
+# Any SMTP server accepts the null sender (RFC 5321 4.5.5).
+KIND = TransportKind(
+    type="smarthost",
+    factory=lambda settings, helo: SmartHostTransport(settings, helo_name=helo),
+    carries_null_sender=True,
+)

@@ -8,16 +8,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import aiosmtplib
 from aiosmtplib import SMTPResponse
 
-from relay365.errors import PermanentDeliveryError, TransientDeliveryError
+from relay365.errors import (
+    ConnectionLostError,
+    PermanentDeliveryError,
+    TransientDeliveryError,
+    UpstreamUnreachableError,
+)
 from relay365.transports.base import OutboundMessage, Outcome, RecipientResult
+from relay365.transports.replies import is_transient_reply
 
 log = logging.getLogger(__name__)
 IDLE_REUSE_SECONDS = 10.0  # Postfix smtp_connection_cache_time_limit is 2 s; Exchange idles out later
@@ -25,8 +33,6 @@ IDLE_REUSE_SECONDS = 10.0  # Postfix smtp_connection_cache_time_limit is 2 s; Ex
 
 def classify(code: int, text: str) -> Outcome:
     """The one transient/permanent decision for SMTP replies (RFC 5321 4.2.1: 4yz transient)."""
-    from relay365.transports.replies import is_transient_reply
-
     if 200 <= code < 300:
         return Outcome.DELIVERED
     return Outcome.TRANSIENT if is_transient_reply(code, text) else Outcome.PERMANENT
@@ -110,16 +116,21 @@ async def send_over(pool: SessionPool, message: OutboundMessage, *, upstream: st
     slot, or failing to connect, never holds the message in memory.
     """
     body: bytes | None = None
-    options = ["SMTPUTF8"] if message.smtputf8 else []
+    whole = message
     for attempt in (1, 2):
-        data_started = False
+        data_started = connected = False
         try:
             async with pool.session() as (smtp, reused):
+                connected = True
+                message, refused = await _smtputf8_plan(smtp, whole, upstream)
+                if not message.rcpt_tos:
+                    return refused
+                options = ["SMTPUTF8"] if message.smtputf8 else []
                 try:
                     errors = await _envelope(smtp, message, options)
                     if len(errors) == len(message.rcpt_tos):
                         await _rset(smtp)
-                        return _results(message.rcpt_tos, errors, "")
+                        return _results(message.rcpt_tos, errors, "") + refused
                     if body is None:
                         body = await asyncio.to_thread(message.read_body)
                     data_started = True
@@ -134,7 +145,7 @@ async def send_over(pool: SessionPool, message: OutboundMessage, *, upstream: st
                         )
                         continue
                     raise
-            return _results(message.rcpt_tos, errors, reply_text(response.code, response.message))
+            return _results(message.rcpt_tos, errors, reply_text(response.code, response.message)) + refused
         except aiosmtplib.SMTPAuthenticationError as e:
             # A credential or token problem is the admin's to fix; mail waits (reliability.md).
             log.critical("ALERT %s: authentication refused: %s", upstream, reply_text(e.code, e.message))
@@ -143,12 +154,14 @@ async def send_over(pool: SessionPool, message: OutboundMessage, *, upstream: st
             # A 5xx greeting says nothing about this message: the server will not talk to us now.
             # Postfix skips such a server (smtp_skip_5xx_greeting = yes; bouncing "appears to
             # contradict RFC 2821"), so the mail waits instead of the whole queue bouncing.
-            raise TransientDeliveryError(
+            raise UpstreamUnreachableError(
                 f"451 4.4.1 {upstream} greeted with {reply_text(e.code, e.message)}"
             ) from e
         except aiosmtplib.SMTPResponseException as e:  # EHLO or STARTTLS refused
             raise_for_reply(e.code, e.message)
         except (aiosmtplib.SMTPException, OSError, TimeoutError, ssl.SSLError) as e:
+            if not connected:  # RFC 3463 X.4.1: no answer from host
+                raise UpstreamUnreachableError(f"451 4.4.1 {upstream}: {type(e).__name__}: {e}") from e
             if data_started:
                 log.warning(
                     "%s: %s lost after DATA began; the upstream may have it already, a retry"
@@ -156,8 +169,41 @@ async def send_over(pool: SessionPool, message: OutboundMessage, *, upstream: st
                     message.queue_id,
                     upstream,
                 )
-            raise TransientDeliveryError(f"451 4.4.1 {upstream}: {type(e).__name__}: {e}") from e
-    raise TransientDeliveryError(f"451 4.4.1 {upstream}: connection closed")
+            # RFC 3463 X.4.2: bad connection (established, then lost before the transaction ended)
+            raise ConnectionLostError(f"451 4.4.2 {upstream}: {type(e).__name__}: {e}") from e
+    raise ConnectionLostError(f"451 4.4.2 {upstream}: connection closed")
+
+
+async def _smtputf8_plan(
+    smtp: aiosmtplib.SMTP, message: OutboundMessage, upstream: str
+) -> tuple[OutboundMessage, list[RecipientResult]]:
+    """RFC 6531 3.4: a message with a non-ASCII address (or sent with SMTPUTF8) goes with SMTPUTF8
+    when the upstream offers it. When it does not, what needs it is refused here, for good (5.6.7,
+    one DSN; never an attempt that fails every cool-down): all of it if the sender or the header
+    section is non-ASCII, else the non-ASCII recipients, the others going without SMTPUTF8 (like
+    Postfix, which bounces only mail whose envelope or headers need it). Returns what to send and
+    the recipients refused."""
+    addresses = (message.mail_from, *message.rcpt_tos)
+    utf8 = message.smtputf8 or not all(a.isascii() for a in addresses)
+    if utf8 and smtp.is_ehlo_or_helo_needed:
+        await smtp.ehlo()  # the extensions are known from EHLO on
+    if not utf8 or smtp.supports_extension("smtputf8"):
+        return dataclasses.replace(message, smtputf8=utf8), []
+    reply = f"553 5.6.7 {upstream} does not offer SMTPUTF8, which this message needs (RFC 6531)"
+    if message.mail_from.isascii() and await asyncio.to_thread(_head_is_ascii, message.body_path):
+        refuse = [r for r in message.rcpt_tos if not r.isascii()]
+    else:
+        refuse = list(message.rcpt_tos)
+    rest = tuple(r for r in message.rcpt_tos if r not in refuse)
+    results = [RecipientResult(r, Outcome.PERMANENT, reply) for r in refuse]
+    return dataclasses.replace(message, rcpt_tos=rest, smtputf8=False), results
+
+
+def _head_is_ascii(path: Path) -> bool:
+    with path.open("rb") as f:
+        head = f.read(1 << 20)  # more than any header section the ingress accepts
+    end = head.find(b"\r\n\r\n")
+    return (head if end < 0 else head[:end]).isascii()
 
 
 async def _envelope(

@@ -14,33 +14,12 @@ import aiosmtplib
 
 from relay365.credentials import load_secret
 from relay365.errors import ConfigError, TokenError, TransientDeliveryError
-from relay365.oauth import DELEGATED_SMTP_SCOPES, SMTP_SCOPE, OAuthSettings, TokenSource
+from relay365.oauth import SMTP_SCOPE, TokenSource, token_source
 from relay365.settings import TransportSettings
-from relay365.transports.base import OutboundMessage, PaceLimits, RecipientResult
+from relay365.transports.base import OutboundMessage, PaceLimits, RecipientResult, TransportKind
 from relay365.transports.smtp_client import SessionPool, send_over
 
 log = logging.getLogger(__name__)
-
-
-def token_source(settings: TransportSettings, *, scope: str) -> TokenSource:
-    m = settings.m365
-    if not (m.tenant and m.client_id):
-        raise ConfigError(f"transport {settings.name}.client_id", m.client_id, "OAuth needs it.")
-    cert_pem = m.certificate_file.read_text(encoding="utf-8") if m.certificate_file else None
-    delegated = not (m.client_secret or cert_pem)
-    oauth = OAuthSettings(
-        tenant=m.tenant,
-        client_id=m.client_id,
-        authority_host=m.authority,
-        client_secret=load_secret(m.client_secret) if m.client_secret else None,
-        certificate_pem=cert_pem,
-        certificate_thumbprint=m.certificate_thumbprint,
-        token_cache=m.token_cache,
-        username=m.delegated_user or m.mailbox,
-        ca_file=m.authority_ca_file,
-    )
-    scopes = DELEGATED_SMTP_SCOPES if delegated and scope == SMTP_SCOPE else (scope,)
-    return TokenSource(oauth, scopes=scopes)
 
 
 class SubmissionTransport:
@@ -131,3 +110,12 @@ class SubmissionTransport:
         await self._pool.close()
         if self._tokens is not None:
             self._tokens.close()
+
+
+# SMTP AUTH sends as its mailbox: Exchange refuses any other sender, <> included, with 5.7.60 (a login
+# may send only as itself or a mailbox it has Send As on; README, "The null sender").
+KIND = TransportKind(
+    type="submission",
+    factory=lambda settings, helo: SubmissionTransport(settings, helo_name=helo),
+    carries_null_sender=False,
+)

@@ -20,12 +20,11 @@ import aiosmtplib
 import httpx
 import jwt
 
-from relay365.diagnostics.catalogue import summary
 from relay365.diagnostics.checks.result import CheckResult, failed, passed, warned
 from relay365.errors import Relay365Error
-from relay365.oauth import GRAPH_SCOPE, SMTP_SCOPE
+from relay365.oauth import GRAPH_SCOPE, SMTP_SCOPE, token_source
+from relay365.replies import summary
 from relay365.settings import TransportSettings
-from relay365.transports.submission import token_source
 
 log = logging.getLogger(__name__)
 
@@ -177,3 +176,82 @@ async def check_graph(transport: TransportSettings, token: str, *, timeout_s: fl
         return passed(name, f"{status}: allowed")
     detail = f"{status} {code}: {message}".strip()
     return failed(name, detail, _GRAPH_FIX.get(status, "See Graph's error code and message"))
+
+
+async def check_send_as_smtp(
+    transport: TransportSettings, token: str, addresses: tuple[str, ...], *, timeout_s: float
+) -> list[CheckResult]:
+    """``MAIL FROM:<address>`` after ``AUTH XOAUTH2``, then ``RSET``: Exchange Online answers
+    ``550 5.7.60`` at MAIL FROM when the mailbox has no Send As on the address. Nothing is sent."""
+    results: list[CheckResult] = []
+    smtp = aiosmtplib.SMTP(
+        hostname=transport.host,
+        port=transport.port,
+        use_tls=transport.tls == "implicit",
+        start_tls=transport.tls != "implicit",
+        tls_context=_tls_context(transport),
+        timeout=timeout_s,
+    )
+    mailbox = transport.m365.mailbox or ""
+    try:
+        await smtp.connect()
+        await smtp.auth_xoauth2(mailbox, token)
+        for address in addresses:
+            name = f"Send As {address} ({mailbox})"
+            reply = await smtp.execute_command(b"MAIL", f"FROM:<{address}>".encode())
+            line = f"{reply.code} {reply.message}"
+            if reply.code == 250:
+                results.append(passed(name, f"MAIL FROM accepted ({line}); nothing sent"))
+            else:
+                results.append(failed(name, line, summary(line)))
+            await smtp.rset()
+    except (aiosmtplib.SMTPException, OSError, ssl.SSLError) as exc:
+        results.append(
+            warned(
+                f"Send As ({mailbox})", f"could not probe: {type(exc).__name__}: {exc}", "See the AUTH row"
+            )
+        )
+    finally:
+        if smtp.is_connected:
+            try:
+                await smtp.quit()
+            except (aiosmtplib.SMTPException, OSError):
+                smtp.close()
+    return results
+
+
+async def check_send_as_graph(
+    transport: TransportSettings, token: str, addresses: tuple[str, ...], *, timeout_s: float
+) -> list[CheckResult]:
+    """sendMail as ``address`` with no recipients: ``403 ErrorSendAsDenied`` means the mailbox has no
+    Send As on it; the refusal of the recipient-less message means Graph let the sender pass.
+    Nothing is sent either way."""
+    mailbox = transport.m365.mailbox or ""
+    url = f"{transport.m365.graph_url}/users/{mailbox}/sendMail"
+    private = transport.ca_file is not None or not transport.verify
+    verify: ssl.SSLContext | bool = _tls_context(transport) if private else True
+    results = []
+    async with httpx.AsyncClient(verify=verify, timeout=timeout_s, trust_env=not private) as client:
+        for address in addresses:
+            name = f"Send As {address} ({mailbox}, Graph)"
+            body = {
+                "message": {
+                    "subject": "relay365 doctor Send As probe",
+                    "from": {"emailAddress": {"address": address}},
+                },
+                "saveToSentItems": False,
+            }
+            try:
+                response = await client.post(url, json=body, headers={"Authorization": f"Bearer {token}"})
+            except httpx.HTTPError as exc:
+                results.append(warned(name, f"could not probe: {type(exc).__name__}", "See the Graph rows"))
+                continue
+            code, message = _graph_error(response)
+            line = f"{response.status_code} {code}: {message}".strip()
+            if response.status_code == 403 and code == "ErrorSendAsDenied":
+                results.append(failed(name, line, summary(line)))
+            elif response.status_code == 400:
+                results.append(passed(name, f"Graph let the sender pass ({code}); nothing sent"))
+            else:
+                results.append(warned(name, line, "See Graph's error code and message"))
+    return results

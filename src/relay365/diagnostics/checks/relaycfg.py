@@ -16,9 +16,9 @@ from pathlib import Path
 
 from cryptography import x509
 
-from relay365.diagnostics.catalogue import summary
 from relay365.diagnostics.checks.result import CheckResult, failed, passed, warned
 from relay365.errors import ConfigError, Relay365Error
+from relay365.replies import summary
 from relay365.settings import ListenerSettings, Settings, load_settings
 from relay365.spool.model import QueueEntry, RcptState
 from relay365.spool.sqlite import SqliteSpool

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import ssl
 
-from relay365.diagnostics.catalogue import classify
 from relay365.diagnostics.checks.result import CheckResult, failed, passed, warned
 from relay365.diagnostics.checks.smtpwire import SmtpDialogError, SmtpProbe
 from relay365.diagnostics.checks.tls import reading_context
+from relay365.replies import classify
 
 _ERRORS = (OSError, TimeoutError, ssl.SSLError, SmtpDialogError)
 

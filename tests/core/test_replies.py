@@ -1,4 +1,4 @@
-"""The reply-code catalogue against real reply strings seen from Exchange Online."""
+"""The reply-code catalogue (relay365.replies, a data file in the core) against real reply strings."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from relay365.diagnostics.catalogue import Category, classify, entries, is_transient, parse_reply, summary
+from relay365.replies import Category, classify, entries, is_transient, parse_reply, summary
 
 DOCS = Path("/work/shared/docs/exchange-online.md")
 
@@ -216,13 +216,19 @@ def test_unknown_returns_none() -> None:
 
 def test_entries_are_well_formed() -> None:
     seen = entries()
-    assert len(seen) >= 60
+    assert len(seen) >= 130
     for e in seen:
         assert e.source.startswith("https://"), e.code
         assert e.meaning and e.fix and e.text
+        if e.protocol == "graph":
+            assert re.fullmatch(r"[A-Z][A-Za-z0-9]+", e.code), e.code
+            assert 400 <= e.reply_code < 600 and e.transient is e.retryable
+            continue
         assert re.fullmatch(r"\d\.\d{1,3}\.\d{1,3}(-\d{1,3})?|\d{3}", e.code), e.code
         # A 4xx entry never claims to be permanent, a flagged 5xx is transient.
         assert e.transient is (e.reply_code // 100 == 4 or e.retryable)
+        # The enhanced code's class agrees with the basic code's (RFC 3463 section 2).
+        assert "." not in e.code or e.code[0] == str(e.reply_code)[0], e.code
 
 
 def test_text_variants_and_hints() -> None:
@@ -249,3 +255,184 @@ def test_summary_for_logs_and_dsns() -> None:
     assert (
         summary("connection reset") == "not in relay365's catalogue (transient, retried by its reply class)"
     )
+
+
+# --- The most specific part of the text decides (issue 13 item 5) ---------------------------------
+SCANNER_ERRORS = [
+    # (reply, entry code, category, transient, a word the meaning must contain)
+    (
+        "554 5.2.0 STOREDRV.Submission.Exception:SendAsDeniedException.MapiExceptionSendAsDenied; Failed "
+        "to process message due to a permanent exception with message Cannot submit message.",
+        "5.2.0",
+        Category.SENDER,
+        False,
+        "Send As",
+    ),
+    (
+        "554 5.2.252 SendAsDenied; scanner@contoso.com not allowed to send as copier@contoso.com; "
+        "STOREDRV.Submission.Exception:SendAsDeniedException.MapiExceptionSendAsDenied",
+        "5.2.0",
+        Category.SENDER,
+        False,
+        "Send As",
+    ),
+    (
+        "4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded",
+        "4.3.2",
+        Category.THROTTLING,
+        True,
+        "sending mailbox",
+    ),
+    (
+        "432 4.3.2 STOREDRV.Deliver; recipient thread limit exceeded",
+        "4.3.2",
+        Category.THROTTLING,
+        True,
+        "recipient mailbox",
+    ),
+    (
+        "554 5.2.2 mailbox full; STOREDRV.Submission.Exception:QuotaExceededException."
+        "MapiExceptionShutoffQuotaExceeded",
+        "5.2.2",
+        Category.THROTTLING,
+        True,
+        "sending mailbox is full",
+    ),
+    (
+        "554 5.2.0 STOREDRV.Deliver.Exception:QuotaExceededException.MapiExceptionShutoffQuotaExceeded",
+        "5.2.0",
+        Category.RECIPIENT,
+        False,
+        "recipient's mailbox is full",
+    ),
+    (
+        "550 5.2.252 Sender throttled due to continuous send as denied errors.",
+        "5.2.252",
+        Category.SENDER,
+        False,
+        "Send",
+    ),
+    (
+        "550 5.2.253 Sender throttled due to continuous invalid license errors.",
+        "5.2.253",
+        Category.AUTH,
+        True,
+        "licence",
+    ),
+]
+
+
+@pytest.mark.parametrize(("reply", "code", "category", "transient", "word"), SCANNER_ERRORS)
+def test_specific_text_wins_over_the_code(
+    reply: str, code: str, category: Category, transient: bool, word: str
+) -> None:
+    entry = classify(reply)
+    assert entry is not None and entry.code == code and entry.category is category, entry
+    assert word in entry.meaning
+    assert is_transient(reply) is transient
+
+
+def test_send_as_denied_is_never_a_full_mailbox() -> None:
+    """The regression of issue 13: SendAsDenied under 5.2.0 was explained as a full recipient mailbox."""
+    for reply in (SCANNER_ERRORS[0][0], SCANNER_ERRORS[1][0]):
+        entry = classify(reply)
+        assert entry is not None
+        assert "full" not in entry.meaning and "Add-RecipientPermission" in entry.fix
+    # A store exception relay365 does not know by name keeps the generic store-driver meaning.
+    generic = classify("554 5.2.0 STOREDRV.Deliver.Exception:StoragePermanentException; Failed")
+    assert generic is not None and "exception name" in generic.meaning
+
+
+def test_longest_marker_wins() -> None:
+    # "SubmissionQuotaExceededException" contains "QuotaExceededException": the longer marker decides.
+    quota = classify("554 5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException")
+    assert quota is not None and quota.retryable and quota.category is Category.THROTTLING
+
+
+GRAPH_REPLIES = [
+    ("403 ErrorSendAsDenied: The user account which was used to submit this request ...", False),
+    ("403 ErrorAccessDenied: Access is denied. Check credentials and try again.", True),
+    ("401 InvalidAuthenticationToken: Access token is empty.", True),
+    ("404 ErrorInvalidUser: The requested user 'x@contoso.com' is invalid.", True),
+    ("404 MailboxNotEnabledForRESTAPI: The mailbox is either inactive, soft-deleted, or ...", True),
+    ("429 ApplicationThrottled: Application is over its MailboxConcurrency limit.", True),
+    ("400 ErrorInvalidRecipients: At least one recipient is not valid.", False),
+    ("400 ErrorMimeContentInvalidBase64String: Invalid base64 string for MIME content.", False),
+    ("503 ServiceNotAvailable: The service is temporarily unavailable.", True),
+    ("500 SomethingNew: not catalogued, a 5xx", True),
+    ("418 SomethingNew: not catalogued, a 4xx", False),
+]
+
+
+@pytest.mark.parametrize(("reply", "transient"), GRAPH_REPLIES)
+def test_graph_errors(reply: str, transient: bool) -> None:
+    parsed = parse_reply(reply)
+    assert parsed.http_status == int(reply[:3]) and parsed.enhanced is None
+    assert is_transient(reply) is transient
+    entry = classify(reply)
+    if "SomethingNew" in reply:
+        assert entry is None
+    else:
+        assert entry is not None and entry.protocol == "graph" and entry.code == parsed.graph_code
+
+
+def test_graph_transport_uses_the_catalogue() -> None:
+    """The Graph transport's retry decision is the catalogue's, for every Graph entry."""
+    from relay365.transports.base import Outcome
+    from relay365.transports.graph import GraphError
+    from relay365.transports.graph import classify as graph_classify
+
+    for entry in entries():
+        if entry.protocol != "graph":
+            continue
+        outcome = graph_classify(GraphError(entry.reply_code, entry.code, entry.text, None))
+        assert (outcome is Outcome.TRANSIENT) is entry.transient, entry.code
+
+
+def test_data_file_errors_name_the_entry_and_key() -> None:
+    from relay365.errors import ConfigError
+    from relay365.replies.catalogue import load_entries
+
+    good = (
+        '[[reply]]\ncode = "5.7.60"\nreply = 550\ncategory = "sender"\ntext = "t"\nmeaning = "m"\n'
+        'fix = "f"\nsource = "https://example.org/x"\n'
+    )
+    assert load_entries(good)[0].code == "5.7.60"
+    bad = {
+        good.replace('category = "sender"', 'category = "nope"'): "reply[0].category",
+        good.replace('source = "https://example.org/x"', 'source = "http://x"'): "reply[0].source",
+        good.replace('code = "5.7.60"', 'code = "5.7"'): "reply[0].code",
+        good + "colour = 1\n": "reply[0].colour",
+        good.replace('source = "https://example.org/x"\n', ""): "reply[0].source",
+        good.replace("reply = 550", 'reply = "550"'): "reply[0].reply",
+    }
+    for text, key in bad.items():
+        with pytest.raises(ConfigError) as info:
+            load_entries(text)
+        assert key in info.value.key
+
+
+def test_core_never_imports_the_tools() -> None:
+    """Issue 9 item 4: no module outside diagnostics, sandbox and the CLI imports relay365.diagnostics
+    (function-local imports included); delivery's retry decision does not depend on a tool."""
+    import ast
+
+    import relay365
+
+    root = Path(relay365.__file__).parent
+    # and the CLI's modules: cli.py, cli_*.py; setup/ (relay365 init, a tool that runs the advisor)
+    allowed = ("diagnostics", "sandbox", "cli", "setup")
+    offenders = []
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root)
+        if rel.parts[0] in allowed or (len(rel.parts) == 1 and rel.name.startswith("cli")):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            offenders += [f"{rel}: {n}" for n in names if n.startswith("relay365.diagnostics")]
+    assert offenders == []
+    assert (root / "app.py").exists() and (root / "transports" / "replies.py").exists()  # it looked

@@ -6,9 +6,13 @@ queue gauges are read from the spool when ``/metrics`` is scraped.
 
 from __future__ import annotations
 
+import re
+
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from relay365.spool.model import QueueStats
+
+_REPLY = re.compile(r"^([45]\d\d)(?:[ -]([245]\.\d{1,3}\.\d{1,3})\b)?")
 
 
 class Metrics:
@@ -22,8 +26,8 @@ class Metrics:
         )
         self.refused = Counter(
             "relay365_smtp_refusals",
-            "4xx and 5xx replies sent to devices, by reply code",
-            ["code"],
+            "4xx and 5xx replies sent to devices, by reply code and enhanced status code",
+            ["code", "status"],
             registry=r,
         )
         self.results = Counter(
@@ -49,11 +53,18 @@ class Metrics:
             ["transport"],
             registry=r,
         )
+        self.delivery_stopped = Gauge(
+            "relay365_delivery_stopped",
+            "1 while all delivery is stopped because the spool cannot record delivery outcomes",
+            registry=r,
+        )
 
     def refusal(self, reply: str) -> None:
-        code = reply[:3]
-        if code.isdigit() and code[0] in "45":
-            self.refused.labels(code).inc()
+        """Count a 4xx/5xx reply by code and RFC 3463 status (``5.7.1`` and ``5.7.60`` are different
+        problems); ``status`` is ``""`` for a reply without one."""
+        m = _REPLY.match(reply)
+        if m:
+            self.refused.labels(m.group(1), m.group(2) or "").inc()
 
     def set_queue(self, stats: QueueStats, now: float) -> None:
         for state, count in stats.recipients.items():

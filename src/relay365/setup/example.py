@@ -9,7 +9,7 @@ EXAMPLE_NAME = "relay365.example.toml"
 
 
 def example_config() -> Traversable:
-    return files(__name__) / EXAMPLE_NAME
+    return files("relay365") / EXAMPLE_NAME
 
 
 def example_config_text() -> str:

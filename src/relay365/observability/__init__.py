@@ -1,0 +1,1 @@
+"""What the relay tells its operators: metrics, and (later) the tracking log and logging setup."""
