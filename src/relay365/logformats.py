@@ -36,12 +36,15 @@ _PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), 
 
 # Structured fields of the relay's Postfix-style lines ("queued 0195A... from=<a@b> peer=10.0.0.5
 # device=mfp ..."): read from the message, or given as ``extra={"peer": ...}`` to a log call.
-FIELDS = ("queue_id", "peer", "device", "listener", "from", "to", "via", "outcome", "nrcpt", "size", "user")
+FIELDS = (
+    "queue_id", "peer", "device", "listener", "from", "to", "via", "outcome", "nrcpt", "size", "user",
+    "command", "reply",
+)  # fmt: skip
 _INT_FIELDS = frozenset({"nrcpt", "size"})
 # A queue id: 11 hex digits of milliseconds and 8 random ones (relay365.spool.model.new_queue_id).
 _QUEUE_ID = re.compile(r"\b[0-9A-F]{19}\b")
 _PAIR = re.compile(
-    r"(?<![\w.-])(peer|device|listener|from|to|via|outcome|nrcpt|size|user)="
+    r"(?<![\w.-])(peer|device|listener|from|to|via|outcome|nrcpt|size|user|command|reply)="
     r"(<[^>]*>|'[^']*'|\"[^\"]*\"|[^\s,;]+)"
 )
 

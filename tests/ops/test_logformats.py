@@ -105,6 +105,7 @@ def test_json_lines_carry_the_event_fields_redacted() -> None:
     assert (delivered["queue_id"], delivered["to"], delivered["via"], delivered["outcome"]) == (
         "0195A2B3C4D5E6F708A", "bob@contoso.com", "m365", "delivered",
     )  # fmt: skip
+    assert delivered["reply"] == "250 2.6.0 Queued"
     assert refused["peer"] == "10.0.0.9" and refused["user"] == "secret=***"
     assert failed["level"] == "ERROR" and failed["message"] == "token endpoint failed for ***"
     assert "RuntimeError: Bearer ***" in failed["exc"]

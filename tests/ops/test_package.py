@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -31,16 +32,19 @@ SHIPPED = (
 )
 
 
-def run(*args: str | Path, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    # config check reads the secrets the example names (the same preflight as serve)
-    env |= {
-        "COLUMNS": "200",
-        "PIP_DISABLE_PIP_VERSION_CHECK": "1",
-        "RELAY365_SMARTHOST_PASSWORD": "Sm-pw-2290-Qa",
-    }
+def run(
+    *args: str | Path, cwd: Path, timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    clean |= {"COLUMNS": "200", "PIP_DISABLE_PIP_VERSION_CHECK": "1", **(env or {})}
     r = subprocess.run(
-        [str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
+        [str(a) for a in args],
+        cwd=cwd,
+        env=clean,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
     assert r.returncode == 0, f"{args}: {r.returncode}\n{r.stdout}\n{r.stderr}"
     return r
@@ -93,10 +97,15 @@ def test_wheel_installs_and_runs_in_a_fresh_venv(tmp_path: Path) -> None:
         cwd=tmp_path,
     ).stdout.strip()  # fmt: skip
     assert Path(shipped).is_relative_to(venv)
-    assert run(cli, "config", "check", shipped, cwd=tmp_path).stdout.startswith("ok ")
+    # The admin's first step: the example copied out, its secrets set, then checked (where config check
+    # runs serve's preflight it needs every *_env set and token cache folders present).
     copy = tmp_path / "relay365.toml"
     run(cli, "config", "example", "--output", copy, cwd=tmp_path)
     assert copy.read_text() == Path(shipped).read_text()
+    (tmp_path / "var").mkdir()
+    secrets = {name: "Example-s3cret-0001" for name in re.findall(r'_env\s*=\s*"(\w+)"', copy.read_text())}
+    checked = run(cli, "config", "check", copy, cwd=tmp_path, env=secrets)
+    assert checked.stdout.startswith("ok "), checked.stdout
 
     demo_message(cli, tmp_path / "demo")
 
