@@ -215,7 +215,13 @@ def test_config_example_prints_and_writes_the_shipped_file(tmp_path: Path) -> No
     out = tmp_path / "relay365.toml"
     r = run_cli("config", "example", "--output", str(out))
     assert r.returncode == 0, r.stderr
-    checked(out)
+    # As an admin would: the secrets it names set, the folders its token caches go into made.
+    (tmp_path / "var").mkdir()
+    secrets = {
+        name: "Example-s3cret-0001" for name in re.findall(r'_env\s*=\s*"(\w+)"', r.stdout + out.read_text())
+    }
+    check = run_cli("config", "check", str(out), env=secrets)
+    assert check.returncode == 0 and check.stdout.startswith("ok "), check.stderr
     out.write_text("# edited\n")
     r = run_cli("config", "example", "--output", str(out))
     assert r.returncode == 2 and out.read_text() == "# edited\n"
