@@ -99,8 +99,8 @@ def test_wheel_installs_and_runs_in_a_fresh_venv(tmp_path: Path) -> None:
         cwd=tmp_path,
     ).stdout.strip()  # fmt: skip
     assert Path(shipped).is_relative_to(venv)
-    # The admin's first step: the example copied out, its secrets set, then checked (config check runs
-    # serve's preflight: every *_env set, token cache folders present).
+    # The admin's first step: the example copied out, its secrets set, then checked (where config check
+    # runs serve's preflight it needs every *_env set and token cache folders present).
     copy = tmp_path / "relay365.toml"
     run(cli, "config", "example", "--output", copy, cwd=tmp_path)
     assert copy.read_text() == Path(shipped).read_text()
