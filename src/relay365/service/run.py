@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from relay365.app import Relay, make_redactor, serve
 from relay365.errors import ConfigError, Relay365Error
@@ -23,7 +24,7 @@ log = logging.getLogger("relay365.serve")
 def report_error(message: str, log_format: LogFormat) -> None:
     """One error line on stderr, formatted like the log (also before logging is set up)."""
     if resolve_format(log_format, stream=sys.stderr) == "text":
-        Console(stderr=True).print(f"[red]error:[/red] {message}", highlight=False)
+        Console(stderr=True).print(f"[red]error:[/red] {escape(message)}", highlight=False)
         return
     record = logging.LogRecord(log.name, logging.ERROR, __file__, 0, "error: %s", (message,), None)
     formatter = make_formatter(log_format, stream=sys.stderr, redact=str)
