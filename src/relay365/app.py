@@ -33,6 +33,7 @@ from relay365.observability.tracking import MemoryTrackingLog, TrackingLog
 from relay365.observability.tracking_sqlite import SqliteTrackingLog
 from relay365.preflight import PreflightReport, preflight
 from relay365.replies import classify
+from relay365.service.notify import Notifier
 from relay365.settings import ListenerSettings, Settings
 from relay365.spool.contract import Spool
 from relay365.spool.factory import make_spool
@@ -238,6 +239,15 @@ class Relay:
     def clock(self) -> float:
         return self._clock()
 
+    def healthy(self) -> bool:
+        """False once the delivery scheduler has stopped by itself (the systemd watchdog then restarts)."""
+        return self._scheduler_task is not None and not self._scheduler_task.done()
+
+    def describe_listeners(self) -> str:
+        return ", ".join(
+            f"{x.name} {x.address}:{self.ports.get(x.name, x.port)}" for x in self.settings.listeners
+        )
+
     async def stop(self, *, grace: float = 30.0) -> None:
         """Stop accepting, tell open sessions 421 4.3.2 (a message in DATA finishes first, within
         ``grace``), let commits finish, then stop delivery and close the spool."""
@@ -271,20 +281,48 @@ async def serve(
     *,
     ready: Callable[[Relay], None] = lambda relay: None,
     mailboxes: SandboxMailboxes | None = None,
+    notifier: Notifier | None = None,
+) -> None:
+    """Run until SIGTERM/SIGINT. Under systemd (``NOTIFY_SOCKET``): READY=1 once the spool is recovered
+    and every listener accepts connections, watchdog pings, STOPPING=1 at shutdown."""
+    notify = Notifier.from_environ() if notifier is None else notifier
+    try:
+        await _serve(settings, ready, notify, mailboxes)
+    finally:
+        notify.close()
+
+
+async def _serve(
+    settings: Settings,
+    ready: Callable[[Relay], None],
+    notify: Notifier,
+    mailboxes: SandboxMailboxes | None,
 ) -> None:
     relay = Relay(settings, mailboxes=mailboxes)
-    await relay.start()
+    await notify.status("Starting: recovering the spool, opening the listeners")
+    try:
+        await relay.start()
+    except Exception as e:
+        await notify.status(f"Failed to start: {make_redactor(settings).redact(str(e))}")
+        raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     ready(relay)
+    await notify.ready(f"Accepting mail on {relay.describe_listeners()}")
+    watchdog = asyncio.create_task(notify.watchdog(healthy=relay.healthy), name="watchdog")
     try:
         await stop.wait()
         log.info("shutting down: no new connections, finishing in-flight messages")
+        await notify.stopping("Stopping: no new connections, finishing in-flight messages")
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        # systemd stops watching after STOPPING=1. The relay stops last: once its spool is closed the loop
+        # must not run again, or a device session still open would reach the closed spool.
+        watchdog.cancel()
+        await asyncio.gather(watchdog, return_exceptions=True)
         await relay.stop(grace=settings.server.shutdown_grace)
 
 

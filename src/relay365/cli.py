@@ -17,8 +17,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from relay365.app import Relay
+from relay365 import __version__
 from relay365.errors import ConfigError, QueueEntryNotFound, Relay365Error
+from relay365.logformats import LOG_FORMATS
 from relay365.settings import Settings, load_settings
 from relay365.spool.contract import QueueAdmin
 from relay365.spool.factory import locate, open_spool, spool_exists
@@ -29,7 +30,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-config_app = typer.Typer(help="Check the configuration file.", no_args_is_help=True)
+config_app = typer.Typer(help="Check the config file; print the documented example.", no_args_is_help=True)
 device_app = typer.Typer(help="Device credentials.", no_args_is_help=True)
 route_app = typer.Typer(help="Explain routing decisions.", no_args_is_help=True)
 queue_app = typer.Typer(
@@ -45,6 +46,21 @@ T = TypeVar("T")
 
 DEFAULT_CONFIG = Path("relay365.toml")
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="relay365.toml")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"relay365 {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    pass
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -126,6 +142,9 @@ def serve(
     sandbox_http_port: Annotated[
         int, typer.Option(help="demo: the sandbox's HTTPS port, token endpoint and Graph (0: any)")
     ] = 0,
+    log_format: Annotated[
+        str | None, typer.Option(help="auto | text | journal | json (default: [server] log_format)")
+    ] = None,
 ) -> None:
     """Run the relay until SIGTERM/SIGINT. With no relay365.toml: the relay in front of the built-in
     Exchange Online sandbox (a working demo on 127.0.0.1:2525; --port and --sandbox-*-port pin the
@@ -133,6 +152,8 @@ def serve(
     from relay365.credentials import Redactor
     from relay365.logsetup import configure_logging
 
+    if log_format is not None and log_format not in LOG_FORMATS:
+        raise _fail(f"--log-format {log_format!r}: one of {', '.join(LOG_FORMATS)}")
     demo_ports = (port, sandbox_submission_port, sandbox_mx_port, sandbox_http_port)
     for value in demo_ports:
         if not 0 <= value <= 65535:
@@ -140,7 +161,7 @@ def serve(
     if config is None and not DEFAULT_CONFIG.exists():
         from relay365.demo import SandboxPorts, run_demo
 
-        configure_logging("INFO", Redactor())
+        configure_logging("INFO", Redactor(), log_format or "auto")
         err.print("No relay365.toml here: starting the demo (relay365 + local Exchange Online sandbox).")
         ports = SandboxPorts(submission=sandbox_submission_port, mx=sandbox_mx_port, http=sandbox_http_port)
         try:
@@ -153,24 +174,11 @@ def serve(
             "--port and --sandbox-*-port are for the demo (no relay365.toml); with a config, "
             "set each [[listener]] port in the file"
         )
-    from relay365.app import make_redactor
-    from relay365.app import serve as run
+    from relay365.service.run import serve_config
 
-    settings = _settings(config or DEFAULT_CONFIG)
-    configure_logging(settings.server.log_level, make_redactor(settings))
-
-    def ready(relay: Relay) -> None:
-        for listener in settings.listeners:
-            err.print(
-                f"relay365 listening: {listener.name} on {listener.address}:{relay.ports.get(listener.name)}"
-                f" (tls={listener.tls})",
-                highlight=False,
-            )
-
-    try:
-        asyncio.run(run(settings, ready=ready))
-    except Relay365Error as e:
-        raise _fail(str(e)) from None
+    code = serve_config(config or DEFAULT_CONFIG, log_format=log_format)
+    if code:
+        raise typer.Exit(code)
 
 
 @route_app.command("test")
@@ -446,10 +454,14 @@ def _register_subcommands() -> None:
     from relay365.console_cli import register as register_console
     from relay365.diagnostics.cli import register
     from relay365.sandbox.cli import app as sandbox_app
+    from relay365.service.cli import register as register_service
+    from relay365.setup.cli import register as register_setup
 
     app.add_typer(sandbox_app, name="sandbox")
     register(app)
     register_console(app)
+    register_setup(app, config_app)
+    register_service(app)
 
 
 _register_subcommands()

@@ -17,6 +17,7 @@
      │    ├── CommandRefused         a command line (bare LF/CR, NUL, not UTF-8) or a shutdown
      │    └── MessageRefused         the message's header section (folded first line, limits)
      ├── TokenError                  an OAuth token could not be obtained (always transient for mail)
+     ├── InstallError                init / service install refuse: a file exists, a path is unreachable
      └── DeliveryError               raised by a transport for the whole message
           ├── TransientDeliveryError retry later, optionally not before ``retry_after`` seconds
           │    ├── UpstreamUnreachableError  no session at all (connect, TLS, greeting): the
@@ -109,6 +110,11 @@ class MessageRefused(Refusal):
 
 class TokenError(Relay365Error):
     """An OAuth2 token could not be obtained. Mail waiting for it is deferred, never bounced."""
+
+
+class InstallError(Relay365Error):
+    """``relay365 init`` or ``relay365 service install`` cannot do what was asked; the message says why
+    and what to do instead."""
 
 
 class DeliveryError(Relay365Error):

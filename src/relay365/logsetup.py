@@ -1,4 +1,5 @@
-"""Logging for the service: one stderr handler whose filter redacts every secret."""
+"""Logging for the service: one stderr handler whose filter redacts every secret, in the format asked for
+(``text``, ``journal`` or ``json``; ``auto``: ``journal`` under systemd, see ``relay365.logformats``)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,14 @@ import logging
 import sys
 
 from relay365.credentials import Redactor
+from relay365.logformats import TEXT_FORMAT, LogFormat, make_formatter
 
-FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+FORMAT = TEXT_FORMAT
 
 
-def configure_logging(level: str, redactor: Redactor) -> logging.Handler:
+def configure_logging(level: str, redactor: Redactor, log_format: LogFormat = "auto") -> logging.Handler:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(FORMAT))
+    handler.setFormatter(make_formatter(log_format, stream=sys.stderr, redact=redactor.redact))
     handler.addFilter(redactor)
     root = logging.getLogger()
     root.setLevel(level)

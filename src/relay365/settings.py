@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 
 from relay365.errors import ConfigError
+from relay365.logformats import LOG_FORMATS, LogFormat
 from relay365.netdns import parse_nameserver
 
 TlsMode = Literal["none", "starttls", "starttls-required", "implicit"]
@@ -40,6 +41,7 @@ class ServerSettings:
     hostname: str = "relay365.local"
     spool_dir: Path = Path("var/spool")
     log_level: str = "INFO"
+    log_format: LogFormat = "auto"  # auto: journal lines under systemd, text otherwise; or json
     max_connections: int = 1000
     max_connections_per_ip: int = 50
     auth_failures_before_block: int = 5
@@ -351,6 +353,7 @@ def _server(t: _Table) -> ServerSettings:
         hostname=t.get("hostname", str, _SERVER.hostname),
         spool_dir=t.path("spool_dir") or (t._base / _SERVER.spool_dir),
         log_level=t.choice("log_level", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO"),
+        log_format=cast(LogFormat, t.choice("log_format", LOG_FORMATS, "auto")),
         max_connections=t.positive("max_connections", int, _SERVER.max_connections),
         max_connections_per_ip=t.positive("max_connections_per_ip", int, _SERVER.max_connections_per_ip),
         auth_failures_before_block=t.positive(

@@ -1,12 +1,15 @@
 """Secrets never reach a log or the spool: a full ``relay365 serve`` run at DEBUG with a device that
 authenticates (AUTH PLAIN via smtplib, AUTH LOGIN via swaks, one wrong password) and an upstream that
-requires AUTH over STARTTLS (password from a 0600 file or from the environment), then a grep."""
+requires AUTH over STARTTLS (password from a 0600 file or from the environment), in every log format
+(text, journal, json), then a grep."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
+import re
 import shutil
 import smtplib
 import ssl
@@ -51,9 +54,36 @@ def device_session(port: int, password: str) -> int:
         return 235
 
 
-@pytest.mark.parametrize("source", ["file", "env"])
+def check_format(log: str, log_format: str) -> None:
+    """The run logged at DEBUG, the AUTH events included, each line in ``log_format``."""
+    lines = log.splitlines()
+    if log_format == "text":
+        assert " DEBUG " in log
+        events = log
+    elif log_format == "journal":
+        # sd-daemon(3) priority prefixes on every line, no timestamp (the journal adds its own)
+        bad = [
+            line for line in lines if not re.match(r"<[0-7]>\S", line) or re.search(r"\d\d:\d\d:\d\d", line)
+        ]
+        assert not bad, bad
+        assert any(line.startswith("<7>") for line in lines) and "<4>relay365.ingress" in log
+        events = log
+    else:
+        records = [json.loads(line) for line in lines]
+        assert {"DEBUG", "INFO", "WARNING"} <= {r["level"] for r in records}
+        authenticated = [r for r in records if r["message"].startswith("authenticated peer=")]
+        assert authenticated and authenticated[0]["peer"] == "127.0.0.1"
+        assert authenticated[0]["device"] == "printer"
+        events = "\n".join(r["message"] for r in records)
+    assert "refused peer=127.0.0.1 device=- listener=lan command=AUTH" in events
+    assert "authenticated peer=127.0.0.1 device=printer" in events
+
+
+@pytest.mark.parametrize(
+    ("source", "log_format"), [("file", "text"), ("env", "text"), ("file", "json"), ("env", "journal")]
+)
 async def test_no_secret_in_logs_or_spool(
-    tmp_path: Path, server_cert: tuple[Path, Path], ca_file: Path, source: str
+    tmp_path: Path, server_cert: tuple[Path, Path], ca_file: Path, source: str, log_format: str
 ) -> None:
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_ctx.load_cert_chain(*map(str, server_cert))
@@ -76,7 +106,7 @@ async def test_no_secret_in_logs_or_spool(
     cert, key = server_cert
     config = write_config(
         tmp_path,
-        server={"log_level": "DEBUG"},
+        server={"log_level": "DEBUG", "log_format": log_format},
         listener=[
             {"name": "lan", "port": 0, "tls": "starttls", "cert_file": str(cert), "key_file": str(key)}
         ],
@@ -117,8 +147,7 @@ async def test_no_secret_in_logs_or_spool(
     assert len(upstream.messages) == 2 and all(m.tls for m in upstream.messages)
     assert logins and set(logins) == {(UPSTREAM_USER, UPSTREAM_SECRET)}
     log = server.log_text()
-    assert " DEBUG " in log and "refused peer=127.0.0.1 device=- listener=lan command=AUTH" in log
-    assert "authenticated peer=127.0.0.1 device=printer" in log
+    check_format(log, log_format)
     leaks = (
         forms("printer", DEVICE_SECRET)
         + forms("printer", WRONG_SECRET)

@@ -40,6 +40,7 @@ def parse(tmp_path: Path, data: dict[str, Any]) -> Any:
         ({"delivery": {"min_backoff": -1}}, "delivery.min_backoff", -1.0),
         ({"delivery": {"concurrency": "ten"}}, "delivery.concurrency", "ten"),
         ({"server": {"colour": "blue"}}, "server.colour", "blue"),
+        ({"server": {"log_format": "xml"}}, "server.log_format", "xml"),
         (
             {"transport": [{"name": "t", "password": "hunter2", "username": "u"}]},
             "transport[0].password",

@@ -104,6 +104,7 @@ class AdminServer:
             host=address,
             port=port,
             log_level="warning",
+            log_config=None,  # its records go to the relay's handler: redacted, in the relay's format
             access_log=False,
             lifespan="off",
             timeout_graceful_shutdown=2,

@@ -1,0 +1,64 @@
+"""``relay365 serve --config FILE``: load the config, set up logging in the format asked for, run the relay
+until SIGTERM, and report a failure in that same format (a journal line with priority 3 under systemd,
+a JSON object with ``log_format = "json"``, a plain ``error:`` line in a terminal)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+
+from relay365.app import Relay, make_redactor, serve
+from relay365.errors import ConfigError, Relay365Error
+from relay365.logformats import LogFormat, make_formatter, resolve_format
+from relay365.logsetup import configure_logging
+from relay365.settings import load_settings
+
+log = logging.getLogger("relay365.serve")
+
+
+def report_error(message: str, log_format: LogFormat) -> None:
+    """One error line on stderr, formatted like the log (also before logging is set up)."""
+    if resolve_format(log_format, stream=sys.stderr) == "text":
+        Console(stderr=True).print(f"[red]error:[/red] {escape(message)}", highlight=False)
+        return
+    record = logging.LogRecord(log.name, logging.ERROR, __file__, 0, "error: %s", (message,), None)
+    formatter = make_formatter(log_format, stream=sys.stderr, redact=str)
+    sys.stderr.write(formatter.format(record) + "\n")
+    sys.stderr.flush()
+
+
+def serve_config(path: Path, *, log_format: LogFormat | None = None) -> int:
+    """Run the relay of ``path``; the process exit code (0 after a clean SIGTERM, 2 on an error)."""
+    try:
+        settings = load_settings(path)
+    except ConfigError as e:
+        report_error(str(e), log_format or "auto")
+        return 2
+    fmt = log_format or settings.server.log_format
+    configure_logging(settings.server.log_level, make_redactor(settings), fmt)
+    # In a terminal the listening lines are plain; under the journal or as JSON they are log records.
+    plain = resolve_format(fmt, stream=sys.stderr) == "text"
+    err = Console(stderr=True)
+
+    def ready(relay: Relay) -> None:
+        for listener in settings.listeners:
+            line = (
+                f"relay365 listening: {listener.name} on {listener.address}:{relay.ports.get(listener.name)}"
+                f" (tls={listener.tls})"
+            )
+            if plain:
+                err.print(line, highlight=False)
+            else:
+                log.info("%s", line)
+
+    try:
+        asyncio.run(serve(settings, ready=ready))
+    except (Relay365Error, OSError) as e:  # never a secret: SecretError names only the key and file
+        report_error(str(e), fmt)  # OSError: a listener address in use or not on this host
+        return 2
+    return 0
