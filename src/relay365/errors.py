@@ -14,6 +14,11 @@
      │    ├── CommandRefused         a command line (bare LF/CR, NUL, not UTF-8) or a shutdown
      │    └── MessageRefused         the message's header section (folded first line, limits)
      ├── TokenError                  an OAuth token could not be obtained (always transient for mail)
+     ├── TraceError                  Microsoft 365's message trace could not be read (relay365.tracing)
+     │    ├── TracePermissionError   403: the app lacks ExchangeMessageTrace.Read.All (or Microsoft's
+     │    │                          message trace service principal is not provisioned)
+     │    ├── TraceQueryError        400: Graph refused the query (a bug, or a window it does not serve)
+     │    └── TraceUnavailableError  no answer: token, network, 5xx, 401, or throttled past the wait
      └── DeliveryError               raised by a transport for the whole message
           ├── TransientDeliveryError retry later, optionally not before ``retry_after`` seconds
           │    ├── UpstreamUnreachableError  no session at all (connect, TLS, greeting): the
@@ -96,6 +101,28 @@ class MessageRefused(Refusal):
 
 class TokenError(Relay365Error):
     """An OAuth2 token could not be obtained. Mail waiting for it is deferred, never bounced."""
+
+
+class TraceError(Relay365Error):
+    """Microsoft 365's message trace (Graph) could not be read; ``status`` is the HTTP status, if any."""
+
+    def __init__(self, message: str, *, status: int | None = None, code: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class TracePermissionError(TraceError):
+    """Graph answered 403: the app registration lacks ExchangeMessageTrace.Read.All (admin consent), or
+    the tenant has no service principal for Microsoft's message trace app. Not worth retrying soon."""
+
+
+class TraceQueryError(TraceError):
+    """Graph answered 400 to a message trace query."""
+
+
+class TraceUnavailableError(TraceError):
+    """The message trace did not answer usefully now (token, network, 5xx, 401, long throttling)."""
 
 
 class DeliveryError(Relay365Error):

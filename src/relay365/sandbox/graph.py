@@ -165,7 +165,7 @@ class GraphEndpoint:
 
     async def call(self, request: Request, permission: str, handler: Handler) -> Response:
         try:
-            claims = self._authenticate(request)
+            claims = self.authenticate(request)
             caller = Caller(claims=claims, mailbox=self._mailbox(request, claims))
             if not caller.has(permission) or not may_use_mailbox(claims, self.ctx.tenant, caller.mailbox):
                 raise GraphError(403, "ErrorAccessDenied", ACCESS_DENIED)
@@ -193,7 +193,8 @@ class GraphEndpoint:
         now = self.ctx.clock.now()
         return graph_error(err.status, err.code, err.message, ids=ids, now=now, headers=err.headers)
 
-    def _authenticate(self, request: Request) -> AccessClaims:
+    def authenticate(self, request: Request) -> AccessClaims:
+        """The bearer token's claims, or 401 InvalidAuthenticationToken as Graph answers it."""
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         token = token.strip()
@@ -210,7 +211,7 @@ class GraphEndpoint:
             raise GraphError(
                 401,
                 "InvalidAuthenticationToken",
-                _token_message(exc.reason, token),
+                token_error_message(exc.reason, token),
                 headers={"WWW-Authenticate": GRAPH_WWW_AUTHENTICATE},
             ) from exc
 
@@ -380,7 +381,7 @@ RECIPIENT_RATE_LIMIT = (
 )
 
 
-def _token_message(reason: str, token: str) -> str:
+def token_error_message(reason: str, token: str) -> str:
     if "." not in token:
         return "IDX14100: JWT is not well formed, there are no dots (.)."
     if "expired" in reason:

@@ -3,7 +3,8 @@
 ``create_app(ctx)`` returns one Starlette app; the runner serves it with uvicorn over TLS. Routes:
 
 - identity (``login.microsoftonline.com`` role): see :mod:`relay365.sandbox.identity`
-- Graph (``graph.microsoft.com`` role): see :mod:`relay365.sandbox.graph`; every response carries
+- Graph (``graph.microsoft.com`` role): see :mod:`relay365.sandbox.graph` (mail) and
+  :mod:`relay365.sandbox.trace_api` (message trace); every response carries
   Graph's ``request-id``, ``client-request-id``, ``Date`` and ``x-ms-ags-diagnostic``
   (:mod:`relay365.sandbox.graph_wire`), every other response ``Date`` (the sandbox clock)
 - admin API (sandbox only, no authentication; loopback only)::
@@ -54,6 +55,7 @@ from relay365.sandbox.graph_wire import (
 from relay365.sandbox.identity import DeviceCodeRefused, IdentityEndpoint, parse_form
 from relay365.sandbox.store import MessageNotFound
 from relay365.sandbox.tokens import OAuthError, error_response
+from relay365.sandbox.trace_api import TraceEndpoint
 
 if TYPE_CHECKING:
     from relay365.sandbox.context import SandboxContext
@@ -294,8 +296,10 @@ def create_app(ctx: SandboxContext, *, device_code_interval: int = 5) -> Starlet
     """The sandbox's HTTPS application for ``ctx``."""
     identity = IdentityEndpoint(ctx, device_code_interval=device_code_interval)
     graph = GraphEndpoint(ctx)
+    trace = TraceEndpoint(ctx, graph)
     admin = AdminAPI(ctx, identity)
-    app = SandboxApp(ctx, routes=[*admin.routes(), *graph.routes(), *identity.routes()])
+    app = SandboxApp(ctx, routes=[*admin.routes(), *graph.routes(), *trace.routes(), *identity.routes()])
     app.state.identity = identity
     app.state.graph = graph
+    app.state.trace = trace
     return app

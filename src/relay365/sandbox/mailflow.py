@@ -34,10 +34,9 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from email import policy
-from email.message import EmailMessage
 from email.parser import BytesParser
 from email.utils import getaddresses
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 from relay365.sandbox.ndr import non_delivery_report
 from relay365.sandbox.sender_auth import SenderVerdict, judge_sender
@@ -83,6 +82,10 @@ class Submission:
     connector: str | None = None  # the inbound connector that attributed MX mail
     sent_items_mailbox: str | None = None  # a copy in this mailbox's Sent Items
     deferred_seconds: float = 0.0  # over the per-minute rate: delivered this much later
+
+    def __post_init__(self) -> None:
+        if self.mail_from.strip() == "<>":  # aiosmtpd's null reverse-path (RFC 5321 4.5.5)
+            object.__setattr__(self, "mail_from", "")
 
 
 @dataclass(frozen=True)
@@ -145,10 +148,8 @@ class MailFlow:
             )
             content = self._stamp(sub, verdict, tenant) + sub.content
         flow = _Flow(self, tenant, sub, content, message_id, trace_id, now, subject, verdict)
-        rule = next(
-            (r for r in tenant.rules if r.matches(senders=(header_from or "", sub.mail_from), subject=subject)),
-            None,
-        )
+        senders = (header_from or "", sub.mail_from)
+        rule = next((r for r in tenant.rules if r.matches(senders=senders, subject=subject)), None)
         seen: set[str] = set()
         for rcpt in sub.recipients:
             if rcpt.lower() not in seen:
@@ -168,8 +169,17 @@ class MailFlow:
         now = self._clock.now()
         headers = parse_headers(sub.content)
         message_id = _first(headers, "message-id") or f"<{uuid.uuid4()}@{self._host}>"
-        flow = _Flow(self, tenant, sub, sub.content, message_id, str(uuid.uuid4()), now,
-                     _first(headers, "subject") or "", None)  # fmt: skip
+        flow = _Flow(
+            self,
+            tenant,
+            sub,
+            sub.content,
+            message_id,
+            str(uuid.uuid4()),
+            now,
+            _first(headers, "subject") or "",
+            None,
+        )
         for rcpt in dict.fromkeys(r.lower() for r in sub.recipients):
             flow.record(rcpt, [TraceEvent(now, "Fail", f"Reason: [{{LED={reply}}}]", status=FAILED)])
         self._trace.add(flow.records)
@@ -194,8 +204,18 @@ class MailFlow:
 class _Flow:
     """The routing of one message, recipient by recipient (used once, by MailFlow)."""
 
-    def __init__(self, owner: MailFlow, tenant: Tenant, sub: Submission, content: bytes, message_id: str,
-                 trace_id: str, now: float, subject: str, verdict: SenderVerdict | None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        owner: MailFlow,
+        tenant: Tenant,
+        sub: Submission,
+        content: bytes,
+        message_id: str,
+        trace_id: str,
+        now: float,
+        subject: str,
+        verdict: SenderVerdict | None,
+    ) -> None:
         self.owner, self.tenant, self.sub, self.content = owner, tenant, sub, content
         self.message_id, self.trace_id, self.now, self.subject = message_id, trace_id, now, subject
         self.verdict = verdict
@@ -244,17 +264,21 @@ class _Flow:
         now = self.now
         if rule is not None:
             applied = TraceEvent(
-                now, "Transport rule", f"Transport rule '{rule.name}' was applied: {rule.action}.",
-                action=rule.action.capitalize(), data=_mep(RuleName=rule.name, Action=rule.action),
-            )  # fmt: skip
+                now,
+                "Transport rule",
+                f"Transport rule '{rule.name}' was applied: {rule.action}.",
+                action=rule.action.capitalize(),
+                data=_mep(RuleName=rule.name, Action=rule.action),
+            )
             if rule.action == "quarantine":
                 self.file(rcpt, "Quarantine")
                 quarantined = TraceEvent(
-                    now, "Quarantine",
+                    now,
+                    "Quarantine",
                     f"The message was quarantined by the transport rule '{rule.name}'. An admin can "
                     "release it at https://security.microsoft.com/quarantine (kept 30 days).",
                     status=QUARANTINED,
-                )  # fmt: skip
+                )
                 self.record(rcpt, [applied, quarantined])
                 return
             if rule.action == "reject":
@@ -264,9 +288,12 @@ class _Flow:
                 return
             target = rule.redirect_to or rcpt
             redirect = TraceEvent(
-                now, "Redirect", f"The message was redirected to {target} by the transport rule '{rule.name}'.",
-                data=_mep(RedirectTo=target), status=EXPANDED,
-            )  # fmt: skip
+                now,
+                "Redirect",
+                f"The message was redirected to {target} by the transport rule '{rule.name}'.",
+                data=_mep(RedirectTo=target),
+                status=EXPANDED,
+            )
             self.record(rcpt, [applied, redirect])
             if target not in self._redirected:
                 self._redirected.add(target)
@@ -280,38 +307,59 @@ class _Flow:
         if not self.tenant.is_internal_address(rcpt):
             self.file(rcpt, "Internet")
             domain = rcpt.rpartition("@")[2]
-            sent = TraceEvent(now, "Send external", f"Message sent to the mail server of {domain}.",
-                              status=DELIVERED)  # fmt: skip
+            sent = TraceEvent(
+                now, "Send external", f"Message sent to the mail server of {domain}.", status=DELIVERED
+            )
             self.record(rcpt, [sent])
             return
         verdict = self.verdict
         if verdict is not None and verdict.spoofed and self.tenant.spoof_intelligence:
             diagnostics = TraceEvent(
-                now, "Spam Diagnostics",
+                now,
+                "Spam Diagnostics",
                 f"Spoof: composite authentication failed (spf={verdict.spf} for {verdict.mailfrom_domain} "
                 f"from {verdict.ip}; compauth=fail reason={verdict.reason}).",
-                data=_mep(CIP=verdict.ip, SPF=verdict.spf, MailFromDomain=verdict.mailfrom_domain,
-                          FromDomain=verdict.from_domain, CompAuth=verdict.compauth,
-                          CompAuthReason=verdict.reason, SCL=SCL_SPAM, SFV="SPM", CAT="SPOOF"),
-            )  # fmt: skip
+                data=_mep(
+                    CIP=verdict.ip,
+                    SPF=verdict.spf,
+                    MailFromDomain=verdict.mailfrom_domain,
+                    FromDomain=verdict.from_domain,
+                    CompAuth=verdict.compauth,
+                    CompAuthReason=verdict.reason,
+                    SCL=SCL_SPAM,
+                    SFV="SPM",
+                    CAT="SPOOF",
+                ),
+            )
             if self.tenant.spoof_action == "quarantine":
                 self.file(rcpt, "Quarantine")
-                done = TraceEvent(now, "Quarantine", "The message was quarantined as spoofed (anti-phishing "
-                                  "policy). An admin can release it at https://security.microsoft.com/"
-                                  "quarantine.", status=QUARANTINED)  # fmt: skip
+                done = TraceEvent(
+                    now,
+                    "Quarantine",
+                    "The message was quarantined as spoofed (anti-phishing "
+                    "policy). An admin can release it at https://security.microsoft.com/"
+                    "quarantine.",
+                    status=QUARANTINED,
+                )
             else:
                 self.file(rcpt, "JunkEmail")
-                done = TraceEvent(now, "Deliver", "The message was delivered to the Junk Email folder.",
-                                  action="MoveToJmf", status=FILTERED_AS_SPAM)  # fmt: skip
+                done = TraceEvent(
+                    now,
+                    "Deliver",
+                    "The message was delivered to the Junk Email folder.",
+                    action="MoveToJmf",
+                    status=FILTERED_AS_SPAM,
+                )
             self.record(rcpt, [diagnostics, done])
             return
         self.file(rcpt, "Inbox")
         events: builtins.list[TraceEvent] = []
         if sub.deferred_seconds > 0:
-            events.append(TraceEvent(now, "Defer", "The mailbox is over its per-minute submission rate; the "
-                                     "message is delivered in the following minutes.", status=PENDING))  # fmt: skip
+            deferred = "Over the per-minute submission rate: delivered in the following minute."
+            events.append(TraceEvent(now, "Defer", deferred, status=PENDING))
         later = now + sub.deferred_seconds
-        events.append(TraceEvent(later, "Deliver", "The message was successfully delivered.", status=DELIVERED))
+        delivered = "The message was successfully delivered."
+        events.append(TraceEvent(later, "Deliver", delivered, status=DELIVERED))
         self.record(rcpt, events)
 
     def bounce(self, reply: str) -> None:
@@ -319,13 +367,23 @@ class _Flow:
         sender = self.sub.mail_from
         if not self._failed or not sender:
             return
-        original = cast(EmailMessage, BytesParser(policy=policy.default).parsebytes(self.sub.content))
+        original = BytesParser(policy=policy.default).parsebytes(self.sub.content)
         ndr = non_delivery_report(
-            original=original, recipients=self._failed, reply=reply,
-            reporting_host=self.owner._host, now=self.now,
-        )  # fmt: skip
+            original=original,
+            recipients=self._failed,
+            reply=reply,
+            reporting_host=self.owner._host,
+            now=self.now,
+        )
         folder = "Inbox" if self.tenant.is_internal_address(sender) else "Internet"
         self.stored.append(
-            self.owner._store.add(folder=folder, mailbox=sender, endpoint=self.sub.endpoint, mail_from="",
-                                  rcpt_tos=[sender], authenticated_as=None, content=ndr)  # fmt: skip
+            self.owner._store.add(
+                folder=folder,
+                mailbox=sender,
+                endpoint=self.sub.endpoint,
+                mail_from="",
+                rcpt_tos=[sender],
+                authenticated_as=None,
+                content=ndr,
+            )
         )

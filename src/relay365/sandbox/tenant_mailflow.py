@@ -147,7 +147,8 @@ def _rule(table: Mapping[str, Any], where: str, is_address: Any) -> MailFlowRule
 
 def mail_flow_from_mapping(data: Mapping[str, Any]) -> MailFlowSettings:
     """The ``[spf]``, ``[public_ip]``, ``[[rule]]``, ``spoof_intelligence`` and ``spoof_action`` keys."""
-    spf = {domain.strip().lower().rstrip("."): record.strip() for domain, record in _str_table(data, "spf").items()}
+    published = _str_table(data, "spf").items()
+    spf = {domain.strip().lower().rstrip("."): record.strip() for domain, record in published}
     for domain, record in spf.items():
         if not record.lower().startswith("v=spf1"):
             raise ConfigError(f"spf.{domain}", record, "An SPF record starts with 'v=spf1' (RFC 7208 4.5).")
