@@ -5,14 +5,29 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import json
 from email import message_from_bytes, policy
+from pathlib import Path
 from typing import Any
 
 import aiosmtplib
+import httpx
 import pytest
-from sandbox_helpers import ALICE, BOB, EXTERNAL, SCANNER, app_token, client_tls, message, xoauth2
-from trace_helpers import direct_send, trace_rows
+from sandbox_helpers import (
+    ALICE,
+    BOB,
+    EXTERNAL,
+    SCANNER,
+    app_token,
+    client_tls,
+    make_tenant,
+    message,
+    xoauth2,
+)
+from trace_helpers import direct_send, tls, trace_rows
+from typer.testing import CliRunner
 
+from relay365.sandbox.cli import app as cli_app
 from relay365.sandbox.runner import Sandbox
 from relay365.sandbox.tenant import InboundConnector
 from relay365.sandbox.tenant_mailflow import MailFlowRule
@@ -242,9 +257,7 @@ async def test_trace_records_wait_in_getting_status(start_sandbox: Any) -> None:
     assert [r["status"] for r in trace_of(sandbox, "Slow")] == ["delivered"]
 
 
-async def test_trace_survives_a_restart(tmp_path: Any) -> None:
-    from sandbox_helpers import make_tenant
-
+async def test_trace_survives_a_restart(tmp_path: Path) -> None:
     async with Sandbox(make_tenant(), state_dir=tmp_path, serve_http=False) as first:
         await direct_send(first, SCANNER, [ALICE, BOB], message(SCANNER, ALICE, "Kept").as_bytes())
         before = trace_rows(first)
@@ -252,3 +265,28 @@ async def test_trace_survives_a_restart(tmp_path: Any) -> None:
         log.write(b'{"torn": ')  # a crash in the middle of a line
     async with Sandbox(make_tenant(), state_dir=tmp_path, serve_http=False) as second:
         assert sorted(trace_rows(second), key=str) == sorted(before, key=str)
+
+
+async def test_mail_list_and_admin_api_show_junk_email_and_quarantine(tmp_path: Path) -> None:
+    rules = (MailFlowRule(name="hold", action="quarantine", subject_contains=("hold",)),)
+    tenant = make_tenant(spf_records=SPF_WITHOUT_PEER, rules=rules)
+    async with Sandbox(tenant, state_dir=tmp_path, serve_http=True) as sandbox:
+        await direct_send(sandbox, SCANNER, [ALICE], message(SCANNER, ALICE, "Spoofed").as_bytes())
+        await direct_send(sandbox, BOB, [ALICE], message(BOB, ALICE, "Please hold").as_bytes())
+        async with httpx.AsyncClient(verify=tls(sandbox), timeout=10) as http:
+            for folder, subject in (("JunkEmail", "Spoofed"), ("Quarantine", "Please hold")):
+                listed = await http.get(f"{sandbox.base_url}/_sandbox/messages", params={"folder": folder})
+                assert [m["subject"] for m in listed.json()["messages"]] == [subject]
+    runner = CliRunner()
+    junk = runner.invoke(
+        cli_app, ["mail", "list", "--state-dir", str(tmp_path), "--folder", "JunkEmail", "--json"]
+    )
+    assert [(m["folder"], m["mailbox"], m["subject"]) for m in json.loads(junk.output)] == [
+        ("JunkEmail", ALICE, "Spoofed")
+    ]
+    table = runner.invoke(cli_app, ["mail", "list", "--state-dir", str(tmp_path)], env={"COLUMNS": "200"})
+    assert table.exit_code == 0 and "JunkEmail" in table.output and "Quarantine" in table.output
+    shown = runner.invoke(
+        cli_app, ["mail", "show", json.loads(junk.output)[0]["id"], "--state-dir", str(tmp_path)]
+    )
+    assert "X-MS-Exchange-Organization-SCL: 5" in shown.output and "compauth=fail reason=601" in shown.output

@@ -13,8 +13,9 @@ from urllib.parse import quote
 import httpx
 import pytest
 from sandbox_helpers import ALICE, BOB, EXTERNAL, SCANNER, message
-from trace_helpers import MAIL_APP, TRACES, ManualClock, direct_send, graph_token, tls, trace_tenant
+from trace_helpers import MAIL_APP, TRACES, direct_send, graph_token, tls, trace_tenant
 
+from relay365.sandbox.clock import ManualClock
 from relay365.sandbox.runner import Sandbox
 from relay365.sandbox.tenant_mailflow import MailFlowRule
 

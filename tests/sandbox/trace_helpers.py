@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import ssl
-import threading
-import time
 from typing import Any
 
 import aiosmtplib
 import httpx
 from sandbox_helpers import make_tenant
 
-from relay365.sandbox.clock import Clock
 from relay365.sandbox.runner import Sandbox
 from relay365.sandbox.tenant import AppRegistration, Tenant
 
@@ -71,26 +68,3 @@ def trace_rows(sandbox: Sandbox) -> list[dict[str, Any]]:
     """Every trace record as Graph would show it now."""
     now = sandbox.ctx.clock.now()
     return [r.to_graph(now) for r in sandbox.ctx.trace.records()]
-
-
-class ManualClock(Clock):
-    """A sandbox clock that moves only when told (``advance``): rate windows without wall-clock time."""
-
-    def __init__(self, start: float | None = None) -> None:
-        super().__init__()
-        self._now = time.time() if start is None else start
-        self._manual_lock = threading.Lock()
-
-    def now(self) -> float:
-        with self._manual_lock:
-            return self._now
-
-    def advance(self, seconds: float) -> None:
-        if seconds < 0:
-            raise ValueError("the sandbox clock only moves forward")
-        with self._manual_lock:
-            self._now += seconds
-
-    @property
-    def offset(self) -> float:
-        return self.now() - time.time()
