@@ -122,3 +122,26 @@ async def test_a_drained_bucket_earns_its_next_token_first() -> None:
     bucket.drain()
     await bucket.acquire()
     assert time.now == 1.0
+
+
+def test_results_say_when_nothing_more_is_to_be_asked() -> None:
+    from relay365.tracing import TraceResult
+    from relay365.tracing.model import TraceDetail
+
+    wanted = TraceRequest("<a@b>", "c@d", NOW)
+    graph = {
+        "id": "t",
+        "messageId": "<a@b>",
+        "recipientAddress": "c@d",
+        "receivedDateTime": "2026-01-21T14:12:34Z",
+    }
+    waiting = TraceResult(wanted, TraceRecord.from_graph({**graph, "status": "pending"}))
+    done = TraceResult(
+        wanted,
+        TraceRecord.from_graph({**graph, "status": "quarantined"}),
+        (TraceDetail.from_graph({"dateTime": "2026-01-21T14:12:35Z", "event": "Quarantine"}),),
+    )
+    assert not TraceResult(wanted, None).settled and not waiting.settled
+    assert done.settled and TraceResult(wanted, None, expired=True).settled
+    assert done.to_json()["record"]["status"] == "quarantined"
+    assert done.to_json()["details"][0]["event"] == "Quarantine"

@@ -27,9 +27,10 @@ from sandbox_helpers import (
 from trace_helpers import direct_send, tls, trace_rows
 from typer.testing import CliRunner
 
+from relay365.errors import ConfigError
 from relay365.sandbox.cli import app as cli_app
 from relay365.sandbox.runner import Sandbox
-from relay365.sandbox.tenant import InboundConnector
+from relay365.sandbox.tenant import EXAMPLE_TENANT_PATH, InboundConnector, example_tenant, load_tenant
 from relay365.sandbox.tenant_mailflow import MailFlowRule
 
 pytestmark = pytest.mark.timeout(60)
@@ -290,3 +291,65 @@ async def test_mail_list_and_admin_api_show_junk_email_and_quarantine(tmp_path: 
         cli_app, ["mail", "show", json.loads(junk.output)[0]["id"], "--state-dir", str(tmp_path)]
     )
     assert "X-MS-Exchange-Organization-SCL: 5" in shown.output and "compauth=fail reason=601" in shown.output
+
+
+@pytest.mark.parametrize(
+    ("replace", "bad", "key", "value"),
+    [
+        (
+            '"fabrikam.test" = "v=spf1',
+            '"fabrikam.test" = "spf1',
+            "spf.fabrikam.test",
+            "spf1 include:spf.protection.outlook.com -all",
+        ),
+        ('"127.0.0.1" = "203.0.113.5"', '"127.0.0.1" = "office"', "public_ip.127.0.0.1", "office"),
+        ('action = "quarantine"', 'action = "delete"', "rule[0].action", "delete"),
+        ('action = "quarantine"', 'action = "redirect"', "rule[0].redirect_to", None),
+        (
+            'action = "quarantine"',
+            'action = "redirect"\nredirect_to = "ghost@contoso.test"',
+            "rule[0].redirect_to",
+            "ghost@contoso.test",
+        ),
+        (
+            'subject_contains = ["[quarantine-test]"]',
+            "subject_contains = []",
+            "rule[0].name",
+            "Quarantine suspicious invoices",
+        ),
+        ('spoof_action = "junk"', 'spoof_action = "delete"', "spoof_action", "delete"),
+        ("trace_window_seconds = 300", "trace_window_seconds = 0", "limits.trace_window_seconds", 0),
+    ],
+    ids=[
+        "spf",
+        "public-ip",
+        "action",
+        "redirect-without-target",
+        "redirect-unknown",
+        "no-condition",
+        "spoof",
+        "window",
+    ],
+)
+def test_tenant_mail_flow_errors_name_the_key_and_the_value(
+    tmp_path: Path, replace: str, bad: str, key: str, value: object
+) -> None:
+    text = EXAMPLE_TENANT_PATH.read_text()
+    assert replace in text
+    path = tmp_path / "tenant.toml"
+    path.write_text(text.replace(replace, bad, 1))
+    with pytest.raises(ConfigError) as error:
+        load_tenant(path)
+    assert (error.value.key, error.value.value) == (key, value)
+
+
+def test_the_example_tenant_documents_mail_flow() -> None:
+    tenant = example_tenant()
+    assert tenant.public_ip("127.0.0.1") == "203.0.113.5" and tenant.public_ip("::1") == "203.0.113.5"
+    assert tenant.public_ip("192.0.2.1") == "192.0.2.1"
+    assert tenant.spf_records["contoso.test"].startswith("v=spf1 ip4:203.0.113.5 ")
+    assert tenant.spoof_intelligence and tenant.spoof_action == "junk"
+    assert [(r.name, r.action) for r in tenant.rules] == [("Quarantine suspicious invoices", "quarantine")]
+    assert (tenant.limits.trace_requests_per_window, tenant.limits.trace_window_seconds) == (100, 300)
+    relay_app = tenant.apps["11111111-2222-3333-4444-555555555555"]
+    assert "ExchangeMessageTrace.Read.All" in relay_app.permissions

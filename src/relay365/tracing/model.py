@@ -167,3 +167,19 @@ class TraceResult:
     @property
     def status(self) -> TraceStatus | None:
         return self.record.status if self.record is not None else None
+
+    @property
+    def settled(self) -> bool:
+        """Nothing more to ask: a final status, or gone from the trace (older than 90 days)."""
+        return self.expired or (self.record is not None and self.record.status.final)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-friendly form (for a tracking log or ``--json`` output)."""
+        return {
+            "message_id": self.request.message_id,
+            "recipient": self.request.recipient,
+            "sent_at": self.request.sent_at,
+            "expired": self.expired,
+            "record": None if self.record is None else self.record.to_json(),
+            "details": [d.to_json() for d in self.details],
+        }
