@@ -275,9 +275,25 @@ async def test_mail_list_and_admin_api_show_junk_email_and_quarantine(tmp_path: 
         await direct_send(sandbox, SCANNER, [ALICE], message(SCANNER, ALICE, "Spoofed").as_bytes())
         await direct_send(sandbox, BOB, [ALICE], message(BOB, ALICE, "Please hold").as_bytes())
         async with httpx.AsyncClient(verify=tls(sandbox), timeout=10) as http:
+            held = {}
             for folder, subject in (("JunkEmail", "Spoofed"), ("Quarantine", "Please hold")):
                 listed = await http.get(f"{sandbox.base_url}/_sandbox/messages", params={"folder": folder})
                 assert [m["subject"] for m in listed.json()["messages"]] == [subject]
+                held[folder] = listed.json()["messages"][0]["id"]
+            # An admin releases the quarantined copy (Microsoft: the Defender portal's quarantine page).
+            quarantine = f"{sandbox.base_url}/_sandbox/quarantine"
+            released = await http.post(f"{quarantine}/{held['Quarantine']}/release")
+            assert released.status_code == 200 and released.json()["message"]["folder"] == "Inbox"
+            assert (await http.post(f"{quarantine}/{held['Quarantine']}/release")).status_code == 409
+            assert (await http.post(f"{quarantine}/{held['JunkEmail']}/release")).status_code == 409
+            assert (await http.post(f"{quarantine}/nonexistent/release")).status_code == 404
+        assert [r["status"] for r in trace_of(sandbox, "Please hold")] == ["delivered"]
+        assert [e["event"] for e in details_of(sandbox, "Please hold", ALICE)][-2:] == [
+            "Quarantine",
+            "Release",
+        ]
+        assert folder_of(sandbox, "Please hold") == [("Inbox", ALICE)]
+        await direct_send(sandbox, BOB, [ALICE], message(BOB, ALICE, "Hold again").as_bytes())
     runner = CliRunner()
     junk = runner.invoke(
         cli_app, ["mail", "list", "--state-dir", str(tmp_path), "--folder", "JunkEmail", "--json"]
@@ -286,7 +302,9 @@ async def test_mail_list_and_admin_api_show_junk_email_and_quarantine(tmp_path: 
         ("JunkEmail", ALICE, "Spoofed")
     ]
     table = runner.invoke(cli_app, ["mail", "list", "--state-dir", str(tmp_path)], env={"COLUMNS": "200"})
-    assert table.exit_code == 0 and "JunkEmail" in table.output and "Quarantine" in table.output
+    assert (
+        table.exit_code == 0 and "JunkEmail" in table.output and "Quarantine" in table.output
+    )  # "Hold again"
     shown = runner.invoke(
         cli_app, ["mail", "show", json.loads(junk.output)[0]["id"], "--state-dir", str(tmp_path)]
     )

@@ -38,6 +38,7 @@ from email.parser import BytesParser
 from email.utils import getaddresses
 from typing import TYPE_CHECKING
 
+from relay365.errors import Relay365Error
 from relay365.sandbox.ndr import non_delivery_report
 from relay365.sandbox.sender_auth import SenderVerdict, judge_sender
 from relay365.sandbox.store import StoredMessage, parse_headers
@@ -66,6 +67,10 @@ logger = logging.getLogger(__name__)
 RULE_REJECTED = "550 5.7.1 Delivery not authorized, message refused"
 SCL_SPAM = 5
 SCL_CLEAN = 1
+
+
+class NotQuarantined(Relay365Error):
+    """A release was asked for a stored copy that is not in the quarantine."""
 
 
 @dataclass(frozen=True)
@@ -185,6 +190,29 @@ class MailFlow:
         self._trace.add(flow.records)
         return Accepted(message_id, flow.trace_id, (), tuple(flow.records))
 
+    def release(self, stored_id: str) -> StoredMessage:
+        """An admin releases a quarantined copy: it moves to the recipient's Inbox and the recipient's
+        trace record gets a ``Release`` event and says Delivered (sandbox choice; Microsoft's header
+        docs describe SFV:SKQ as "released from the quarantine and was sent to the intended
+        recipients"). Raises MessageNotFound, or NotQuarantined for a copy outside the quarantine."""
+        stored = self._store.get(stored_id)
+        if stored.folder != "Quarantine":
+            raise NotQuarantined(
+                f"message {stored_id} is in {stored.mailbox}/{stored.folder}, not in quarantine"
+            )
+        moved = self._store.move(stored_id, "Inbox")
+        record = self._trace.for_stored(stored_id)
+        if record is not None:
+            released = TraceEvent(
+                self._clock.now(),
+                "Release",
+                "The message was released from quarantine by an administrator and delivered to the Inbox.",
+                status=DELIVERED,
+            )
+            self._trace.append_event(record.trace_id, record.recipient, released)
+        logger.info("released %s from quarantine to %s/Inbox", stored_id, moved.mailbox)
+        return moved
+
     def _stamp(self, sub: Submission, verdict: SenderVerdict, tenant: Tenant) -> bytes:
         spoofed = verdict.spoofed and tenant.spoof_intelligence
         scl = SCL_SPAM if spoofed else SCL_CLEAN
@@ -224,7 +252,8 @@ class _Flow:
         self._redirected: set[str] = set()
         self._failed: builtins.list[str] = []
 
-    def file(self, mailbox: str, folder: str, content: bytes | None = None) -> None:
+    def file(self, mailbox: str, folder: str, content: bytes | None = None) -> str:
+        """Store one copy; returns its store id."""
         self.stored.append(
             self.owner._store.add(
                 folder=folder,
@@ -236,8 +265,9 @@ class _Flow:
                 content=self.content if content is None else content,
             )
         )
+        return self.stored[-1].id
 
-    def record(self, recipient: str, events: builtins.list[TraceEvent]) -> None:
+    def record(self, recipient: str, events: builtins.list[TraceEvent], stored_id: str = "") -> None:
         receive = TraceEvent(
             self.now,
             "Receive",
@@ -257,6 +287,7 @@ class _Flow:
                 to_ip="",
                 ready_at=self.now + self.tenant.limits.trace_status_delay_seconds,
                 events=(receive, *events),
+                stored_id=stored_id,
             )
         )
 
@@ -271,7 +302,7 @@ class _Flow:
                 data=_mep(RuleName=rule.name, Action=rule.action),
             )
             if rule.action == "quarantine":
-                self.file(rcpt, "Quarantine")
+                kept = self.file(rcpt, "Quarantine")
                 quarantined = TraceEvent(
                     now,
                     "Quarantine",
@@ -279,7 +310,7 @@ class _Flow:
                     "release it at https://security.microsoft.com/quarantine (kept 30 days).",
                     status=QUARANTINED,
                 )
-                self.record(rcpt, [applied, quarantined])
+                self.record(rcpt, [applied, quarantined], kept)
                 return
             if rule.action == "reject":
                 self._failed.append(rcpt)
@@ -305,12 +336,12 @@ class _Flow:
         """The final destination of one recipient: outside the tenant, quarantine, Junk or Inbox."""
         now, sub = self.now, self.sub
         if not self.tenant.is_internal_address(rcpt):
-            self.file(rcpt, "Internet")
+            kept = self.file(rcpt, "Internet")
             domain = rcpt.rpartition("@")[2]
             sent = TraceEvent(
                 now, "Send external", f"Message sent to the mail server of {domain}.", status=DELIVERED
             )
-            self.record(rcpt, [sent])
+            self.record(rcpt, [sent], kept)
             return
         verdict = self.verdict
         if verdict is not None and verdict.spoofed and self.tenant.spoof_intelligence:
@@ -332,7 +363,7 @@ class _Flow:
                 ),
             )
             if self.tenant.spoof_action == "quarantine":
-                self.file(rcpt, "Quarantine")
+                kept = self.file(rcpt, "Quarantine")
                 done = TraceEvent(
                     now,
                     "Quarantine",
@@ -342,7 +373,7 @@ class _Flow:
                     status=QUARANTINED,
                 )
             else:
-                self.file(rcpt, "JunkEmail")
+                kept = self.file(rcpt, "JunkEmail")
                 done = TraceEvent(
                     now,
                     "Deliver",
@@ -350,9 +381,9 @@ class _Flow:
                     action="MoveToJmf",
                     status=FILTERED_AS_SPAM,
                 )
-            self.record(rcpt, [diagnostics, done])
+            self.record(rcpt, [diagnostics, done], kept)
             return
-        self.file(rcpt, "Inbox")
+        kept = self.file(rcpt, "Inbox")
         events: builtins.list[TraceEvent] = []
         if sub.deferred_seconds > 0:
             deferred = "Over the per-minute submission rate: delivered in the following minute."
@@ -360,7 +391,7 @@ class _Flow:
         later = now + sub.deferred_seconds
         delivered = "The message was successfully delivered."
         events.append(TraceEvent(later, "Deliver", delivered, status=DELIVERED))
-        self.record(rcpt, events)
+        self.record(rcpt, events, kept)
 
     def bounce(self, reply: str) -> None:
         """An NDR to the sender for the recipients a rule rejected (never for the null sender)."""

@@ -85,6 +85,7 @@ class TraceRecord:
     to_ip: str
     ready_at: float
     events: tuple[TraceEvent, ...]
+    stored_id: str = ""  # the sandbox's copy for this recipient (not part of Graph's resource)
 
     def visible_events(self, now: float) -> list[TraceEvent]:
         """The events an observer at ``now`` sees (only the receipt before ``ready_at``)."""
@@ -192,6 +193,11 @@ class TraceLog:
             found = list(self._records.values())
         found.sort(key=lambda r: (-r.received_at, r.trace_id, r.recipient.lower()))
         return found
+
+    def for_stored(self, stored_id: str) -> TraceRecord | None:
+        """The record whose recipient got the stored copy ``stored_id``."""
+        with self._lock:
+            return next((r for r in self._records.values() if r.stored_id and r.stored_id == stored_id), None)
 
     def for_message(self, trace_id: str) -> list[TraceRecord]:
         """The records of one message trace id (any case), one per recipient."""
