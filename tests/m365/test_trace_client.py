@@ -213,7 +213,7 @@ async def test_retry_after_is_honoured_when_someone_else_used_the_quota(
                 f"{sandbox.graph_url}{TRACES}", headers={"Authorization": f"Bearer {token}"}
             )
             assert response.status_code == 200
-    clock.advance(30)
+    clock.advance(90)  # the client asks for periods ending a minute ago
     try:
         [result] = await client.lookup(
             [TraceRequest("<scan-1@relay.contoso.test>", "alice@contoso.test", sent)]
@@ -261,11 +261,12 @@ async def test_getting_status_until_microsoft_has_a_final_status(
     client = client_for()
     wanted = [TraceRequest("<scan-9@relay.contoso.test>", "alice@contoso.test", sent)]
     missing = [TraceRequest("<never@relay.contoso.test>", "alice@contoso.test", sent)]
+    clock.advance(120)  # the client asks for periods ending a minute ago
     try:
         [early, absent] = await client.lookup(wanted + missing)
         assert early.status is TraceStatus.GETTING_STATUS and not early.status.final and early.details == ()
         assert absent.record is None and not absent.expired
-        clock.advance(900)
+        clock.advance(780)
         [late] = await client.lookup(wanted)
     finally:
         await client.aclose()

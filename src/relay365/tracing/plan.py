@@ -27,6 +27,7 @@ MAX_INTERVAL = 10 * DAY - 120  # "The time interval must not exceed 10 days" (a 
 MAX_AGE = 90 * DAY - 3600  # "{startDateTime} must not be more than 90 days before the current date"
 LEAD = 300.0  # Microsoft's receivedDateTime may precede relay365's own record of the 250 a little
 LAG = 1800.0  # ... and follow it (queueing inside Exchange, clock skew)
+SKEW = 60.0  # "{endDateTime} must not be later than the current date": end a minute before our now
 PER_MESSAGE_LIMIT = 3  # up to this many messages in a window: one messageId query each
 
 
@@ -88,13 +89,15 @@ def _common(values: Sequence[str | None]) -> str | None:
 
 
 def plan(requests: Sequence[TraceRequest], *, now: float) -> Plan:
-    """The queries that find ``requests`` (as of ``now``, the trace service's clock)."""
+    """The queries that find ``requests`` as of ``now`` (a period ends a minute before it, in case the
+    service's clock is behind ours: mail of the last minute is found by the next lookup)."""
     oldest = now - MAX_AGE
     live = [r for r in requests if r.sent_at + LAG >= oldest]
     expired = tuple(r for r in requests if r.sent_at + LAG < oldest)
     queries: list[TraceQuery] = []
+    latest = now - SKEW
     for group in _windows(live):
-        end = min(max(r.sent_at for r in group) + LAG, now)
+        end = min(max(r.sent_at for r in group) + LAG, latest)
         start = min(max(group[0].sent_at - LEAD, oldest), end)
         ids = list(dict.fromkeys(r.key[0] for r in group))
         if len(ids) <= PER_MESSAGE_LIMIT:
