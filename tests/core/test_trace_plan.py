@@ -146,3 +146,22 @@ def test_results_say_when_nothing_more_is_to_be_asked() -> None:
     assert done.settled and TraceResult(wanted, None, expired=True).settled
     assert done.to_json()["record"]["status"] == "quarantined"
     assert done.to_json()["details"][0]["event"] == "Quarantine"
+
+
+def test_the_trace_client_is_core() -> None:
+    """relay365.tracing imports neither the sandbox nor the diagnostics (function-local imports too)."""
+    import ast
+    from pathlib import Path
+
+    import relay365.tracing
+
+    root = Path(relay365.tracing.__file__).parent
+    imported: set[str] = set()
+    for path in root.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module)
+    assert "relay365.errors" in imported and "httpx" in imported  # it looked
+    assert not [n for n in imported if n.startswith(("relay365.sandbox", "relay365.diagnostics"))]
