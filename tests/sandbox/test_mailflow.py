@@ -3,6 +3,7 @@ each accepted message gets per recipient (issue 15, "The sandbox does what Excha
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import ipaddress
 import json
@@ -371,3 +372,25 @@ def test_the_example_tenant_documents_mail_flow() -> None:
     assert (tenant.limits.trace_requests_per_window, tenant.limits.trace_window_seconds) == (100, 300)
     relay_app = tenant.apps["11111111-2222-3333-4444-555555555555"]
     assert "ExchangeMessageTrace.Read.All" in relay_app.permissions
+
+
+async def test_a_helo_name_with_a_bare_cr_cannot_add_a_header_field(start_sandbox: Any) -> None:
+    sandbox: Sandbox = await start_sandbox()
+    reader, writer = await asyncio.open_connection("127.0.0.1", sandbox.mx_port)
+    try:
+        await reader.readline()
+        body = message(SCANNER, ALICE, "Injected?").as_bytes().replace(b"\n", b"\r\n")
+        writer.write(b"EHLO evil\rX-Injected: 1\r\n")
+        while not (await reader.readline()).startswith(b"250 "):
+            pass
+        for command in (f"MAIL FROM:<{SCANNER}>", f"RCPT TO:<{ALICE}>", "DATA"):
+            writer.write(command.encode() + b"\r\n")
+            await reader.readline()
+        writer.write(body + b".\r\n")
+        assert (await reader.readline()).startswith(b"250 ")
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    stamped = stored_headers(sandbox, "Injected?")
+    assert stamped["X-Injected"] is None
+    assert "H:evilX-Injected: 1;" in stamped["X-Forefront-Antispam-Report"]

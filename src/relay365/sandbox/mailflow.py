@@ -226,7 +226,9 @@ class MailFlow:
             f"X-MS-Exchange-Organization-SCL: {scl}",
             f"X-Forefront-Antispam-Report: {report}",
         ]
-        return ("\r\n".join(lines) + "\r\n").encode("ascii", "replace")
+        # What the client chose (HELO name, addresses) never breaks a stamped field: printable only.
+        safe = ["".join(c for c in line if c.isprintable())[:998] for line in lines]
+        return ("\r\n".join(safe) + "\r\n").encode("ascii", "replace")
 
 
 class _Flow:
