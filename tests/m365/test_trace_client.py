@@ -12,6 +12,7 @@ import ssl
 from collections.abc import AsyncIterator, Callable, Iterator
 from email.message import EmailMessage
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import aiosmtplib
@@ -21,6 +22,7 @@ import pytest
 from relay365.errors import TracePermissionError, TraceUnavailableError
 from relay365.oauth import GRAPH_SCOPE
 from relay365.sandbox.clock import ManualClock
+from relay365.sandbox.faults import Fault
 from relay365.sandbox.runner import Sandbox
 from relay365.sandbox.tenant import AppRegistration, example_tenant
 from relay365.settings import M365Options, SecretRef, TransportSettings
@@ -273,3 +275,40 @@ async def test_getting_status_until_microsoft_has_a_final_status(
     assert late.status is TraceStatus.FILTERED_AS_SPAM and late.status.after_acceptance_problem
     assert late.record is not None and late.record.from_ip == "203.0.113.5"
     assert [d.event for d in late.details][-1] == "Deliver"
+
+
+async def test_server_errors_are_retried_and_an_injected_retry_after_is_kept(
+    sandbox: Sandbox, client_for: Callable[..., MessageTraceClient]
+) -> None:
+    """A 503 is retried after a pause; a 429 that says Retry-After: 7 is waited for exactly so long
+    (the client's own budget is full, so only the server's word makes it wait)."""
+    clock = sandbox.ctx.clock
+    sent = clock.now()
+    await send_batch(
+        sandbox,
+        [
+            (
+                "scanner@contoso.test",
+                ["alice@contoso.test"],
+                mail("scanner@contoso.test", "alice@contoso.test", 5),
+            )
+        ],
+    )
+    clock.advance(120)
+    client = client_for()
+    await client._token()  # the token first: the faults below are for Graph requests only
+    sandbox.ctx.faults.add(Fault(endpoint="graph", stage="request", reply="503"))
+    sandbox.ctx.faults.add(
+        Fault(endpoint="graph", stage="request", reply="429", headers=MappingProxyType({"Retry-After": "7"}))
+    )
+    before = clock.now()
+    try:
+        [result] = await client.lookup(
+            [TraceRequest("<scan-5@relay.contoso.test>", "alice@contoso.test", sent)]
+        )
+    finally:
+        await client.aclose()
+    assert result.status is TraceStatus.DELIVERED
+    assert (client.requests, client.throttled) == (3, 1)
+    assert clock.now() - before >= 5 + 7  # the 503 pause, then Retry-After (and a token earned after it)
+    assert sandbox.ctx.store.rejections() == {"graph 503 fault": 1, "graph 429 fault": 1}
