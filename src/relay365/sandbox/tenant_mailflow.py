@@ -28,7 +28,8 @@ action; Quarantine in Strict); mail flow rule conditions and actions
 (Quarantine), "Reject the message with the explanation" (RejectMessageReasonText, default
 ``5.7.1`` "Delivery not authorized, message refused"); conditions "The sender is", "The sender
 domain is", "The subject includes any of these words"). A rule with several conditions needs all of
-them, as in Exchange.
+them, as in Exchange. Exchange applies every matching rule in priority order unless one says "Stop
+processing more rules"; every sandbox rule ends processing, so the first match (file order) decides.
 """
 
 from __future__ import annotations
