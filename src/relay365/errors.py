@@ -18,6 +18,11 @@
      │    └── MessageRefused         the message's header section (folded first line, limits)
      ├── TokenError                  an OAuth token could not be obtained (always transient for mail)
      ├── InstallError                init / service install refuse: a file exists, a path is unreachable
+     ├── TraceError                  Microsoft 365's message trace could not be read (relay365.tracing)
+     │    ├── TracePermissionError   403: the app lacks ExchangeMessageTrace.Read.All (or Microsoft's
+     │    │                          message trace service principal is not provisioned)
+     │    ├── TraceQueryError        400: Graph refused the query (a bug, or a window it does not serve)
+     │    └── TraceUnavailableError  no answer: token, network, 5xx, 401, or throttled past the wait
      └── DeliveryError               raised by a transport for the whole message
           ├── TransientDeliveryError retry later, optionally not before ``retry_after`` seconds
           │    ├── UpstreamUnreachableError  no session at all (connect, TLS, greeting): the
@@ -115,6 +120,28 @@ class TokenError(Relay365Error):
 class InstallError(Relay365Error):
     """``relay365 init`` or ``relay365 service install`` cannot do what was asked; the message says why
     and what to do instead."""
+
+
+class TraceError(Relay365Error):
+    """Microsoft 365's message trace (Graph) could not be read; ``status`` is the HTTP status, if any."""
+
+    def __init__(self, message: str, *, status: int | None = None, code: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class TracePermissionError(TraceError):
+    """Graph answered 403: the app registration lacks ExchangeMessageTrace.Read.All (admin consent), or
+    the tenant has no service principal for Microsoft's message trace app. Not worth retrying soon."""
+
+
+class TraceQueryError(TraceError):
+    """Graph answered 400 to a message trace query."""
+
+
+class TraceUnavailableError(TraceError):
+    """The message trace did not answer usefully now (token, network, 5xx, 401, long throttling)."""
 
 
 class DeliveryError(Relay365Error):

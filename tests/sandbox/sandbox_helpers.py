@@ -70,6 +70,12 @@ def make_tenant(**changes: Any) -> Tenant:
             InboundConnector(name="relay cert", tls_sender_certificate_name=CERT_NAME),
         ),
         limits=Limits(**{"smtp_connections_per_mailbox": 3, **limits}),
+        # The test domains publish SPF for the loopback peer, so Direct Send from them lands in the Inbox
+        # (the sandbox's anti-spoofing is on, as in every tenant); tests of Junk Email change these.
+        spf_records={
+            "contoso.test": "v=spf1 ip4:127.0.0.1 include:spf.protection.outlook.com ~all",
+            "fabrikam.test": "v=spf1 ip4:127.0.0.1 include:spf.protection.outlook.com ~all",
+        },
     )
     return dataclasses.replace(base, **changes)
 

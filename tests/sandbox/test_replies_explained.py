@@ -58,6 +58,7 @@ SMTP_EXPECTED: list[tuple[str, str, Category, bool]] = [
     ("SubmissionQuotaExceededException", "5.2.0", Category.THROTTLING, True),
     ("554 5.2.252 SendAsDenied", "5.2.0", Category.SENDER, False),
     ("550 5.1.90", "5.1.90", Category.THROTTLING, True),  # Graph over the daily recipients: the NDR
+    ("550 5.7.1 Delivery not authorized", "5.7.1", Category.SENDER, False),  # a mail flow rule's NDR
 ]
 
 

@@ -4,7 +4,7 @@
 
     relay365 sandbox [--tenant FILE] [--state-dir DIR] [--submission-port N] [--mx-port N] [--http-port N]
                                                            run every endpoint until Ctrl-C
-    relay365 sandbox mail list [--mailbox A] [--folder F] [--json]
+    relay365 sandbox mail list [--mailbox A] [--folder F] [--json]   (F: Inbox, JunkEmail, Quarantine, ...)
     relay365 sandbox mail show ID [--raw]
     relay365 sandbox rejections [--json]
 
@@ -68,6 +68,10 @@ def settings_tables(sandbox: Sandbox, tenant: Tenant) -> list[Table]:
     ca = str(sandbox.ca_path)
     smtp_apps = sorted(a.client_id for a in tenant.apps.values() if "SMTP.SendAsApp" in a.permissions)
     graph_apps = sorted(a.client_id for a in tenant.apps.values() if "Mail.Send" in a.permissions)
+    limits = tenant.limits
+    trace_apps = sorted(
+        a.client_id for a in tenant.apps.values() if "ExchangeMessageTrace.Read.All" in a.permissions
+    )
     basic = "or Basic (AUTH LOGIN) mailbox address and password" if tenant.basic_auth_allowed else (
         "Basic authentication is disabled (550 5.7.30)"
     )  # fmt: skip
@@ -121,6 +125,12 @@ def settings_tables(sandbox: Sandbox, tenant: Tenant) -> list[Table]:
                     "Credentials",
                     f"app token from {sandbox.authority} (Mail.Send; apps {', '.join(graph_apps) or 'none'})",
                 ),
+                (
+                    "Message trace",
+                    f"GET {sandbox.graph_url}/admin/exchange/tracing/messageTraces "
+                    f"(ExchangeMessageTrace.Read.All; apps {', '.join(trace_apps) or 'none'}; "
+                    f"{limits.trace_requests_per_window} requests per {limits.trace_window_seconds} s)",
+                ),
             ],
         ),
     ]
@@ -141,6 +151,10 @@ async def _serve(tenant: Tenant, state_dir: Path, console: Console) -> None:
         for table in settings_tables(sandbox, tenant):
             console.print(table)
         console.print(f"Mailboxes: {state_dir / 'mail'}   Admin API: {sandbox.base_url}/_sandbox/messages")
+        console.print(
+            "Spoofed Direct Send (SPF without the sending IP) lands in JunkEmail, mail flow rules may "
+            f"quarantine: relay365 sandbox mail list --state-dir {state_dir} --folder JunkEmail|Quarantine"
+        )
         console.print("Running. Press Ctrl-C to stop.")
         await asyncio.Event().wait()
 
@@ -192,7 +206,10 @@ def _when(stamp: float) -> str:
 def mail_list(
     state_dir: StateDir = DEFAULT_STATE_DIR,
     mailbox: Annotated[str | None, typer.Option(help="Only this mailbox (or external address).")] = None,
-    folder: Annotated[str | None, typer.Option(help="Inbox, SentItems, Internet or Drafts.")] = None,
+    folder: Annotated[
+        str | None,
+        typer.Option(help="Inbox, JunkEmail, SentItems, Drafts, Internet (left the tenant) or Quarantine."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """List stored messages, oldest first."""

@@ -30,3 +30,27 @@ class Clock:
         """How far the sandbox clock is ahead of the wall clock."""
         with self._lock:
             return self._offset
+
+
+class ManualClock(Clock):
+    """A sandbox clock that stands still until ``advance()`` moves it: rate windows, token lifetimes and
+    the message trace's periods can then be tested without waiting and without wall-clock margins."""
+
+    def __init__(self, *, start: float | None = None) -> None:
+        super().__init__()
+        self._now = time.time() if start is None else start
+        self._manual = threading.Lock()
+
+    def now(self) -> float:
+        with self._manual:
+            return self._now
+
+    def advance(self, seconds: float) -> None:
+        if seconds < 0:
+            raise ValueError("the sandbox clock only moves forward")
+        with self._manual:
+            self._now += seconds
+
+    @property
+    def offset(self) -> float:
+        return self.now() - time.time()

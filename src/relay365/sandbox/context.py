@@ -19,10 +19,12 @@ import trustme
 
 from relay365.sandbox.clock import Clock
 from relay365.sandbox.faults import Faults
+from relay365.sandbox.mailflow import MailFlow
 from relay365.sandbox.mx_tls import LenientClientCertContext
 from relay365.sandbox.store import MailStore
 from relay365.sandbox.tenant import Tenant
 from relay365.sandbox.throttle import SubmissionThrottle
+from relay365.sandbox.trace import TraceLog
 
 if TYPE_CHECKING:
     from relay365.sandbox.tokens import TokenIssuer
@@ -115,12 +117,19 @@ class SandboxContext:
     clock: Clock
     issuer: TokenIssuer
     tls: SandboxTLS
+    trace: TraceLog
     # The mailboxes' sending limits, shared by every protocol that submits as a mailbox (SMTP AUTH and
     # Graph): Exchange counts a mailbox's recipients and messages whatever client sent them.
     sending: SubmissionThrottle = field(init=False)
+    # What happens after acceptance: rules, anti-spoofing, folders and the message trace (mailflow).
+    mailflow: MailFlow = field(init=False)
 
     def __post_init__(self) -> None:
         self.sending = SubmissionThrottle(limits=lambda: self.tenant.limits, clock=self.clock)
+        host = self.tenant.accepted_domains[0].replace(".", "-") + ".mail.protection.outlook.com"
+        self.mailflow = MailFlow(
+            tenant=lambda: self.tenant, store=self.store, trace=self.trace, clock=self.clock, host=host
+        )
 
 
 def create_context(
@@ -131,7 +140,8 @@ def create_context(
     clock: Clock | None = None,
     extra_client_cas: Sequence[Path] = (),
 ) -> SandboxContext:
-    """A fresh context: store in ``<state_dir>/mail``, TLS material in ``<state_dir>/tls``."""
+    """A fresh context: store in ``<state_dir>/mail``, the message trace in ``<state_dir>/trace``, TLS
+    material in ``<state_dir>/tls``."""
     from relay365.sandbox.tokens import TokenIssuer
 
     clock = clock or Clock()
@@ -146,4 +156,5 @@ def create_context(
             tenant, clock, issuer_host=issuer_host, key_file=state_dir / "tls" / "token-signing.key"
         ),
         tls=tls,
+        trace=TraceLog(state_dir / "trace"),
     )

@@ -54,6 +54,7 @@ from relay365.sandbox.graph_wire import (
     request_ids,
     same_name,
 )
+from relay365.sandbox.mailflow import Submission
 from relay365.sandbox.ndr import non_delivery_report
 from relay365.sandbox.tokens import (
     GRAPH_RESOURCE,
@@ -164,7 +165,7 @@ class GraphEndpoint:
 
     async def call(self, request: Request, permission: str, handler: Handler) -> Response:
         try:
-            claims = self._authenticate(request)
+            claims = self.authenticate(request)
             caller = Caller(claims=claims, mailbox=self._mailbox(request, claims))
             if not caller.has(permission) or not may_use_mailbox(claims, self.ctx.tenant, caller.mailbox):
                 raise GraphError(403, "ErrorAccessDenied", ACCESS_DENIED)
@@ -192,7 +193,8 @@ class GraphEndpoint:
         now = self.ctx.clock.now()
         return graph_error(err.status, err.code, err.message, ids=ids, now=now, headers=err.headers)
 
-    def _authenticate(self, request: Request) -> AccessClaims:
+    def authenticate(self, request: Request) -> AccessClaims:
+        """The bearer token's claims, or 401 InvalidAuthenticationToken as Graph answers it."""
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         token = token.strip()
@@ -209,7 +211,7 @@ class GraphEndpoint:
             raise GraphError(
                 401,
                 "InvalidAuthenticationToken",
-                _token_message(exc.reason, token),
+                token_error_message(exc.reason, token),
                 headers={"WWW-Authenticate": GRAPH_WWW_AUTHENTICATE},
             ) from exc
 
@@ -291,19 +293,22 @@ class GraphEndpoint:
                 "The message exceeds the maximum supported size., Cannot save changes made to an "
                 "item to store.",
             )
-        if not self._within_sending_limits(caller, message, recipients):
+        deferred = self._within_sending_limits(caller, message, recipients, full)
+        if deferred is None:
             return
         del message["Bcc"]
         visible = message.as_bytes(policy=policy.SMTP)
         store = self.ctx.store
-        store.deliver_accepted(
-            tenant=self.ctx.tenant,
-            endpoint="graph",
-            mail_from=sender,
-            rcpt_tos=recipients,
-            authenticated_as=caller.identity,
-            content=visible,
-            sender_mailbox_for_sent_items=None,
+        self.ctx.mailflow.accept(
+            Submission(
+                endpoint="graph",
+                mail_from=sender,
+                recipients=tuple(recipients),
+                content=visible,
+                authenticated_as=caller.identity,
+                client_ip="",
+                deferred_seconds=deferred,
+            )
         )
         if save_to_sent_items:
             store.add(
@@ -322,7 +327,9 @@ class GraphEndpoint:
             caller.identity,
         )
 
-    def _within_sending_limits(self, caller: Caller, message: EmailMessage, recipients: list[str]) -> bool:
+    def _within_sending_limits(
+        self, caller: Caller, message: EmailMessage, recipients: list[str], content: bytes
+    ) -> float | None:
         """Exchange's per-mailbox sending limits apply to Graph as to every client of the mailbox
         (https://learn.microsoft.com/office365/servicedescriptions/exchange-online-service-description/
         exchange-online-limits#sending-limits). sendMail is accepted (202) before transport submits
@@ -349,11 +356,23 @@ class GraphEndpoint:
                 authenticated_as=None,
                 content=ndr,
             )
+            self.ctx.mailflow.refuse_after_acceptance(
+                Submission(
+                    endpoint="graph",
+                    mail_from=mailbox,
+                    recipients=tuple(recipients),
+                    content=content,
+                    authenticated_as=caller.identity,
+                    client_ip="",
+                ),
+                RECIPIENT_RATE_LIMIT,
+            )
             logger.info("graph: %s is over its daily recipient limit; NDR to its Inbox", mailbox)
-            return False
+            return None
         if sending.record_message(mailbox, len(recipients)):
             self.ctx.store.count_rejection("graph", "throttled")
-        return True
+            return float(self.ctx.tenant.limits.submission_window_seconds)
+        return 0.0
 
 
 # NDR reference (non-delivery-reports-in-exchange-online), row 5.1.90.
@@ -362,7 +381,7 @@ RECIPIENT_RATE_LIMIT = (
 )
 
 
-def _token_message(reason: str, token: str) -> str:
+def token_error_message(reason: str, token: str) -> str:
     if "." not in token:
         return "IDX14100: JWT is not well formed, there are no dots (.)."
     if "expired" in reason:

@@ -3,7 +3,8 @@
 ``create_app(ctx)`` returns one Starlette app; the runner serves it with uvicorn over TLS. Routes:
 
 - identity (``login.microsoftonline.com`` role): see :mod:`relay365.sandbox.identity`
-- Graph (``graph.microsoft.com`` role): see :mod:`relay365.sandbox.graph`; every response carries
+- Graph (``graph.microsoft.com`` role): see :mod:`relay365.sandbox.graph` (mail) and
+  :mod:`relay365.sandbox.trace_api` (message trace); every response carries
   Graph's ``request-id``, ``client-request-id``, ``Date`` and ``x-ms-ags-diagnostic``
   (:mod:`relay365.sandbox.graph_wire`), every other response ``Date`` (the sandbox clock)
 - admin API (sandbox only, no authentication; loopback only)::
@@ -15,6 +16,7 @@
     POST   /_sandbox/faults                      add a fault (JSON fields of ``Fault``)
     DELETE /_sandbox/faults                      clear all faults
     POST   /_sandbox/clock/advance               {"seconds": n}
+    POST   /_sandbox/quarantine/{id}/release     an admin releases a quarantined copy to the Inbox
     GET|POST /devicelogin                        the device code sign-in page (HTML form)
     POST   /_sandbox/devicecode/approve          {"user_code", "address", "password"}
     POST   /_sandbox/sessions/revoke             {"address"}: refresh tokens issued before now die
@@ -52,8 +54,10 @@ from relay365.sandbox.graph_wire import (
     with_response_headers,
 )
 from relay365.sandbox.identity import DeviceCodeRefused, IdentityEndpoint, parse_form
+from relay365.sandbox.mailflow import NotQuarantined
 from relay365.sandbox.store import MessageNotFound
 from relay365.sandbox.tokens import OAuthError, error_response
+from relay365.sandbox.trace_api import TraceEndpoint
 
 if TYPE_CHECKING:
     from relay365.sandbox.context import SandboxContext
@@ -177,6 +181,7 @@ class AdminAPI:
             Route("/_sandbox/rejections", self.rejections, methods=["GET"]),
             Route("/_sandbox/faults", self.faults, methods=["GET", "POST", "DELETE"]),
             Route("/_sandbox/clock/advance", self.advance, methods=["POST"]),
+            Route("/_sandbox/quarantine/{id}/release", self.release, methods=["POST"]),
             Route("/_sandbox/devicecode/approve", self.approve, methods=["POST"]),
             Route("/_sandbox/sessions/revoke", self.revoke, methods=["POST"]),
         ]
@@ -197,6 +202,16 @@ class AdminAPI:
         if request.query_params.get("raw"):
             return Response(content, media_type="message/rfc822")
         return JSONResponse({"message": meta.to_json(), "content": content.decode("utf-8", "replace")})
+
+    async def release(self, request: Request) -> Response:
+        message_id = request.path_params["id"]
+        try:
+            moved = self._ctx.mailflow.release(message_id)
+        except MessageNotFound:
+            return JSONResponse({"error": f"no message {message_id}"}, status_code=404)
+        except NotQuarantined as exc:
+            return JSONResponse({"error": str(exc)}, status_code=409)
+        return JSONResponse({"message": moved.to_json()})
 
     async def rejections(self, request: Request) -> Response:
         return JSONResponse(self._ctx.store.rejections())
@@ -294,8 +309,10 @@ def create_app(ctx: SandboxContext, *, device_code_interval: int = 5) -> Starlet
     """The sandbox's HTTPS application for ``ctx``."""
     identity = IdentityEndpoint(ctx, device_code_interval=device_code_interval)
     graph = GraphEndpoint(ctx)
+    trace = TraceEndpoint(ctx, graph)
     admin = AdminAPI(ctx, identity)
-    app = SandboxApp(ctx, routes=[*admin.routes(), *graph.routes(), *identity.routes()])
+    app = SandboxApp(ctx, routes=[*admin.routes(), *graph.routes(), *trace.routes(), *identity.routes()])
     app.state.identity = identity
     app.state.graph = graph
+    app.state.trace = trace
     return app

@@ -16,17 +16,19 @@ Anonymous SMTP for Direct Send and connector relay (``docs/exchange-online.md``)
 - STARTTLS is optional and asks for (but does not require) a client certificate; a certificate whose
   chain does not end at a trusted CA does not break the handshake (:mod:`.mx_tls`): it simply
   attributes nothing, so relaying is refused with 5.7.64 as Exchange Online does;
-- messages up to `max_receive_message_size` (36 MB by default: Exchange Online receives 36 MB, sends 35 MB).
+- messages up to `max_receive_message_size` (36 MB by default: Exchange Online receives 36 MB, sends 35 MB);
+- connectors and SPF judge the peer as Microsoft sees it (``Tenant.public_ip``); after ``250`` the
+  message goes through :mod:`.mailflow` (mail flow rules, SPF and anti-spoofing, folders, trace).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
-import secrets
 from typing import Any, ClassVar
 
 from relay365.sandbox.context import SandboxContext
+from relay365.sandbox.mailflow import Submission
 from relay365.sandbox.mx_tls import ClientCertificate, LenientClientCertContext, LenientSSLObject
 from relay365.sandbox.smtp_common import ExchangeSMTP, SmtpEndpoint, server_name
 from relay365.sandbox.tenant import InboundConnector
@@ -84,6 +86,12 @@ class MxSMTP(ExchangeSMTP):
 
     # -- attribution --------------------------------------------------------------------------
 
+    @property
+    def public_ip(self) -> str:
+        """The peer as Microsoft would see it: the tenant file may map a loopback peer to the public
+        address of the office's NAT (``[public_ip]``); connectors and SPF judge that address."""
+        return self.ctx.tenant.public_ip(self.peer_ip)
+
     def client_certificate(self) -> ClientCertificate | None:
         """The certificate the client presented after STARTTLS, with its chain's verdict."""
         if not self.tls_active or self.transport is None:
@@ -110,7 +118,7 @@ class MxSMTP(ExchangeSMTP):
             ):
                 return connector
         try:
-            peer = ipaddress.ip_address(self.peer_ip)
+            peer = ipaddress.ip_address(self.public_ip)
         except ValueError:
             return None
         for connector in tenant.connectors:
@@ -178,19 +186,20 @@ class MxSMTP(ExchangeSMTP):
         if len(content) > self.ctx.tenant.limits.max_receive_message_size:
             return self.reject(TOO_BIG)
         connector = self.matching_connector()
-        stored = self.ctx.store.deliver_accepted(
-            tenant=self.ctx.tenant,
-            endpoint=self.endpoint,
-            mail_from=envelope.mail_from or "",
-            rcpt_tos=list(envelope.rcpt_tos),
-            authenticated_as=f"connector:{connector.name}" if connector is not None else None,
-            content=content,
-            sender_mailbox_for_sent_items=None,
+        accepted = self.ctx.mailflow.accept(
+            Submission(
+                endpoint=self.endpoint,
+                mail_from=envelope.mail_from or "",
+                recipients=tuple(envelope.rcpt_tos),
+                content=content,
+                authenticated_as=f"connector:{connector.name}" if connector is not None else None,
+                client_ip=self.public_ip,
+                helo=str(getattr(session, "host_name", "") or ""),
+                connector=connector.name if connector is not None else None,
+            )
         )
-        internal_id = stored[0].id if stored else secrets.token_hex(6)
-        message_id = (stored[0].header("Message-ID") if stored else None) or f"<{internal_id}@sandbox>"
         return (
-            f"250 2.6.0 {message_id} [InternalId={internal_id}, Hostname={self.hostname}] "
+            f"250 2.6.0 {accepted.message_id} [InternalId={accepted.internal_id}, Hostname={self.hostname}] "
             "Queued mail for delivery"
         )
 

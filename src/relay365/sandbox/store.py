@@ -10,6 +10,7 @@ same directory while the sandbox runs). Rejections are counted per ``"<endpoint>
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import json
 import logging
 import os
@@ -33,7 +34,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-FOLDERS = frozenset({"Inbox", "SentItems", "Internet", "Drafts"})
+# Mailbox folders by their Graph well-known names (JunkEmail: "Junk Email"), plus two sandbox places:
+# "Internet" holds what left the tenant for external recipients, "Quarantine" the hosted quarantine
+# (not a mailbox folder: an admin releases from it, https://security.microsoft.com/quarantine).
+FOLDERS = frozenset({"Inbox", "SentItems", "Internet", "Drafts", "JunkEmail", "Quarantine"})
 _REJECTIONS_FILE = "rejections.json"
 
 
@@ -195,6 +199,19 @@ class MailStore:
             if (wanted_mailbox is None or m.mailbox == wanted_mailbox)
             and (folder is None or m.folder == folder)
         ]
+
+    def move(self, message_id: str, folder: str) -> StoredMessage:
+        """Move a stored copy to another folder of its mailbox (a quarantine release)."""
+        if folder not in FOLDERS:
+            raise ValueError(f"unknown folder {folder!r}; use one of {sorted(FOLDERS)}")
+        current = self.get(message_id)
+        moved = dataclasses.replace(current, folder=folder)
+        with self._lock:
+            metadata = json.dumps(moved.to_json(), ensure_ascii=False, indent=1).encode("utf-8")
+            _write_atomically(self.root / f"{message_id}.json", metadata)
+            self._cache[message_id] = moved
+        logger.info("moved %s to %s/%s", message_id, moved.mailbox, folder)
+        return moved
 
     def get(self, message_id: str) -> StoredMessage:
         """The metadata of one message; raises MessageNotFound."""

@@ -31,6 +31,7 @@ from typing import Any, ClassVar
 from aiosmtpd.smtp import MISSING
 
 from relay365.sandbox.context import SandboxContext
+from relay365.sandbox.mailflow import Submission
 from relay365.sandbox.smtp_common import ExchangeSMTP, SmtpEndpoint, server_name
 from relay365.sandbox.tenant import Mailbox
 from relay365.sandbox.throttle import SubmissionThrottle
@@ -298,19 +299,24 @@ class SubmissionSMTP(ExchangeSMTP):
         recipients = list(envelope.rcpt_tos)
         if self.throttle.recipients_left_today(login.mailbox.address) < len(recipients):
             return self.reject(DAILY_QUOTA)
+        deferred = 0.0
         if self.throttle.record_message(login.mailbox.address, len(recipients)):
             self.ctx.store.count_rejection(self.endpoint, "throttled")
-        stored = self.ctx.store.deliver_accepted(
-            tenant=self.ctx.tenant,
-            endpoint=self.endpoint,
-            mail_from=envelope.mail_from or "",
-            rcpt_tos=recipients,
-            authenticated_as=login.description,
-            content=content,
-            sender_mailbox_for_sent_items=login.mailbox.address,
+            deferred = float(limits.submission_window_seconds)  # carried over to the following minute
+        accepted = self.ctx.mailflow.accept(
+            Submission(
+                endpoint=self.endpoint,
+                mail_from=envelope.mail_from or "",
+                recipients=tuple(recipients),
+                content=content,
+                authenticated_as=login.description,
+                client_ip=self.ctx.tenant.public_ip(self.peer_ip),
+                helo=str(getattr(session, "host_name", "") or ""),
+                sent_items_mailbox=login.mailbox.address,
+                deferred_seconds=deferred,
+            )
         )
-        message_id = stored[0].header("Message-ID") if stored else None
-        return f"250 2.0.0 OK {message_id or '<' + stored[0].id + '@sandbox>'} [Hostname={self.hostname}]"
+        return f"250 2.0.0 OK {accepted.message_id} [Hostname={self.hostname}]"
 
 
 def submission_endpoint(ctx: SandboxContext) -> SmtpEndpoint:

@@ -18,10 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from relay365.errors import ConfigError
+from relay365.sandbox.tenant_mailflow import MailFlowRule, SpoofAction, mail_flow_from_mapping
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-KNOWN_PERMISSIONS = frozenset({"SMTP.SendAsApp", "Mail.Send", "Mail.ReadWrite", "SMTP.Send"})
+# ExchangeMessageTrace.Read.All: Graph's message trace (learn.microsoft.com/graph/api/
+# messagetracingroot-list-messagetraces, "Permissions": application and delegated).
+KNOWN_PERMISSIONS = frozenset(
+    {"SMTP.SendAsApp", "Mail.Send", "Mail.ReadWrite", "SMTP.Send", "ExchangeMessageTrace.Read.All"}
+)
 
 EXAMPLE_TENANT_PATH = Path(__file__).with_name("example_tenant.toml")
 
@@ -79,6 +84,14 @@ class Limits:
     graph_window_seconds: int = 600
     graph_max_request_bytes: int = 4 * 1024 * 1024
     token_lifetime: int = 3600
+    # Graph message trace: 100 requests per 5-minute running window per tenant, list and details
+    # sharing the quota (Exchange Team blog "Message Trace support using Graph API", Jan 2026;
+    # learn.microsoft.com/graph/api/messagetracingroot-list-messagetraces, note).
+    trace_requests_per_window: int = 100
+    trace_window_seconds: int = 300
+    # How long a new trace record says gettingStatus before its events show (Microsoft documents no
+    # figure; 0 = at once). Tests set it to exercise a follower that waits for a final status.
+    trace_status_delay_seconds: int = 0
     # What EHLO advertises as SIZE: Exchange Online advertises the organisation maximum (150 MB) while
     # the mailbox limit above is enforced at MAIL FROM SIZE= and after DATA.
     smtp_advertised_size: int = 157286400
@@ -99,6 +112,13 @@ class Tenant:
     basic_auth_allowed: bool = False
     reject_direct_send: bool = False
     limits: Limits = field(default_factory=Limits)
+    # After acceptance (tenant_mailflow): published SPF records, the public address Microsoft sees for
+    # a peer, anti-spoofing and mail flow rules.
+    spf_records: Mapping[str, str] = field(default_factory=dict)
+    public_ips: Mapping[str, str] = field(default_factory=dict)
+    rules: tuple[MailFlowRule, ...] = ()
+    spoof_intelligence: bool = True
+    spoof_action: SpoofAction = "junk"
     host: str = "127.0.0.1"
     submission_port: int = 0
     mx_port: int = 0
@@ -129,6 +149,14 @@ class Tenant:
         """True if the address's domain is an accepted domain."""
         _, at, domain = address.rpartition("@")
         return bool(at) and self.is_accepted_domain(domain)
+
+    def public_ip(self, peer: str) -> str:
+        """The address Microsoft would see for a peer (``[public_ip]`` maps loopback to a NAT address)."""
+        try:
+            key = str(ipaddress.ip_address(peer))
+        except ValueError:
+            return peer
+        return self.public_ips.get(key, key)
 
     def smtp_auth_enabled_for(self, mailbox: Mailbox) -> bool:
         """The effective SMTP AUTH switch: the mailbox setting if set, else the tenant's."""
@@ -242,13 +270,16 @@ def _connector(table: Mapping[str, Any], where: str) -> InboundConnector:
     )
 
 
+_MAY_BE_ZERO = frozenset({"trace_status_delay_seconds"})
+
+
 def _limits(table: Mapping[str, Any]) -> Limits:
     _check_keys(table, {f.name for f in fields(Limits)}, "limits.")
     values: dict[str, int] = {}
     for f in fields(Limits):
         if f.name in table:
             value = _get(table, f.name, "limits.", int, None)
-            if value <= 0:
+            if value < 0 or (value == 0 and f.name not in _MAY_BE_ZERO):
                 raise ConfigError(f"limits.{f.name}", value, "Must be a positive integer.")
             values[f.name] = value
     return Limits(**values)
@@ -263,8 +294,8 @@ def _tables(data: Mapping[str, Any], key: str) -> list[Mapping[str, Any]]:
 
 def tenant_from_mapping(data: Mapping[str, Any], *, base_dir: Path | None = None) -> Tenant:
     """Build and validate a Tenant from parsed TOML data (relative file names are under ``base_dir``)."""
-    top = {f.name for f in fields(Tenant)} | {"mailbox", "app", "connector"}
-    _check_keys(data, top - {"mailboxes", "apps", "connectors"}, "")
+    top = {f.name for f in fields(Tenant)} | {"mailbox", "app", "connector", "spf", "public_ip", "rule"}
+    _check_keys(data, top - {"mailboxes", "apps", "connectors", "spf_records", "public_ips", "rules"}, "")
     domains = [d.lower() for d in _str_list(data, "accepted_domains", "")]
     if not domains:
         raise ConfigError("accepted_domains", data.get("accepted_domains"), "At least one domain is needed.")
@@ -288,6 +319,11 @@ def tenant_from_mapping(data: Mapping[str, Any], *, base_dir: Path | None = None
         if not 0 <= port <= 65535:
             raise ConfigError(key, port, "Not a TCP port (0-65535).")
         ports[key] = port
+    mail_flow = mail_flow_from_mapping(data)
+    for index, rule in enumerate(mail_flow.rules):
+        target = rule.redirect_to
+        if target is not None and any(target.endswith("@" + d) for d in domains) and target not in mailboxes:
+            raise ConfigError(f"rule[{index}].redirect_to", target, "No such mailbox in the tenant.")
     host = _get(data, "host", "", str, "127.0.0.1")
     try:
         if not ipaddress.ip_address(host).is_loopback:
@@ -306,6 +342,11 @@ def tenant_from_mapping(data: Mapping[str, Any], *, base_dir: Path | None = None
         basic_auth_allowed=_get(data, "basic_auth_allowed", "", bool, False),
         reject_direct_send=_get(data, "reject_direct_send", "", bool, False),
         limits=_limits(limits_table),
+        spf_records=mail_flow.spf_records,
+        public_ips=mail_flow.public_ips,
+        rules=mail_flow.rules,
+        spoof_intelligence=mail_flow.spoof_intelligence,
+        spoof_action=mail_flow.spoof_action,
         host=host,
         **ports,
     )

@@ -51,14 +51,16 @@ OUTLOOK_AUDIENCES = frozenset({"https://outlook.office365.com", "https://outlook
 GRAPH_RESOURCE = "https://graph.microsoft.com"
 
 #: Application permissions (app roles) each resource defines, as the sandbox knows them.
+#: ExchangeMessageTrace.Read.All is both an application and a delegated Graph permission
+#: (learn.microsoft.com/graph/api/messagetracingroot-list-messagetraces, "Permissions").
 APP_ROLES: Mapping[str, frozenset[str]] = {
     OUTLOOK_RESOURCE: frozenset({"SMTP.SendAsApp"}),
-    GRAPH_RESOURCE: frozenset({"Mail.Send", "Mail.ReadWrite"}),
+    GRAPH_RESOURCE: frozenset({"Mail.Send", "Mail.ReadWrite", "ExchangeMessageTrace.Read.All"}),
 }
 #: Delegated permissions (scopes) each resource defines.
 DELEGATED_SCOPES: Mapping[str, frozenset[str]] = {
     OUTLOOK_RESOURCE: frozenset({"SMTP.Send"}),
-    GRAPH_RESOURCE: frozenset({"Mail.Send", "Mail.ReadWrite"}),
+    GRAPH_RESOURCE: frozenset({"Mail.Send", "Mail.ReadWrite", "ExchangeMessageTrace.Read.All"}),
 }
 
 # Clock skew Entra-protected resources tolerate (Microsoft.IdentityModel default: 5 minutes).
