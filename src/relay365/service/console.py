@@ -1,8 +1,8 @@
 """The one thin adapter between the running relay and the console's interfaces (``admin/ports.py``).
 
-It lives beside the composition root (``app.py``) and is the only place that knows both: when the
-relay becomes separate services, only this file changes. It may import the tools (diagnostics, sandbox)
-because, like the composition root, it sits above every layer.
+It lives beside the composition root (``service/relay.py``) and is the only place that knows both: when
+the relay becomes separate services, only this file changes. It may import the tools (diagnostics,
+sandbox) because, like the composition root, it sits above every layer.
 """
 
 from __future__ import annotations

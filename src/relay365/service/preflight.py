@@ -1,7 +1,7 @@
 """Preflight: everything ``relay365 serve`` needs before it binds a port, checked in one place.
 
-``relay365 config check`` and ``serve`` run this same function (``relay365.app.preflight_for``), so the
-check passes exactly when serve would start, given the same user and environment. It reports every
+``relay365 config check`` and ``serve`` run this same function (``service.relay.preflight_for``), so
+the check passes exactly when serve would start, given the same user and environment. It reports every
 problem at once (:class:`relay365.errors.PreflightError`, one line each, naming the config key and the
 file), and changes nothing on disk: no spool directory, no self-signed certificate is made here.
 

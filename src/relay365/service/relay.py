@@ -17,7 +17,6 @@ from collections.abc import Callable
 from relay365.admin.accounts import AccountStore
 from relay365.admin.console import Console
 from relay365.admin.server import AdminServer, build_console, create_app, tls_context
-from relay365.console_adapter import RelayParts, SandboxMailboxes, console_deps
 from relay365.credentials import Redactor, load_secret
 from relay365.delivery.router import NoRoute, Router
 from relay365.delivery.scheduler import Scheduler
@@ -31,9 +30,10 @@ from relay365.observability.activity import DeviceActivity
 from relay365.observability.metrics import Metrics
 from relay365.observability.tracking import MemoryTrackingLog, TrackingLog
 from relay365.observability.tracking_sqlite import SqliteTrackingLog
-from relay365.preflight import PreflightReport, preflight
 from relay365.replies import classify
+from relay365.service.console import RelayParts, SandboxMailboxes, console_deps
 from relay365.service.notify import Notifier
+from relay365.service.preflight import PreflightReport, preflight
 from relay365.settings import ListenerSettings, Settings
 from relay365.spool.contract import Spool
 from relay365.spool.factory import make_spool
