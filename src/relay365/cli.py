@@ -81,7 +81,7 @@ def config_check(file: Annotated[Path, typer.Argument(help="relay365.toml to val
     when 'relay365 serve' would start. Prints a summary, or every problem with its key and file, and
     warns about senders Microsoft will refuse (5.7.60)."""
     from relay365.diagnostics.sendas import send_as_risks
-    from relay365.service.relay import preflight_for
+    from relay365.service.preflight import preflight_for
 
     s = _settings(file)
 

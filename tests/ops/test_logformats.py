@@ -175,7 +175,7 @@ def test_serve_picks_the_format(
     if expect == "journal":
         assert all(re.match(r"<[0-7]>[\w.]+: ", line) for line in lines), lines
         assert (
-            "<6>relay365.service.relay: shutting down: no new connections, finishing in-flight messages"
+            "<6>relay365.service.serve: shutting down: no new connections, finishing in-flight messages"
             in lines
         )
     elif expect == "text":
@@ -185,10 +185,10 @@ def test_serve_picks_the_format(
     elif expect == "json+prefix":  # journald strips <N> and stores pure JSON with that PRIORITY
         assert all(re.match(r"<[0-7]>\{", line) for line in lines), lines
         records = [json.loads(line[3:]) for line in lines]
-        assert {r["logger"] for r in records} >= {"relay365.service.relay", "relay365.serve"}
+        assert {r["logger"] for r in records} >= {"relay365.service.serve", "relay365.serve"}
     else:
         records = [json.loads(line) for line in lines]
-        assert {r["logger"] for r in records} >= {"relay365.service.relay", "relay365.serve"}
+        assert {r["logger"] for r in records} >= {"relay365.service.serve", "relay365.serve"}
 
 
 def test_startup_errors_use_the_log_format(tmp_path: Path) -> None:

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
-import signal
 import ssl
 import time
 from collections.abc import Callable
@@ -17,7 +15,6 @@ from collections.abc import Callable
 from relay365.admin.accounts import AccountStore
 from relay365.admin.console import Console
 from relay365.admin.server import AdminServer, build_console, create_app, tls_context
-from relay365.credentials import Redactor, load_secret
 from relay365.delivery.router import NoRoute, Router
 from relay365.delivery.scheduler import Scheduler
 from relay365.ingress.context import IngressContext, shutdown
@@ -32,14 +29,13 @@ from relay365.observability.tracking import MemoryTrackingLog, TrackingLog
 from relay365.observability.tracking_sqlite import SqliteTrackingLog
 from relay365.replies import classify
 from relay365.service.console import RelayParts, SandboxMailboxes, console_deps
-from relay365.service.notify import Notifier
-from relay365.service.preflight import PreflightReport, preflight
+from relay365.service.preflight import preflight_for
 from relay365.settings import ListenerSettings, Settings
 from relay365.spool.contract import Spool
 from relay365.spool.factory import make_spool
 from relay365.spool.model import new_owner_id
 from relay365.transports.base import Transport
-from relay365.transports.registry import build_transport, null_sender_transports, recipient_rules
+from relay365.transports.registry import null_sender_transports, recipient_rules
 
 log = logging.getLogger(__name__)
 
@@ -63,24 +59,6 @@ def null_route_reply(router: Router) -> Callable[[str, str, str], str | None]:
         return None
 
     return reply
-
-
-def secrets_of(settings: Settings) -> list[str]:
-    """Every upstream secret value, so the log redactor can mask it wherever it appears."""
-    values = []
-    for t in settings.transports:
-        for ref in (t.password, t.m365.client_secret):
-            if ref is not None:
-                with contextlib.suppress(Exception):
-                    values.append(load_secret(ref))
-    return values
-
-
-async def preflight_for(settings: Settings) -> PreflightReport:
-    """The preflight ``serve`` runs before it binds a port, and ``config check`` runs on its own."""
-    return await preflight(
-        settings, build_transport=functools.partial(build_transport, hostname=settings.server.hostname)
-    )
 
 
 def open_tracking(settings: Settings, *, clock: Callable[[], float] = time.time) -> TrackingLog:
@@ -274,57 +252,3 @@ class Relay:
         if isinstance(self.tracking, SqliteTrackingLog):
             await self.tracking.close()
         await self.spool.close()
-
-
-async def serve(
-    settings: Settings,
-    *,
-    ready: Callable[[Relay], None] = lambda relay: None,
-    mailboxes: SandboxMailboxes | None = None,
-    notifier: Notifier | None = None,
-) -> None:
-    """Run until SIGTERM/SIGINT. Under systemd (``NOTIFY_SOCKET``): READY=1 once the spool is recovered
-    and every listener accepts connections, watchdog pings, STOPPING=1 at shutdown."""
-    notify = Notifier.from_environ() if notifier is None else notifier
-    try:
-        await _serve(settings, ready, notify, mailboxes)
-    finally:
-        notify.close()
-
-
-async def _serve(
-    settings: Settings,
-    ready: Callable[[Relay], None],
-    notify: Notifier,
-    mailboxes: SandboxMailboxes | None,
-) -> None:
-    relay = Relay(settings, mailboxes=mailboxes)
-    await notify.status("Starting: recovering the spool, opening the listeners")
-    try:
-        await relay.start()
-    except Exception as e:
-        await notify.status(f"Failed to start: {make_redactor(settings).redact(str(e))}")
-        raise
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    ready(relay)
-    await notify.ready(f"Accepting mail on {relay.describe_listeners()}")
-    watchdog = asyncio.create_task(notify.watchdog(healthy=relay.healthy), name="watchdog")
-    try:
-        await stop.wait()
-        log.info("shutting down: no new connections, finishing in-flight messages")
-        await notify.stopping("Stopping: no new connections, finishing in-flight messages")
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-        # systemd stops watching after STOPPING=1. The relay stops last: once its spool is closed the loop
-        # must not run again, or a device session still open would reach the closed spool.
-        watchdog.cancel()
-        await asyncio.gather(watchdog, return_exceptions=True)
-        await relay.stop(grace=settings.server.shutdown_grace)
-
-
-def make_redactor(settings: Settings) -> Redactor:
-    return Redactor(secrets_of(settings))
