@@ -165,7 +165,7 @@ async def test_scan_burst_is_rate_limited_per_peer(
 
     await asyncio.to_thread(scan)
     assert relay.ingress is not None
-    failures = relay.ingress.tls_failures
+    failures = relay.ingress.context.tls_failures
 
     async def all_seen() -> None:
         while failures.seen < burst:

@@ -1,28 +1,39 @@
-"""The composition root: the only place that wires the stages together.
+"""The composition root: the relay is one ``AsyncExitStack`` of its services.
 
-ingress (listeners) -> spool -> scheduler -> router -> transports
+::
+
+    async with Relay(settings) as relay:     # or: await relay.start() ... await relay.stop()
+        ...
+
+Started in this order, each only once the one before it is up:
+
+1. preflight (secrets, certificates, ports, spool; the transports built from the registry);
+2. the spool, opened and recovered for this process's owner id, then the tracking log;
+3. ``DeliveryService`` (pacing restored, the scheduler running);
+4. ``IngressService`` (every listener bound: devices can connect);
+5. ``AdminService`` (the console and API), when ``admin.port`` is set.
+
+Stopped in reverse: the console first; then ingress stops accepting and says 421 4.3.2 to open
+sessions (a message in DATA finishes first); delivery finishes what is in flight or gives the claims
+back; the tracking log and the spool are closed last. A failure while starting closes everything
+started so far, in the same reverse order, and leaves no task running.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from contextlib import AsyncExitStack
+from pathlib import Path
 
 from relay365.admin.accounts import AccountStore
 from relay365.admin.console import Console
-from relay365.admin.server import AdminServer, build_console, create_app, tls_context
-from relay365.delivery.router import NoRoute, Router
+from relay365.admin.service import AdminService
 from relay365.delivery.scheduler import Scheduler
-from relay365.ingress.context import IngressContext, shutdown
-from relay365.ingress.handshake import HandshakeLog
-from relay365.ingress.identity import AuthGuard, ConnectionLimiter, DeviceDirectory
-from relay365.ingress.policy import RateLimiter
-from relay365.ingress.server import start_listener
-from relay365.ingress.tls import self_signed, self_signed_chains, server_context
+from relay365.delivery.service import DeliveryService
+from relay365.ingress.service import IngressService
+from relay365.ingress.tls import self_signed
 from relay365.observability.activity import DeviceActivity
 from relay365.observability.metrics import Metrics
 from relay365.observability.tracking import MemoryTrackingLog, TrackingLog
@@ -30,12 +41,11 @@ from relay365.observability.tracking_sqlite import SqliteTrackingLog
 from relay365.replies import classify
 from relay365.service.console import RelayParts, SandboxMailboxes, console_deps
 from relay365.service.preflight import preflight_for
-from relay365.settings import ListenerSettings, Settings
+from relay365.settings import Settings
 from relay365.spool.contract import Spool
 from relay365.spool.factory import make_spool
 from relay365.spool.model import new_owner_id
 from relay365.transports.base import Transport
-from relay365.transports.registry import null_sender_transports, recipient_rules
 
 log = logging.getLogger(__name__)
 
@@ -46,19 +56,6 @@ def explain_reply(reply: str) -> str | None:
     if entry is None:
         return None
     return f"{entry.meaning} Fix: {entry.fix}"
-
-
-def null_route_reply(router: Router) -> Callable[[str, str, str], str | None]:
-    """For ingress: refuse at RCPT a recipient of mail from <> that no route can carry."""
-
-    def reply(sender: str, rcpt: str, device: str) -> str | None:
-        try:
-            router.choose(rcpt=rcpt, sender=sender, device=device, size=0)
-        except NoRoute as e:
-            return f"550 5.7.1 {e}"
-        return None
-
-    return reply
 
 
 def open_tracking(settings: Settings, *, clock: Callable[[], float] = time.time) -> TrackingLog:
@@ -78,6 +75,16 @@ def admin_accounts(settings: Settings) -> AccountStore:
     return AccountStore(settings.admin.users_file or settings.server.spool_dir / "admin-users.json")
 
 
+def admin_certificate(settings: Settings) -> tuple[Path, Path] | None:
+    """The console's certificate and key: the configured pair, else the relay's self-signed one."""
+    s = settings
+    if not s.admin.tls:
+        return None
+    if s.admin.cert_file and s.admin.key_file:
+        return s.admin.cert_file, s.admin.key_file
+    return self_signed(s.server.spool_dir / "tls", s.server.hostname)
+
+
 class Relay:
     def __init__(
         self,
@@ -87,168 +94,137 @@ class Relay:
         monotonic: Callable[[], float] = time.monotonic,
         mailboxes: SandboxMailboxes | None = None,
     ) -> None:
-        """``clock``: wall time for the queue; ``monotonic``: for the AUTH guard and rate limits."""
+        """``clock``: wall time for the queue; ``monotonic``: for the AUTH guard and rate limits;
+        ``mailboxes``: the sandbox's, shown by the console (the demo)."""
         self.settings = settings
         self.spool: Spool = make_spool(settings, clock=clock)
         self.owner = new_owner_id()  # this process, to the spool's claims
-        self._clock = clock
-        self._monotonic = monotonic
-        self.transports: dict[str, Transport] = {}
-        self.scheduler: Scheduler | None = None
-        self.ingress: IngressContext | None = None
-        self._servers: list[asyncio.Server] = []
-        self._scheduler_task: asyncio.Task[None] | None = None
-        self.ports: dict[str, int] = {}
         self.metrics = Metrics()
-        self.admin: AdminServer | None = None
-        self.console: Console | None = None
         self.tracking = open_tracking(settings, clock=clock)
         self.activity = DeviceActivity(configured=tuple(d.name for d in settings.devices), clock=clock)
+        self.delivery: DeliveryService | None = None
+        self.ingress: IngressService | None = None
+        self.admin: AdminService | None = None
+        self._clock = clock
+        self._monotonic = monotonic
         self._mailboxes = mailboxes
+        self._stack: AsyncExitStack | None = None
 
-    def _tls(self, listener: ListenerSettings) -> ssl.SSLContext | None:
-        if listener.tls == "none":
-            return None
-        if listener.cert_file and listener.key_file:
-            chains = [(listener.cert_file, listener.key_file)]
-        else:
-            s = self.settings.server
-            chains = self_signed_chains(s.spool_dir / "tls", s.hostname, listener)
-        return server_context(listener, chains=chains)
+    async def __aenter__(self) -> Relay:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
 
     async def start(self) -> None:
+        """Start every service in order (module docstring); on a failure close what was started."""
+        if self._stack is not None:
+            raise RuntimeError("the relay is already running")
         s = self.settings
-        report = await preflight_for(s)
-        for warning in report.warnings:
-            log.warning("%s", warning)
-        self.transports.update(report.transports)
-        await self.spool.open()
-        await self.spool.recover(self.owner)
-        if isinstance(self.tracking, SqliteTrackingLog):
-            await self.tracking.open()
-        router = Router(s.routes, accepts=recipient_rules(s), null_sender=null_sender_transports(s))
-        self.scheduler = Scheduler(
-            spool=self.spool,
-            router=router,
-            transports=self.transports,
-            settings=s.delivery,
-            hostname=s.server.hostname,
-            clock=self._clock,
-            explain=explain_reply,
-            metrics=self.metrics,
-            tracking=self.tracking,
-            owner=self.owner,
-        )
-        await self.scheduler.load_pacing()
-        self.ingress = IngressContext(
-            spool=self.spool,
-            devices=DeviceDirectory(s.devices),
-            limiter=ConnectionLimiter(total=s.server.max_connections, per_ip=s.server.max_connections_per_ip),
-            guard=AuthGuard(s.server, clock=self._monotonic),
-            rates=RateLimiter(clock=self._monotonic),
-            hostname=s.server.hostname,
-            on_queued=self.scheduler.wake,
-            metrics=self.metrics,
-            tls_failures=HandshakeLog(clock=self._clock),
-            route_reply=null_route_reply(router),
-            tracking=self.tracking,
-            activity=self.activity,
-        )
-        for listener in s.listeners:
-            server = await start_listener(self.ingress, listener, self._tls(listener))
-            self._servers.append(server)
-            self.ports[listener.name] = server.sockets[0].getsockname()[1]
-            log.info(
-                "listening on %s:%d (%s, tls=%s)",
-                listener.address,
-                self.ports[listener.name],
-                listener.name,
-                listener.tls,
+        async with AsyncExitStack() as stack:
+            report = await preflight_for(s)
+            for warning in report.warnings:
+                log.warning("%s", warning)
+            stack.push_async_callback(report.close)  # the transports, until delivery owns them
+            await self.spool.open()
+            stack.push_async_callback(self.spool.close)
+            await self.spool.recover(self.owner)
+            if isinstance(self.tracking, SqliteTrackingLog):
+                await self.tracking.open()
+                stack.push_async_callback(self.tracking.close)
+            self.delivery = await stack.enter_async_context(
+                DeliveryService(
+                    settings=s,
+                    spool=self.spool,
+                    transports=report.transports,  # closed (and emptied) when delivery stops
+                    owner=self.owner,
+                    metrics=self.metrics,
+                    tracking=self.tracking,
+                    clock=self._clock,
+                    explain=explain_reply,
+                )
             )
-        self._scheduler_task = asyncio.create_task(self.scheduler.run(), name="scheduler")
-        if s.admin.port is not None:
-            await self._start_console()
+            self.ingress = await stack.enter_async_context(
+                IngressService(
+                    settings=s,
+                    spool=self.spool,
+                    metrics=self.metrics,
+                    tracking=self.tracking,
+                    activity=self.activity,
+                    on_queued=self.delivery.wake,
+                    route_reply=self.delivery.route_reply,
+                    clock=self._clock,
+                    monotonic=self._monotonic,
+                )
+            )
+            if s.admin.port is not None:
+                self.admin = await stack.enter_async_context(self._admin_service())
+            self._stack = stack.pop_all()
 
-    async def _start_console(self) -> None:
-        s = self.settings
-        assert self.scheduler is not None and self.ingress is not None
+    def _admin_service(self) -> AdminService:
+        assert self.delivery is not None and self.ingress is not None
         parts = RelayParts(
-            settings=s,
+            settings=self.settings,
             spool=self.spool,
-            scheduler=self.scheduler,
-            limiter=self.ingress.limiter,
-            transports=self.transports,
-            ports=self.ports,
+            ingress=self.ingress,
+            delivery=self.delivery,
             metrics=self.metrics,
             tracking=self.tracking,
             activity=self.activity,
             clock=self._clock,
             explain=explain_reply,
         )
-        accounts = admin_accounts(s)
-        self.console = build_console(
-            console_deps(parts, mailboxes=self._mailboxes), s.admin, accounts=accounts, clock=self._clock
+        return AdminService(
+            deps=console_deps(parts, mailboxes=self._mailboxes),
+            settings=self.settings.admin,
+            accounts=admin_accounts(self.settings),
+            certificate=admin_certificate(self.settings),
+            clock=self._clock,
         )
-        context = None
-        if s.admin.tls:
-            cert, key = (
-                (s.admin.cert_file, s.admin.key_file)
-                if s.admin.cert_file and s.admin.key_file
-                else self_signed(s.server.spool_dir / "tls", s.server.hostname)
-            )
-            context = tls_context(cert, key)
-        assert s.admin.port is not None
-        self.admin = AdminServer(
-            create_app(self.console, s.admin), address=s.admin.address, port=s.admin.port, ssl_context=context
-        )
-        await self.admin.start()
-        log.info("admin console on %s", self.admin_url)
-        if not accounts.users():
-            log.warning("no admin accounts yet: create one with 'relay365 admin passwd NAME'")
+
+    async def stop(self, *, grace: float | None = None) -> None:
+        """Stop every service in reverse order (module docstring). ``grace``: how long open device
+        sessions and deliveries in flight get to finish (default: ``server.shutdown_grace``)."""
+        stack, self._stack = self._stack, None
+        if stack is None:
+            return
+        if grace is not None:
+            for service in (self.ingress, self.delivery):
+                if service is not None:
+                    service.grace = grace
+        await stack.aclose()
+
+    # -- what tests, the demo and serve read -----------------------------------------------------------
+    @property
+    def ports(self) -> Mapping[str, int]:
+        """Listener name -> bound port (empty until started)."""
+        return self.ingress.ports if self.ingress is not None else {}
+
+    @property
+    def scheduler(self) -> Scheduler | None:
+        return self.delivery.scheduler if self.delivery is not None else None
+
+    @property
+    def transports(self) -> dict[str, Transport]:
+        return self.delivery.transports if self.delivery is not None else {}
+
+    @property
+    def console(self) -> Console | None:
+        return self.admin.console if self.admin is not None else None
 
     @property
     def admin_url(self) -> str:
-        if self.admin is None:
-            return ""
-        host = self.settings.admin.address
-        host = f"[{host}]" if ":" in host else host
-        return f"{self.admin.scheme}://{host}:{self.admin.port}/"
+        return self.admin.url if self.admin is not None else ""
 
     def clock(self) -> float:
         return self._clock()
 
     def healthy(self) -> bool:
         """False once the delivery scheduler has stopped by itself (the systemd watchdog then restarts)."""
-        return self._scheduler_task is not None and not self._scheduler_task.done()
+        return self.delivery is not None and self.delivery.running()
 
     def describe_listeners(self) -> str:
         return ", ".join(
             f"{x.name} {x.address}:{self.ports.get(x.name, x.port)}" for x in self.settings.listeners
         )
-
-    async def stop(self, *, grace: float = 30.0) -> None:
-        """Stop accepting, tell open sessions 421 4.3.2 (a message in DATA finishes first, within
-        ``grace``), let commits finish, then stop delivery and close the spool."""
-        if self.admin is not None:
-            await self.admin.stop()
-        for server in self._servers:
-            server.close()
-        if self.ingress is not None:
-            await shutdown(self.ingress, grace=grace)
-        for server in self._servers:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(server.wait_closed(), grace)
-        if self.ingress is not None:
-            self.ingress.tls_failures.close()
-        if self.ingress is not None and self.ingress.background:
-            await asyncio.gather(*self.ingress.background, return_exceptions=True)
-        if self.scheduler is not None:
-            await self.scheduler.stop(grace=grace)
-        if self._scheduler_task is not None:
-            self._scheduler_task.cancel()
-            await asyncio.gather(self._scheduler_task, return_exceptions=True)
-        for t in self.transports.values():
-            await t.close()
-        if isinstance(self.tracking, SqliteTrackingLog):
-            await self.tracking.close()
-        await self.spool.close()
