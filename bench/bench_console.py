@@ -20,9 +20,9 @@ from pathlib import Path
 import httpx
 
 from relay365.admin.accounts import AccountStore, Role
-from relay365.app import Relay
 from relay365.observability.tracking import EventKind, TrackingEvent
 from relay365.observability.tracking_sqlite import SqliteTrackingLog
+from relay365.service.relay import Relay
 from relay365.settings import parse_settings
 from relay365.spool.model import Envelope, RcptState, new_queue_id
 from relay365.spool.sqlite import SqliteSpool

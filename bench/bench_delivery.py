@@ -24,9 +24,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from relay365.app import Relay
 from relay365.sandbox.runner import Sandbox
 from relay365.sandbox.tenant import example_tenant
+from relay365.service.relay import Relay
 from relay365.settings import parse_settings
 
 SECRET_ENV = "RELAY365_BENCH_APP_SECRET"

@@ -17,7 +17,7 @@ import pytest
 import trustme
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from relay365.app import Relay
+from relay365.service.relay import Relay
 from relay365.settings import Settings, parse_settings
 
 

@@ -80,8 +80,8 @@ def config_check(file: Annotated[Path, typer.Argument(help="relay365.toml to val
     """Validate FILE and run serve's preflight (secrets, certificates, ports, spool): passes exactly
     when 'relay365 serve' would start. Prints a summary, or every problem with its key and file, and
     warns about senders Microsoft will refuse (5.7.60)."""
-    from relay365.app import preflight_for
     from relay365.diagnostics.sendas import send_as_risks
+    from relay365.service.preflight import preflight_for
 
     s = _settings(file)
 
@@ -159,7 +159,7 @@ def serve(
         if not 0 <= value <= 65535:
             raise _fail(f"port {value} is not a TCP port (0-65535)")
     if config is None and not DEFAULT_CONFIG.exists():
-        from relay365.demo import SandboxPorts, run_demo
+        from relay365.service.demo import SandboxPorts, run_demo
 
         configure_logging("INFO", Redactor(), log_format or "auto")
         err.print("No relay365.toml here: starting the demo (relay365 + local Exchange Online sandbox).")
@@ -454,8 +454,8 @@ def _register_subcommands() -> None:
     from relay365.console_cli import register as register_console
     from relay365.diagnostics.cli import register
     from relay365.sandbox.cli import app as sandbox_app
-    from relay365.service.cli import register as register_service
     from relay365.setup.cli import register as register_setup
+    from relay365.setup.service_cli import register as register_service
 
     app.add_typer(sandbox_app, name="sandbox")
     register(app)

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 
 from relay365.admin.accounts import AccountStore, Role
-from relay365.app import Relay
+from relay365.service.relay import Relay
 from tests.conftest import make_settings, running_relay
 
 OPERATOR = ("olga", "operator-pass-1")

@@ -186,7 +186,7 @@ async def test_openapi_document_lists_every_api_route(tmp_path: Path) -> None:
     async with running_console(tmp_path) as c, c.client() as http:
         doc = (await http.get("/api/openapi.json")).json()
         assert doc["openapi"].startswith("3.1")
-        routes = c.relay.admin._server.config.app.routes if c.relay.admin else []  # type: ignore[attr-defined]
+        routes = c.relay.admin.app.routes if c.relay.admin else []
         api_paths = {r.path for r in routes if getattr(r, "path", "").startswith(("/api", "/metrics"))}
         actions = {f"/api/queue/{{queue_id}}/{a}" for a in ("hold", "release", "retry", "delete")}
         expected = (api_paths - {"/api/openapi.json", "/api/queue/{queue_id}/{action}"}) | actions

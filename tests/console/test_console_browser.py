@@ -23,12 +23,12 @@ from pathlib import Path
 import pytest
 from playwright.async_api import Browser, Page, Request, Route, async_playwright
 
-from relay365.app import Relay
-from relay365.console_adapter import SandboxMailboxes
-from relay365.demo import demo_settings
 from relay365.sandbox.faults import Fault
 from relay365.sandbox.runner import Sandbox
 from relay365.sandbox.tenant import example_tenant
+from relay365.service.console import SandboxMailboxes
+from relay365.service.demo import demo_settings
+from relay365.service.relay import Relay
 from tests.console.support import OPERATOR, VIEWER, make_accounts
 
 CHROMIUM = "/usr/bin/chromium"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from relay365.app import Relay
+from relay365.service.relay import Relay
 from relay365.settings import load_settings
 from tests.conftest import RecordingUpstream, smarthost
 from tests.core.helpers import run_cli, write_config

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,10 +136,12 @@ class ServeProcess:
             )
         finally:
             log.close()
+        # serve prints one "relay365 listening" line per listener, one after the other: wait for all
+        listeners = len(tomllib.loads(self.config.read_text(encoding="utf-8")).get("listener", [])) or 1
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             found = dict(_LISTENING.findall(self.log_text()))
-            if found:
+            if len(found) >= listeners:
                 self.ports = {k: int(v) for k, v in found.items()}
                 return self
             if self.proc.poll() is not None:

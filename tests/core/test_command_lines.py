@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from relay365.app import Relay
 from relay365.credentials import hash_password
+from relay365.service.relay import Relay
 from tests.conftest import RecordingUpstream, make_settings, running_relay, smarthost
 from tests.core.smtpraw import RawSMTP
 

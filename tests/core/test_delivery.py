@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from relay365.app import Relay
+from relay365.service.relay import Relay
 from relay365.spool.model import Envelope, RcptState
 from tests.conftest import Received, RecordingUpstream, make_settings, running_relay, smarthost
 from tests.core.helpers import (

@@ -8,8 +8,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from relay365.app import Relay
 from relay365.delivery.holds import DROPS_BEFORE_HOLD
+from relay365.service.relay import Relay
 from relay365.spool.model import RcptState
 from tests.conftest import running_relay
 from tests.core.helpers import Clock, SmtpSink, send_message, smtp_sink, wait_gone, wait_state, wait_until

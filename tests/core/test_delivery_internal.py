@@ -96,7 +96,7 @@ async def test_dsn_builder_failure_still_bounces_once(
     def broken_catalogue(reply: str) -> str | None:
         raise KeyError("catalogue table damaged")
 
-    monkeypatch.setattr("relay365.app.explain_reply", broken_catalogue)
+    monkeypatch.setattr("relay365.service.relay.explain_reply", broken_catalogue)
     clock = Clock()
     unknown = "550 5.1.1 <bob@contoso.com>: Recipient address rejected: User unknown"
     upstream.plan.replies["rcpt:bob@contoso.com"] = [unknown]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from relay365.app import Relay
+from relay365.service.relay import Relay
 from relay365.spool.model import RcptState
 from tests.conftest import make_settings, running_relay, smarthost
 from tests.core.helpers import Clock, SmtpSink, send_message, smtp_sink, wait_gone, wait_state, wait_until

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from relay365.app import Relay
+from relay365.service.relay import Relay
 from tests.conftest import RecordingUpstream, make_settings, running_relay, smarthost
 from tests.core.smtpraw import RawSMTP, client_context
 
@@ -164,8 +164,8 @@ async def test_connections_are_counted_and_released(relay: Relay) -> None:
         clients.append(await RawSMTP.connect(relay.ports["lan"]))
     for c in clients:
         assert (await c.reply()).startswith("220")
-    assert relay.ingress is not None and relay.ingress.limiter.active == 40
+    assert relay.ingress is not None and relay.ingress.connections() == 40
     for c in clients:
         await c.close()
     await asyncio.sleep(0.2)
-    assert relay.ingress.limiter.active == 0
+    assert relay.ingress.connections() == 0

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from relay365.app import Relay
+from relay365.service.relay import Relay
 from tests.conftest import RecordingUpstream, make_settings, running_relay, smarthost
 from tests.core.helpers import body_files, body_of
 from tests.core.smtpraw import RawSMTP

@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from relay365.app import Relay
 from relay365.delivery.router import NoRoute, Router
+from relay365.service.relay import Relay
 from relay365.settings import RouteSettings
 from tests.conftest import RecordingUpstream, make_settings, running_relay, smarthost
 from tests.core.helpers import closed_port, wait_gone

@@ -19,8 +19,8 @@ import pytest
 import trustme
 from cryptography.hazmat.primitives import serialization
 
-from relay365.app import preflight_for
 from relay365.errors import PreflightError
+from relay365.service.preflight import preflight_for
 from relay365.settings import Settings
 from tests.conftest import make_settings
 from tests.core.helpers import run_cli, serving, smarthost_cfg, write_config

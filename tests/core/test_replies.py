@@ -410,33 +410,3 @@ def test_data_file_errors_name_the_entry_and_key() -> None:
         with pytest.raises(ConfigError) as info:
             load_entries(text)
         assert key in info.value.key
-
-
-def test_core_never_imports_the_tools() -> None:
-    """Issue 9 item 4: no module outside diagnostics, sandbox and the CLI imports relay365.diagnostics
-    (function-local imports included); delivery's retry decision does not depend on a tool."""
-    import ast
-
-    import relay365
-
-    root = Path(relay365.__file__).parent
-    # and the CLI's modules: cli.py, cli_*.py; setup/ (relay365 init, a tool that runs the advisor)
-    allowed = ("diagnostics", "sandbox", "cli", "setup")
-    # The composition root's adapter for the console's Setup page (doctor, SPF) may start the tools.
-    composition = ("console_adapter.py",)
-    offenders = []
-    for path in root.rglob("*.py"):
-        rel = path.relative_to(root)
-        if rel.parts[0] in allowed or (len(rel.parts) == 1 and rel.name.startswith("cli")):
-            continue
-        if rel.name in composition and len(rel.parts) == 1:
-            continue
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module]
-            offenders += [f"{rel}: {n}" for n in names if n.startswith("relay365.diagnostics")]
-    assert offenders == []
-    assert (root / "app.py").exists() and (root / "transports" / "replies.py").exists()  # it looked

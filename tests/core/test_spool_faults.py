@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from relay365.app import Relay
+from relay365.service.relay import Relay
 from tests.conftest import make_settings, running_relay, smarthost
 from tests.core.helpers import body_files, body_of, closed_port
 

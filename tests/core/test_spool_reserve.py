@@ -23,8 +23,8 @@ from typing import Any
 import httpx
 import pytest
 
-from relay365.app import Relay
 from relay365.errors import ConfigError
+from relay365.service.relay import Relay
 from relay365.spool.model import RcptState
 from tests.conftest import RecordingUpstream, make_settings, running_relay, smarthost
 from tests.core.helpers import Clock, body_files, send_message, wait_until

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 
-from relay365.app import Relay
 from relay365.ingress.clienthello import describe
 from relay365.ingress.handshake import (
     PER_PEER_PER_WINDOW,
@@ -30,6 +29,7 @@ from relay365.ingress.handshake import (
     ImplicitTLSAcceptor,
 )
 from relay365.ingress.tls import server_context
+from relay365.service.relay import Relay
 from relay365.settings import ListenerSettings
 from tests.conftest import RecordingUpstream, make_settings, running_relay, smarthost
 from tests.core.helpers import Clock
@@ -165,7 +165,7 @@ async def test_scan_burst_is_rate_limited_per_peer(
 
     await asyncio.to_thread(scan)
     assert relay.ingress is not None
-    failures = relay.ingress.tls_failures
+    failures = relay.ingress.context.tls_failures
 
     async def all_seen() -> None:
         while failures.seen < burst:

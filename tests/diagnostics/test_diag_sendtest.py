@@ -1,5 +1,5 @@
-"""doctor --send-test: a tracked message through a running relay (relay365.app.Relay in-process) into a
-running sandbox tenant, found again through the sandbox's admin API."""
+"""doctor --send-test: a tracked message through a running relay (relay365.service.relay.Relay
+in-process) into a running sandbox tenant, found again through the sandbox's admin API."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from relay365.app import Relay
 from relay365.cli import app
 from relay365.diagnostics.checks import CheckResult, Status
 from relay365.diagnostics.doctor_config import ConfigDoctorOptions, run_config_doctor
 from relay365.diagnostics.sendcheck import SendTestOptions
 from relay365.sandbox.runner import Sandbox
 from relay365.sandbox.tenant import example_tenant
+from relay365.service.relay import Relay
 from relay365.settings import load_settings
 
 from .cfgfiles import APP_SECRET, SECRET_ENV, direct_send, graph, write_config

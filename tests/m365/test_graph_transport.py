@@ -10,8 +10,8 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
-from relay365.app import Relay
 from relay365.sandbox.runner import Sandbox
+from relay365.service.relay import Relay
 from tests.conftest import make_settings, running_relay
 from tests.m365.conftest import oauth
 from tests.m365.test_smtp_transports import send, wait_until

@@ -6,8 +6,8 @@ import asyncio
 import smtplib
 from pathlib import Path
 
-from relay365.app import Relay
 from relay365.sandbox.runner import Sandbox
+from relay365.service.relay import Relay
 from tests.conftest import make_settings, running_relay
 from tests.m365.conftest import connector, direct_send, submission
 

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from relay365.app import Relay
 from relay365.sandbox.faults import Fault
 from relay365.sandbox.runner import Sandbox
+from relay365.service.relay import Relay
 from tests.conftest import make_settings, running_relay
 from tests.m365.conftest import submission
 from tests.m365.test_smtp_transports import send, wait_until

@@ -174,7 +174,10 @@ def test_serve_picks_the_format(
     assert any("relay365 listening: lan on 127.0.0.1:" in line for line in lines), lines
     if expect == "journal":
         assert all(re.match(r"<[0-7]>[\w.]+: ", line) for line in lines), lines
-        assert "<6>relay365.app: shutting down: no new connections, finishing in-flight messages" in lines
+        assert (
+            "<6>relay365.service.serve: shutting down: no new connections, finishing in-flight messages"
+            in lines
+        )
     elif expect == "text":
         # log lines with a timestamp, plus the plain "relay365 listening:" lines for the terminal
         stamped = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ [\w.]+: ")
@@ -182,10 +185,10 @@ def test_serve_picks_the_format(
     elif expect == "json+prefix":  # journald strips <N> and stores pure JSON with that PRIORITY
         assert all(re.match(r"<[0-7]>\{", line) for line in lines), lines
         records = [json.loads(line[3:]) for line in lines]
-        assert {r["logger"] for r in records} >= {"relay365.app", "relay365.serve"}
+        assert {r["logger"] for r in records} >= {"relay365.service.serve", "relay365.serve"}
     else:
         records = [json.loads(line) for line in lines]
-        assert {r["logger"] for r in records} >= {"relay365.app", "relay365.serve"}
+        assert {r["logger"] for r in records} >= {"relay365.service.serve", "relay365.serve"}
 
 
 def test_startup_errors_use_the_log_format(tmp_path: Path) -> None:

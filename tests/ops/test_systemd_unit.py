@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from relay365.service.install import interpreter_of
-from relay365.service.unit import UnitOptions, hidden_by_sandbox, render_unit
+from relay365.setup.install import interpreter_of
+from relay365.setup.unit import UnitOptions, hidden_by_sandbox, render_unit
 from tests.core.helpers import run_cli, write_config
 
 EXPOSURE_MAX = 2.0  # "OK" in systemd-analyze security's scale (issue 14)

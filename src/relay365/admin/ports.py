@@ -1,6 +1,6 @@
 """What the console needs from the rest of relay365: small typed interfaces, never the relay itself.
 
-The composition root builds one object per interface (today ``relay365.console_adapter`` from the
+The composition root builds one object per interface (today ``relay365.service.console`` from the
 running relay); tests may build them from anything. The console reads:
 
 * :class:`StatusSource`: listeners, connections, transports (held back, token, pacing headroom), metrics;

@@ -4,6 +4,7 @@ middleware, served by uvicorn on the relay's own event loop, over TLS when confi
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import time
 import urllib.parse
@@ -113,17 +114,33 @@ class AdminServer:
         config.ssl = ssl_context
         self._server = uvicorn.Server(config)
         self._task: asyncio.Task[None] | None = None
+        self._address = address
+        self._port = port
         self.port = 0
         self.scheme = "https" if ssl_context is not None else "http"
 
+    def _bind(self) -> socket.socket:
+        """The listening socket, bound here: a port in use is an ``OSError`` for the caller to report
+        (uvicorn, binding it itself, would log it and ``sys.exit`` from inside the event loop)."""
+        family = socket.AF_INET6 if ":" in self._address else socket.AF_INET
+        try:
+            sock = socket.create_server((self._address, self._port), family=family, backlog=2048)
+        except OSError as e:
+            raise OSError(e.errno, f"admin endpoint {self._address}:{self._port}: {e.strerror}") from None
+        sock.setblocking(False)
+        return sock
+
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._server.serve(), name="admin-http")
+        sock = self._bind()
+        self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="admin-http")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 10
         while not self._server.started:
             if self._task.done() or loop.time() > deadline:
+                self._server.should_exit = True
                 await asyncio.gather(self._task, return_exceptions=True)
-                raise OSError("the admin endpoint did not start (is the port in use?)")
+                sock.close()
+                raise OSError("the admin endpoint did not start")
             await asyncio.sleep(0.01)
         self.port = int(self._server.servers[0].sockets[0].getsockname()[1])
 

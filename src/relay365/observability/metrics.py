@@ -1,14 +1,16 @@
 """What the relay counts, in its own Prometheus registry (one per Relay, so tests never share one).
 
-Counters are incremented where things happen (ingress replies and commits, scheduler results); the
-queue gauges are read from the spool when ``/metrics`` is scraped.
+Every service is handed the one ``Metrics`` and counts its own: ingress its replies and commits
+(``accepted``, ``refused``), delivery its results and bounces (``results``, ``bounces``). The gauges are
+set when ``/metrics`` is scraped: the queue's from the spool (``set_queue``), ingress's and delivery's
+by each service (``refresh_metrics`` of ``IngressService`` and ``DeliveryService``).
 """
 
 from __future__ import annotations
 
 import re
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from relay365.spool.model import QueueStats
 
@@ -65,6 +67,10 @@ class Metrics:
         m = _REPLY.match(reply)
         if m:
             self.refused.labels(m.group(1), m.group(2) or "").inc()
+
+    def exposition(self) -> bytes:
+        """The Prometheus text exposition of this registry (``/metrics``)."""
+        return generate_latest(self.registry)
 
     def set_queue(self, stats: QueueStats, now: float) -> None:
         for state, count in stats.recipients.items():

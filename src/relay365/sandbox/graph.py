@@ -28,23 +28,22 @@ rate it is delayed (counted as throttled), as for every client of the mailbox.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 import math
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from email import policy
 from email.message import EmailMessage
 from email.utils import format_datetime, getaddresses, make_msgid
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from relay365.sandbox.graph_message import Caller, Handler, format_address, message_from_json
+from relay365.sandbox.graph_upload import Drafts
 from relay365.sandbox.graph_wire import (
     GraphError,
     graph_error,
@@ -52,7 +51,6 @@ from relay365.sandbox.graph_wire import (
     parse_mime,
     read_limited,
     request_ids,
-    same_name,
 )
 from relay365.sandbox.mailflow import Submission
 from relay365.sandbox.ndr import non_delivery_report
@@ -75,27 +73,6 @@ GRAPH_WWW_AUTHENTICATE = (
     ' client_id="00000003-0000-0000-c000-000000000000"'
 )
 ACCESS_DENIED = "Access is denied. Check credentials and try again."
-
-
-@dataclass(frozen=True)
-class Caller:
-    """An authenticated Graph request: the token's claims and the mailbox in the URL."""
-
-    claims: AccessClaims
-    mailbox: Mailbox
-
-    @property
-    def identity(self) -> str:
-        """What the store records as ``authenticated_as`` (same shape as the SMTP endpoints')."""
-        if self.claims.upn is None:
-            return f"{self.mailbox.address} (Graph app {self.claims.app_id})"
-        return f"{self.claims.upn} (Graph delegated, app {self.claims.app_id})"
-
-    def has(self, permission: str) -> bool:
-        return permission in (self.claims.roles if self.claims.app_only else self.claims.scopes)
-
-
-Handler = Callable[[Request, Caller, bytes], Awaitable[Response]]
 
 
 class _Throttle:
@@ -140,8 +117,6 @@ class GraphEndpoint:
     """Graph sendMail plus the draft / upload-session path (see :mod:`graph_upload`)."""
 
     def __init__(self, ctx: SandboxContext) -> None:
-        from relay365.sandbox.graph_upload import Drafts
-
         self.ctx = ctx
         self._throttle = _Throttle()
         self.drafts = Drafts(self)
@@ -262,7 +237,7 @@ class GraphEndpoint:
         """Submit as Exchange would: stamp, check Send As, file copies (Bcc hidden from recipients)."""
         mailbox = caller.mailbox
         if message["From"] is None:
-            message["From"] = _format_address(mailbox.address, mailbox.display_name)
+            message["From"] = format_address(mailbox.address, mailbox.display_name)
         if message["Date"] is None:
             message["Date"] = format_datetime(datetime.fromtimestamp(self.ctx.clock.now(), UTC))
         if message["Message-ID"] is None:
@@ -389,110 +364,3 @@ def token_error_message(reason: str, token: str) -> str:
     if "audience" in reason:
         return "Access token validation failure. Invalid audience."
     return "Access token validation failure."
-
-
-def _format_address(address: str, name: str | None) -> str:
-    from email.headerregistry import Address
-
-    return str(Address(display_name=name or "", addr_spec=address))
-
-
-def _recipients(raw: Mapping[str, Any], key: str) -> list[str]:
-    value = raw.get(key) or []
-    if not isinstance(value, list):
-        raise GraphError(400, "ErrorInvalidRecipients", f"'{key}' must be a collection.")
-    result: list[str] = []
-    for entry in value:
-        email_address = entry.get("emailAddress") if isinstance(entry, Mapping) else None
-        address = email_address.get("address") if isinstance(email_address, Mapping) else None
-        if not isinstance(address, str) or "@" not in address:
-            raise GraphError(
-                400,
-                "ErrorInvalidRecipients",
-                f"At least one recipient is not valid., Recipient '{address}' is not resolved. "
-                "All recipients must be resolved before a message can be submitted.",
-            )
-        name = email_address.get("name") if isinstance(email_address, Mapping) else None
-        result.append(_format_address(address, name if isinstance(name, str) else None))
-    return result
-
-
-def message_from_json(raw: Mapping[str, Any], *, mailbox: Mailbox) -> EmailMessage:
-    """A Graph ``message`` resource as an RFC 5322 message (Bcc kept as a header for now)."""
-    message = EmailMessage()
-    sender = raw.get("from")
-    if sender is not None:
-        entries = _recipients({"from": [sender]}, "from")
-        message["From"] = entries[0]
-    for key, header in (
-        ("toRecipients", "To"),
-        ("ccRecipients", "Cc"),
-        ("bccRecipients", "Bcc"),
-        ("replyTo", "Reply-To"),
-    ):
-        entries = _recipients(raw, key)
-        if entries:
-            message[header] = ", ".join(entries)
-    message["Subject"] = str(raw.get("subject") or "")
-    for header in raw.get("internetMessageHeaders") or []:
-        name = str(header.get("name", "")) if isinstance(header, Mapping) else ""
-        if not name.lower().startswith("x-"):
-            raise GraphError(
-                400,
-                "InvalidInternetMessageHeader",
-                f"The internet message header name '{name}' should start with 'x-' or 'X-'.",
-            )
-        message[name] = str(header.get("value", ""))
-    body = raw.get("body") or {}
-    content = str(body.get("content", "")) if isinstance(body, Mapping) else ""
-    kind = str(body.get("contentType", "text")).lower() if isinstance(body, Mapping) else "text"
-    message.set_content(content, subtype="html" if kind == "html" else "plain")
-    for attachment in raw.get("attachments") or []:
-        add_file_attachment(message, attachment)
-    return message
-
-
-def add_file_attachment(message: EmailMessage, attachment: object) -> None:
-    """Add one ``#microsoft.graph.fileAttachment`` (``contentBytes`` base64) to ``message``."""
-    if not isinstance(attachment, Mapping) or not same_name(
-        attachment.get("@odata.type"), "#microsoft.graph.fileAttachment", "microsoft.graph.fileAttachment"
-    ):
-        raise GraphError(
-            400, "ErrorInvalidRequest", "Only #microsoft.graph.fileAttachment is supported here."
-        )
-    try:
-        data = base64.b64decode(str(attachment.get("contentBytes", "")), validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise GraphError(
-            400, "ErrorInvalidRequest", "The attachment contentBytes is not valid base64."
-        ) from exc
-    attach_bytes(
-        message,
-        data,
-        name=str(attachment.get("name") or "attachment"),
-        content_type=str(attachment.get("contentType") or "application/octet-stream"),
-        inline=bool(attachment.get("isInline", False)),
-        content_id=attachment.get("contentId"),
-    )
-
-
-def attach_bytes(
-    message: EmailMessage,
-    data: bytes,
-    *,
-    name: str,
-    content_type: str,
-    inline: bool = False,
-    content_id: object = None,
-) -> None:
-    maintype, _, subtype = content_type.partition("/")
-    if not maintype or not subtype:
-        maintype, subtype = "application", "octet-stream"
-    message.add_attachment(
-        data,
-        maintype=maintype,
-        subtype=subtype,
-        filename=name,
-        disposition="inline" if inline else "attachment",
-        cid=f"<{content_id}>" if inline and isinstance(content_id, str) else None,
-    )

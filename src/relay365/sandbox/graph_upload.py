@@ -25,17 +25,36 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import EmailMessage
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from relay365.sandbox.graph import Caller, add_file_attachment, attach_bytes, message_from_json
+from relay365.sandbox.graph_message import (
+    Caller,
+    Handler,
+    add_file_attachment,
+    attach_bytes,
+    message_from_json,
+)
 from relay365.sandbox.graph_wire import GraphError, parse_json, parse_mime, read_limited, same_name
 
 if TYPE_CHECKING:
-    from relay365.sandbox.graph import GraphEndpoint
+    from relay365.sandbox.context import SandboxContext
+
+
+class DraftHost(Protocol):
+    """What the draft path needs of the Graph endpoint (``graph.GraphEndpoint``)."""
+
+    ctx: SandboxContext
+
+    async def call(self, request: Request, permission: str, handler: Handler) -> Response: ...
+
+    def fail(self, request: Request, err: GraphError) -> Response: ...
+
+    def deliver(self, caller: Caller, message: EmailMessage, *, save_to_sent_items: bool) -> None: ...
+
 
 MIN_UPLOAD_SESSION_SIZE = 3 * 1024 * 1024
 MAX_ATTACHMENT_SIZE = 150 * 1024 * 1024
@@ -75,7 +94,7 @@ def _iso(epoch: float) -> str:
 class Drafts:
     """Draft messages and their upload sessions, per mailbox."""
 
-    def __init__(self, graph: GraphEndpoint) -> None:
+    def __init__(self, graph: DraftHost) -> None:
         self._graph = graph
         self._drafts: dict[str, _Draft] = {}
         self._sessions: dict[str, _Session] = {}

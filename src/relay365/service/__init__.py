@@ -1,2 +1,3 @@
-"""Running relay365 as a system service: the systemd unit (``unit``, ``relay365 service install``) and
-the notify protocol (``notify``: READY, STATUS, STOPPING, the watchdog)."""
+"""The composition root: the running relay (``relay``: preflight, spool, delivery, ingress and admin in
+one exit stack), ``serve`` with signals and the systemd notify protocol (``notify``: READY, STATUS,
+STOPPING, the watchdog), the console's adapter (``console``) and the no-config demo (``demo``)."""

@@ -12,10 +12,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from relay365.app import Relay, make_redactor, serve
 from relay365.errors import ConfigError, Relay365Error
 from relay365.logformats import LogFormat, make_formatter, resolve_format
 from relay365.logsetup import configure_logging
+from relay365.service.relay import Relay
+from relay365.service.serve import make_redactor, serve
 from relay365.settings import load_settings
 
 log = logging.getLogger("relay365.serve")

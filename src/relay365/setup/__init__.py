@@ -1,2 +1,3 @@
-"""Getting started: ``relay365 init`` (a config from a few answers) and ``relay365 config example``
-(the documented example shipped with the package)."""
+"""Writing the admin's files: ``relay365 init`` (a config from a few answers), ``relay365 config
+example`` (the documented example shipped with the package) and ``relay365 service install`` (the
+systemd unit, ``unit``; its service user and the config's permissions, ``install``)."""

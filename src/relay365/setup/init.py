@@ -20,8 +20,8 @@ from pathlib import Path
 
 from relay365.diagnostics.advisor import Option
 from relay365.errors import ConfigError
-from relay365.service.unit import CONFIG_DIR, DEFAULT_SPOOL, ENV_FILE, SERVICE
 from relay365.settings import Settings, parse_settings
+from relay365.setup.unit import CONFIG_DIR, DEFAULT_SPOOL, ENV_FILE, SERVICE
 
 DEFAULT_SECRET_ENV = "RELAY365_CLIENT_SECRET"
 OAUTH_OPTIONS = (Option.SUBMISSION, Option.GRAPH)

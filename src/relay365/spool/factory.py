@@ -4,8 +4,8 @@
 - ``memory:``: the in-memory spool (memory.py), for tests: nothing survives the process;
 - ``postgresql://...``: not in this build yet (issue 10): a ``ConfigError`` says so.
 
-``app.py`` (the server), ``cli.py`` (``relay365 queue``) and the diagnostics open the spool through
-here and only here. A new backend is one more entry in ``_BACKENDS``.
+``service/relay.py`` (the server), ``cli.py`` (``relay365 queue``) and the diagnostics open the spool
+through here and only here. A new backend is one more entry in ``_BACKENDS``.
 """
 
 from __future__ import annotations

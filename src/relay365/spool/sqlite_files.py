@@ -12,15 +12,13 @@ import sqlite3
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol, TypeVar
 
 from relay365.errors import SpoolError, SpoolFullError, SpoolIOError
 from relay365.spool.model import Envelope, new_queue_id
 
-if TYPE_CHECKING:
-    from relay365.spool.sqlite import SqliteSpool
-
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 _IOV_MAX = 1024  # Linux UIO_MAXIOV: buffers per writev call
 
 
@@ -43,6 +41,22 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class MessageFiles(Protocol):
+    """What a message being written needs of its spool (``SqliteSpool``)."""
+
+    messages_dir: Path
+
+    def owner_dir_name(self) -> str: ...
+
+    def make_owner_dir(self) -> None: ...
+
+    def check_room(self, size: int = 0) -> None: ...
+
+    async def run_io(self, fn: Callable[[], T]) -> T: ...
+
+    async def insert(self, queue_id: str, envelope: Envelope, size: int) -> None: ...
+
+
 class SqliteIncoming:
     """One message being received, into ``messages/<owner>/<queue id>``.
 
@@ -54,7 +68,7 @@ class SqliteIncoming:
 
     SPILL = 128 * 1024
 
-    def __init__(self, spool: SqliteSpool, *, keep_reserve: bool = True) -> None:
+    def __init__(self, spool: MessageFiles, *, keep_reserve: bool = True) -> None:
         self._spool = spool
         self._keep_reserve = keep_reserve
         self.queue_id = new_queue_id()

@@ -127,6 +127,10 @@ class GraphTransport:
             trust_env=settings.ca_file is None,
         )
 
+    @property
+    def mailbox_url(self) -> str:
+        return self._base
+
     async def request(self, method: str, url: str, *, auth: bool = True, **kwargs: Any) -> httpx.Response:
         headers = dict(kwargs.pop("headers", {}))
         if auth:

@@ -17,10 +17,9 @@ import email.policy
 import json
 from email.message import EmailMessage
 from email.parser import BytesParser
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from relay365.transports.graph import GraphTransport
+import httpx
 
 SMALL_ATTACHMENT = 3 * 1024 * 1024  # Graph: attachments under 3 MB are posted in one request
 CHUNK = 12 * 327_680  # 3.75 MiB: a multiple of 320 KiB, under Graph's 4 MB per request
@@ -34,12 +33,24 @@ def _recipients(to: list[str], cc: list[str], bcc: list[str]) -> dict[str, Any]:
     return {"toRecipients": _people(to), "ccRecipients": _people(cc), "bccRecipients": _people(bcc)}
 
 
+class GraphRequests(Protocol):
+    """What these paths need of the transport (``graph.GraphTransport``): its mailbox's URL and its
+    authenticated, paced requests."""
+
+    @property
+    def mailbox_url(self) -> str:
+        """``{graph_url}/users/{mailbox}``"""
+        ...
+
+    async def request(self, method: str, url: str, *, auth: bool = True, **kwargs: Any) -> httpx.Response: ...
+
+
 # Graph takes at most 5 custom (X-) headers in internetMessageHeaders.
 MAX_CUSTOM_HEADERS = 5
 
 
 async def send_json(
-    t: GraphTransport, body: bytes, *, to: list[str], cc: list[str], bcc: list[str], limit: int
+    t: GraphRequests, body: bytes, *, to: list[str], cc: list[str], bcc: list[str], limit: int
 ) -> str | None:
     """JSON sendMail with ``saveToSentItems: false``; None when the request would exceed ``limit``
     (the caller then takes the draft path, which keeps a Sent Items copy). Not byte-faithful:
@@ -75,15 +86,15 @@ async def send_json(
     if len(payload) > limit:
         return None
     await t.request(
-        "POST", f"{t._base}/sendMail", content=payload, headers={"Content-Type": "application/json"}
+        "POST", f"{t.mailbox_url}/sendMail", content=payload, headers={"Content-Type": "application/json"}
     )
     return "202 Accepted (Graph sendMail, no Sent Items copy)"
 
 
 async def send_via_draft(
-    t: GraphTransport, body: bytes, *, to: list[str], cc: list[str], bcc: list[str], small: bool
+    t: GraphRequests, body: bytes, *, to: list[str], cc: list[str], bcc: list[str], small: bool
 ) -> str:
-    base = f"{t._base}/messages"
+    base = f"{t.mailbox_url}/messages"
     if small:
         created = await t.request(
             "POST", base, content=base64.b64encode(body), headers={"Content-Type": "text/plain"}
@@ -116,7 +127,7 @@ def _draft(msg: EmailMessage, to: list[str], cc: list[str], bcc: list[str]) -> d
     return draft
 
 
-async def _attach(t: GraphTransport, url: str, part: EmailMessage) -> None:
+async def _attach(t: GraphRequests, url: str, part: EmailMessage) -> None:
     data = part.get_content()
     raw = data if isinstance(data, bytes) else str(data).encode("utf-8")
     name = part.get_filename() or "attachment"

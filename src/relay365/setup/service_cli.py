@@ -11,8 +11,8 @@ import typer
 from rich.console import Console
 
 from relay365.errors import InstallError
-from relay365.service.install import install
-from relay365.service.unit import DEFAULT_CONFIG, SERVICE, UnitOptions, default_exec, render_unit
+from relay365.setup.install import install
+from relay365.setup.unit import DEFAULT_CONFIG, SERVICE, UnitOptions, default_exec, render_unit
 
 service_app = typer.Typer(help="Run relay365 as a systemd service.", no_args_is_help=True)
 err = Console(stderr=True)

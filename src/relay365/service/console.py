@@ -1,8 +1,9 @@
-"""The one thin adapter between the running relay and the console's interfaces (``admin/ports.py``).
+"""The one thin adapter between the running services and the console's interfaces (``admin/ports.py``).
 
-It lives beside the composition root (``app.py``) and is the only place that knows both: when the
-relay becomes separate services, only this file changes. It may import the tools (diagnostics, sandbox)
-because, like the composition root, it sits above every layer.
+It reads the services only through their status interfaces (``ingress.service.IngressStatus``,
+``delivery.service.DeliveryStatus``) and the spool, and it is the only place that knows both sides.
+It may import the tools (diagnostics, sandbox) because, like the rest of the composition root, it sits
+above every layer.
 """
 
 from __future__ import annotations
@@ -10,12 +11,10 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
-
-from prometheus_client import generate_latest
 
 from relay365.admin.ports import (
     CheckRow,
@@ -26,16 +25,16 @@ from relay365.admin.ports import (
     TokenStatus,
     TransportStatus,
 )
-from relay365.delivery.scheduler import Scheduler
+from relay365.delivery.service import DeliveryStatus
 from relay365.errors import QueueEntryNotFound, SpoolError
-from relay365.ingress.identity import ConnectionLimiter
+from relay365.ingress.service import IngressStatus
 from relay365.observability.activity import DeviceActivity
 from relay365.observability.metrics import Metrics
 from relay365.observability.tracking import EventKind, TraceQuery, TrackingLog
 from relay365.settings import Settings
 from relay365.spool.contract import Spool
 from relay365.spool.model import QueueEntry, QueuePage, QueueQuery, QueueStats
-from relay365.transports.base import PacedTransport, Transport
+from relay365.transports.base import PacedTransport
 
 if TYPE_CHECKING:
     from relay365.sandbox.store import MailStore, StoredMessage
@@ -47,14 +46,13 @@ _OUTCOMES = (EventKind.DELIVERED, EventKind.DEFERRED, EventKind.BOUNCED)
 
 @dataclass(kw_only=True)
 class RelayParts:
-    """What the adapter reads: the relay's stages, handed over by the composition root."""
+    """What the adapter reads: the running services' status and the spool, handed over by the
+    composition root."""
 
     settings: Settings
     spool: Spool
-    scheduler: Scheduler | None
-    limiter: ConnectionLimiter | None
-    transports: Mapping[str, Transport]
-    ports: Mapping[str, int]
+    ingress: IngressStatus
+    delivery: DeliveryStatus
     metrics: Metrics
     tracking: TrackingLog
     activity: DeviceActivity
@@ -70,21 +68,21 @@ class RelayStatus:
         return self._relay.clock()
 
     def listeners(self) -> dict[str, int]:
-        return dict(self._relay.ports)
+        return dict(self._relay.ingress.ports)
 
     def connections(self) -> int:
-        return self._relay.limiter.active if self._relay.limiter else 0
+        return self._relay.ingress.connections()
 
     def delivery_stopped(self) -> str | None:
-        return self._relay.scheduler.delivery_stopped() if self._relay.scheduler else None
+        return self._relay.delivery.delivery_stopped()
 
     async def transports(self) -> list[TransportStatus]:
         r = self._relay
         now = r.clock()
-        suspended = r.scheduler.suspended() if r.scheduler else {}
+        suspended = r.delivery.suspended()
         out = []
         for t in r.settings.transports:
-            transport = r.transports.get(t.name)
+            transport = r.delivery.transports.get(t.name)
             last = await r.tracking.search(TraceQuery(transport=t.name, kinds=_OUTCOMES, limit=1))
             reply = last.events[0].reply if last.events else ""
             state = "idle" if not last.events else "ok"
@@ -98,8 +96,8 @@ class RelayStatus:
                 s = source.state()
                 token = TokenStatus(s.expires_at, s.last_refresh, s.last_error)
             pacing = None
-            if isinstance(transport, PacedTransport) and r.scheduler is not None:
-                h = r.scheduler.headroom(transport)
+            if isinstance(transport, PacedTransport):
+                h = r.delivery.headroom(transport)
                 limits = transport.pacing
                 pacing = Headroom(
                     key=transport.pacing_key,
@@ -113,15 +111,13 @@ class RelayStatus:
         return out
 
     async def metrics(self) -> bytes:
+        """Counters are counted where things happen; the gauges are set now: the queue's from the
+        spool, each service's own through its status interface."""
         r = self._relay
-        m = r.metrics
-        m.set_queue(await r.spool.stats(), r.clock())
-        m.connections.set(self.connections())
-        suspended = r.scheduler.suspended() if r.scheduler else {}
-        for name in r.transports:
-            m.suspended.labels(name).set(1 if name in suspended else 0)
-        m.delivery_stopped.set(0 if self.delivery_stopped() is None else 1)
-        return generate_latest(m.registry)
+        r.metrics.set_queue(await r.spool.stats(), r.clock())
+        r.ingress.refresh_metrics()
+        r.delivery.refresh_metrics()
+        return r.metrics.exposition()
 
 
 class SpoolQueueAdmin:
@@ -154,13 +150,12 @@ class SpoolQueueAdmin:
 
     async def hold(self, queue_id: str, held: bool) -> None:
         await self._relay.spool.hold(queue_id, held)
-        if not held and self._relay.scheduler:
-            self._relay.scheduler.wake()
+        if not held:
+            self._relay.delivery.wake()
 
     async def retry(self, queue_id: str) -> None:
         await self._relay.spool.retry(queue_id, self._relay.clock())
-        if self._relay.scheduler:
-            self._relay.scheduler.wake()
+        self._relay.delivery.wake()
 
     async def delete(self, queue_id: str) -> None:
         await self._relay.spool.delete(queue_id)

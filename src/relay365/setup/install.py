@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from relay365.errors import ConfigError, InstallError
-from relay365.service.unit import (
+from relay365.settings import load_settings
+from relay365.setup.files import write_file
+from relay365.setup.unit import (
     ENV_FILE,
     SYSUSERS_FILE,
     UNIT_FILE,
@@ -24,8 +26,6 @@ from relay365.service.unit import (
     render_unit,
     sandbox_problems,
 )
-from relay365.settings import load_settings
-from relay365.setup.files import write_file
 
 
 @dataclass

@@ -21,10 +21,11 @@ from rich.console import Console
 from rich.table import Table
 
 from relay365.admin.accounts import Role
-from relay365.app import Relay, serve
-from relay365.console_adapter import SandboxMailboxes
 from relay365.sandbox.runner import Sandbox
 from relay365.sandbox.tenant import Tenant, example_tenant
+from relay365.service.console import SandboxMailboxes
+from relay365.service.relay import Relay
+from relay365.service.serve import serve
 from relay365.settings import Settings, parse_settings
 
 DEMO_PORT = 2525

@@ -1,7 +1,7 @@
 """Preflight: everything ``relay365 serve`` needs before it binds a port, checked in one place.
 
-``relay365 config check`` and ``serve`` run this same function (``relay365.app.preflight_for``), so the
-check passes exactly when serve would start, given the same user and environment. It reports every
+``relay365 config check`` and ``serve`` run this same function (``preflight_for`` below), so
+the check passes exactly when serve would start, given the same user and environment. It reports every
 problem at once (:class:`relay365.errors.PreflightError`, one line each, naming the config key and the
 file), and changes nothing on disk: no spool directory, no self-signed certificate is made here.
 
@@ -27,6 +27,7 @@ certificate, a legacy listener whose certificate is not RSA, a delegated sign-in
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import stat
@@ -43,6 +44,7 @@ from relay365.ingress.tls import self_signed_paths, self_signed_types, server_co
 from relay365.settings import ListenerSettings, Settings, TransportSettings
 from relay365.spool.factory import locate
 from relay365.transports.base import Transport
+from relay365.transports.registry import build_transport
 
 BuildTransport = Callable[[TransportSettings], Transport]
 
@@ -232,3 +234,10 @@ def _spool(directory: Path, out: Findings, *, key: str = "server.spool_dir") -> 
                 pass
         except OSError as e:
             out.problems.append(f"{key}: cannot open the queue {db} for writing: {e.strerror}.")
+
+
+async def preflight_for(settings: Settings) -> PreflightReport:
+    """The preflight ``serve`` runs before it binds a port, and ``config check`` runs on its own."""
+    return await preflight(
+        settings, build_transport=functools.partial(build_transport, hostname=settings.server.hostname)
+    )

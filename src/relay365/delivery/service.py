@@ -1,0 +1,172 @@
+"""The delivery service: transports, router, scheduler, claims and outcome recorder as one async context
+manager.
+
+::
+
+    async with DeliveryService(settings=..., spool=..., transports=..., owner=...) as delivery:
+        delivery.wake()               # new mail was committed (ingress's ``on_queued``)
+        delivery.suspended()          # transports held back as unreachable
+        delivery.delivery_stopped()   # why all delivery is stopped (the spool cannot record), or None
+    # on the way out: deliveries in flight finish within ``grace``; those that do not are given
+    # back to the spool (``Claims.give_back``), then the transports' connections are closed
+
+Starting restores the pacing windows from the spool (Exchange Online's per-mailbox limits survive a
+restart) and starts the scheduler task. The transports are handed over by the composition root (built
+from the registry by the preflight, ``transports/registry.py``): the service closes each one when it
+stops, also when it fails to start, and empties the mapping it was given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from types import TracebackType
+from typing import Protocol, Self
+
+from relay365.delivery.pacing import Headroom
+from relay365.delivery.router import NoRoute, Router
+from relay365.delivery.scheduler import Scheduler
+from relay365.observability.metrics import Metrics
+from relay365.observability.tracking import TrackingLog
+from relay365.settings import Settings
+from relay365.spool.contract import Spool
+from relay365.transports.base import PacedTransport, Transport
+from relay365.transports.registry import null_sender_transports, recipient_rules
+
+log = logging.getLogger(__name__)
+
+
+class DeliveryStatus(Protocol):
+    """What the rest of the relay may read of running delivery (the console, the metrics, the
+    watchdog), and the one thing it may ask of it: look at the queue now."""
+
+    @property
+    def transports(self) -> Mapping[str, Transport]:
+        """Transport name -> transport (an OAuth one tells its token's state)."""
+        ...
+
+    def running(self) -> bool:
+        """False once the scheduler has stopped by itself (systemd's watchdog then restarts)."""
+        ...
+
+    def suspended(self) -> dict[str, float]:
+        """Transports held back as unreachable, with the time their hold ends."""
+        ...
+
+    def delivery_stopped(self) -> str | None:
+        """Why all delivery is stopped (the spool cannot record outcomes), or None."""
+        ...
+
+    def headroom(self, transport: PacedTransport) -> Headroom:
+        """How much a paced transport's mailbox may still send now."""
+        ...
+
+    def wake(self, queue_id: str = "") -> None:
+        """Look at the queue now (new, released or retried mail)."""
+        ...
+
+    def refresh_metrics(self) -> None:
+        """Set delivery's gauges (held-back transports, delivery stopped) before a scrape."""
+        ...
+
+
+class DeliveryService:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        spool: Spool,
+        transports: dict[str, Transport],
+        owner: str,
+        metrics: Metrics,
+        tracking: TrackingLog,
+        clock: Callable[[], float] = time.time,
+        explain: Callable[[str], str | None] = lambda reply: None,
+    ) -> None:
+        """``owner``: this process to the spool's claims (``recover`` was called with it);
+        ``explain(reply)``: the hint a DSN gives for a reply (the reply-code catalogue)."""
+        s = settings
+        self._transports = transports
+        self._metrics = metrics
+        self.router = Router(s.routes, accepts=recipient_rules(s), null_sender=null_sender_transports(s))
+        self.scheduler = Scheduler(
+            spool=spool,
+            router=self.router,
+            transports=transports,
+            settings=s.delivery,
+            hostname=s.server.hostname,
+            clock=clock,
+            explain=explain,
+            metrics=metrics,
+            tracking=tracking,
+            owner=owner,
+        )
+        # how long deliveries in flight get to finish at shutdown (``Relay.stop(grace=)`` may change it)
+        self.grace = s.server.shutdown_grace
+        self._task: asyncio.Task[None] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+    async def __aenter__(self) -> Self:
+        try:
+            await self.scheduler.load_pacing()
+        except BaseException:
+            await self._close_transports()
+            raise
+        self._task = asyncio.create_task(self.scheduler.run(), name="scheduler")
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            await self.scheduler.stop(grace=self.grace)
+        finally:
+            if self._task is not None:
+                self._task.cancel()
+                await asyncio.gather(self._task, return_exceptions=True)
+            await self._close_transports()
+
+    async def _close_transports(self) -> None:
+        for transport in self._transports.values():
+            try:
+                await transport.close()
+            except Exception:  # one transport's failing close must not keep the others open
+                log.exception("closing a transport failed")
+        self._transports.clear()
+
+    # -- status ----------------------------------------------------------------------------------------
+    @property
+    def transports(self) -> dict[str, Transport]:
+        return self._transports
+
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def suspended(self) -> dict[str, float]:
+        return self.scheduler.suspended()
+
+    def delivery_stopped(self) -> str | None:
+        return self.scheduler.delivery_stopped()
+
+    def headroom(self, transport: PacedTransport) -> Headroom:
+        return self.scheduler.headroom(transport)
+
+    def wake(self, queue_id: str = "") -> None:
+        self.scheduler.wake(queue_id)
+
+    def refresh_metrics(self) -> None:
+        held = self.suspended()
+        for name in self._transports:
+            self._metrics.suspended.labels(name).set(1 if name in held else 0)
+        self._metrics.delivery_stopped.set(0 if self.delivery_stopped() is None else 1)
+
+    def route_reply(self, sender: str, rcpt: str, device: str) -> str | None:
+        """For ingress: the reply refusing at RCPT a recipient of mail from <> (RFC 5321 4.5.5) that no
+        route can carry, since no bounce could ever tell the device (README, "The null sender"); or None."""
+        try:
+            self.router.choose(rcpt=rcpt, sender=sender, device=device, size=0)
+        except NoRoute as e:
+            return f"550 5.7.1 {e}"
+        return None

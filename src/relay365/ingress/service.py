@@ -1,0 +1,158 @@
+"""The ingress service: every device listener and the sessions it carries, as one async context manager.
+
+::
+
+    async with IngressService(settings=..., spool=..., on_queued=delivery.wake, ...) as ingress:
+        ingress.ports           # listener name -> bound port (port 0 in the config: the kernel's)
+        ingress.connections()   # open device connections
+    # on the way out: no new connections; 421 4.3.2 to every open session, a message in DATA
+    # finishing first within ``grace`` (``context.shutdown``); then the background work ends
+
+Starting binds the listeners in config order, each with its TLS context (the configured certificate, or
+a self-signed one under ``spool_dir/tls``) and, for implicit TLS, the relay's own handshake acceptor
+(``handshake.implicit_tls``). If one cannot be bound (an address in use, not on this host), those
+already bound are closed again and the error propagates: nothing is left listening.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import time
+from collections.abc import Callable, Mapping
+from types import TracebackType
+from typing import Protocol, Self
+
+from relay365.ingress.context import IngressContext, shutdown
+from relay365.ingress.handshake import HandshakeLog
+from relay365.ingress.identity import AuthGuard, ConnectionLimiter, DeviceDirectory
+from relay365.ingress.policy import RateLimiter
+from relay365.ingress.server import start_listener
+from relay365.ingress.tls import self_signed_chains, server_context
+from relay365.observability.activity import DeviceActivity
+from relay365.observability.metrics import Metrics
+from relay365.observability.tracking import TrackingLog
+from relay365.settings import ListenerSettings, Settings
+from relay365.spool.contract import Spool
+
+log = logging.getLogger(__name__)
+
+
+class IngressStatus(Protocol):
+    """What the rest of the relay may read of a running ingress (the console, the metrics)."""
+
+    @property
+    def ports(self) -> Mapping[str, int]:
+        """Listener name -> bound port."""
+        ...
+
+    def connections(self) -> int:
+        """Open device connections."""
+        ...
+
+    def refresh_metrics(self) -> None:
+        """Set ingress's gauges (open connections) before a scrape."""
+        ...
+
+
+class IngressService:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        spool: Spool,
+        metrics: Metrics,
+        tracking: TrackingLog,
+        activity: DeviceActivity,
+        on_queued: Callable[[str], None] = lambda queue_id: None,
+        route_reply: Callable[[str, str, str], str | None] = lambda sender, rcpt, device: None,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``on_queued(queue_id)``: a message was committed (delivery's wake-up); ``route_reply(sender,
+        rcpt, device)``: the reply refusing a null-sender recipient no route can carry, or None.
+        ``clock``: wall time (TLS failure log windows); ``monotonic``: AUTH guard and rate limits."""
+        s = settings
+        self._settings = settings
+        self.context = IngressContext(
+            spool=spool,
+            devices=DeviceDirectory(s.devices),
+            limiter=ConnectionLimiter(total=s.server.max_connections, per_ip=s.server.max_connections_per_ip),
+            guard=AuthGuard(s.server, clock=monotonic),
+            rates=RateLimiter(clock=monotonic),
+            hostname=s.server.hostname,
+            on_queued=on_queued,
+            metrics=metrics,
+            tls_failures=HandshakeLog(clock=clock),
+            route_reply=route_reply,
+            tracking=tracking,
+            activity=activity,
+        )
+        # how long open sessions get to finish at shutdown (``Relay.stop(grace=)`` may change it)
+        self.grace = s.server.shutdown_grace
+        self._servers: list[asyncio.Server] = []
+        self._ports: dict[str, int] = {}
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+    async def __aenter__(self) -> Self:
+        try:
+            for listener in self._settings.listeners:
+                await self._bind(listener)
+        except BaseException:
+            await self._close()
+            raise
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._close()
+
+    async def _bind(self, listener: ListenerSettings) -> None:
+        server = await start_listener(self.context, listener, self._tls(listener))
+        self._servers.append(server)
+        self._ports[listener.name] = server.sockets[0].getsockname()[1]
+        log.info(
+            "listening on %s:%d (%s, tls=%s)",
+            listener.address,
+            self._ports[listener.name],
+            listener.name,
+            listener.tls,
+        )
+
+    def _tls(self, listener: ListenerSettings) -> ssl.SSLContext | None:
+        if listener.tls == "none":
+            return None
+        if listener.cert_file and listener.key_file:
+            chains = [(listener.cert_file, listener.key_file)]
+        else:
+            s = self._settings.server
+            chains = self_signed_chains(s.spool_dir / "tls", s.hostname, listener)
+        return server_context(listener, chains=chains)
+
+    async def _close(self) -> None:
+        """Stop accepting, tell open sessions 421 4.3.2 (a message in DATA finishes first, within
+        ``grace``), wait for the connections and for the work they left in the background."""
+        for server in self._servers:
+            server.close()
+        await shutdown(self.context, grace=self.grace)
+        for server in self._servers:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(server.wait_closed(), self.grace)
+        self._servers.clear()
+        self.context.tls_failures.close()
+        if self.context.background:
+            await asyncio.gather(*self.context.background, return_exceptions=True)
+
+    # -- status ----------------------------------------------------------------------------------------
+    @property
+    def ports(self) -> Mapping[str, int]:
+        return self._ports
+
+    def connections(self) -> int:
+        return self.context.limiter.active
+
+    def refresh_metrics(self) -> None:
+        self.context.metrics.connections.set(self.connections())
