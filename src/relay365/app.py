@@ -29,12 +29,14 @@ from relay365.ingress.server import start_listener
 from relay365.ingress.tls import self_signed, self_signed_chains, server_context
 from relay365.observability.activity import DeviceActivity
 from relay365.observability.metrics import Metrics
-from relay365.observability.tracking import MemoryTrackingLog, TrackingLog
+from relay365.observability.tracking import TrackingLog
+from relay365.observability.tracking_pg import PgTrackingLog
 from relay365.observability.tracking_sqlite import SqliteTrackingLog
 from relay365.preflight import PreflightReport, preflight
 from relay365.replies import classify
 from relay365.service.notify import Notifier
 from relay365.settings import ListenerSettings, Settings
+from relay365.sharing import delivery_shares, tracking_log
 from relay365.spool.contract import Spool
 from relay365.spool.factory import make_spool
 from relay365.spool.model import new_owner_id
@@ -83,17 +85,9 @@ async def preflight_for(settings: Settings) -> PreflightReport:
     )
 
 
-def open_tracking(settings: Settings, *, clock: Callable[[], float] = time.time) -> TrackingLog:
-    """The tracking log the settings ask for (not yet opened): SQLite beside the queue, or memory."""
-    t = settings.tracking
-    if not t.enabled:
-        return MemoryTrackingLog(clock=clock)
-    return SqliteTrackingLog(
-        t.path or settings.server.spool_dir / "tracking.db",
-        retention_days=t.retention_days,
-        clock=clock,
-        log_events=t.log_events,
-    )
+def open_tracking(settings: Settings, spool: Spool, *, clock: Callable[[], float] = time.time) -> TrackingLog:
+    """The tracking log the settings ask for (not yet opened), where the spool keeps it (sharing.py)."""
+    return tracking_log(settings, spool, clock=clock)
 
 
 def admin_accounts(settings: Settings) -> AccountStore:
@@ -124,7 +118,7 @@ class Relay:
         self.metrics = Metrics()
         self.admin: AdminServer | None = None
         self.console: Console | None = None
-        self.tracking = open_tracking(settings, clock=clock)
+        self.tracking = open_tracking(settings, self.spool, clock=clock)
         self.activity = DeviceActivity(configured=tuple(d.name for d in settings.devices), clock=clock)
         self._mailboxes = mailboxes
 
@@ -146,7 +140,7 @@ class Relay:
         self.transports.update(report.transports)
         await self.spool.open()
         await self.spool.recover(self.owner)
-        if isinstance(self.tracking, SqliteTrackingLog):
+        if isinstance(self.tracking, SqliteTrackingLog | PgTrackingLog):
             await self.tracking.open()
         router = Router(s.routes, accepts=recipient_rules(s), null_sender=null_sender_transports(s))
         self.scheduler = Scheduler(
@@ -160,6 +154,7 @@ class Relay:
             metrics=self.metrics,
             tracking=self.tracking,
             owner=self.owner,
+            **delivery_shares(self.spool, owner=self.owner, clock=self._clock),
         )
         await self.scheduler.load_pacing()
         self.ingress = IngressContext(
@@ -271,7 +266,7 @@ class Relay:
             await asyncio.gather(self._scheduler_task, return_exceptions=True)
         for t in self.transports.values():
             await t.close()
-        if isinstance(self.tracking, SqliteTrackingLog):
+        if isinstance(self.tracking, SqliteTrackingLog | PgTrackingLog):
             await self.tracking.close()
         await self.spool.close()
 

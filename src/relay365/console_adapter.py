@@ -99,7 +99,7 @@ class RelayStatus:
                 token = TokenStatus(s.expires_at, s.last_refresh, s.last_error)
             pacing = None
             if isinstance(transport, PacedTransport) and r.scheduler is not None:
-                h = r.scheduler.headroom(transport)
+                h = await r.scheduler.headroom(transport)
                 limits = transport.pacing
                 pacing = Headroom(
                     key=transport.pacing_key,

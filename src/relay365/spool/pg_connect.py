@@ -15,19 +15,19 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import urlsplit
 
 import psycopg
 import psycopg_pool
 from psycopg import errors as pg_errors
 
-from relay365.errors import ConfigError, SpoolError, SpoolFullError, SpoolIOError
+from relay365.errors import SpoolError, SpoolFullError, SpoolIOError
+from relay365.settings import redact_url
 
 log = logging.getLogger(__name__)
-KEY = "spool.url"
 # libpq keepalives (client side) and the server's for this session: a dead peer is found in ~25 s.
 KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
 SESSION_SETUP = (
@@ -36,34 +36,7 @@ SESSION_SETUP = (
 )
 
 
-def redact(url: str) -> str:
-    """A URL fit for a message or a log line: a password in it is masked."""
-    scheme, sep, rest = url.partition("://")
-    authority, slash, tail = rest.partition("/")
-    userinfo, at, host = authority.rpartition("@")
-    if sep and at and ":" in userinfo:
-        rest = f"{userinfo.split(':', 1)[0]}:***@{host}{slash}{tail}"
-    tail_q = rest.partition("?")
-    if tail_q[1]:
-        params = [
-            f"{k}=***" if k.lower() == "password" else f"{k}={v}" for k, v in parse_qsl(tail_q[2], True)
-        ]
-        rest = f"{tail_q[0]}?{'&'.join(params)}"
-    return f"{scheme}{sep}{rest}" if sep else url
-
-
-def check_url(url: str) -> None:
-    """``ConfigError`` for a PostgreSQL URL that carries a password or is not a URL at all."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("postgresql", "postgres") or (not parts.netloc and not parts.path.strip("/")):
-        raise ConfigError(KEY, redact(url), "Use postgresql://user@host:port/database.")
-    if parts.password is not None or any(k.lower() == "password" for k, _ in parse_qsl(parts.query)):
-        raise ConfigError(
-            KEY,
-            redact(url),
-            "Do not put the password in the URL: use [spool] password_env or password_file, or"
-            " PGPASSWORD / ~/.pgpass.",
-        )
+redact = redact_url
 
 
 def database_name(url: str) -> str:
@@ -96,7 +69,13 @@ async def setup_session(conn: psycopg.AsyncConnection[Any]) -> None:
     await conn.execute(SESSION_SETUP)
 
 
-def make_pool(target: PgTarget, *, name: str, min_size: int = 1) -> psycopg_pool.AsyncConnectionPool:
+def make_pool(
+    target: PgTarget,
+    *,
+    name: str,
+    min_size: int = 1,
+    configure: Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]] = setup_session,
+) -> psycopg_pool.AsyncConnectionPool:
     """A pool (not opened yet) that checks a connection before handing it out and replaces broken
     ones: after an outage the first use reconnects, no restart needed."""
     return psycopg_pool.AsyncConnectionPool(
@@ -106,7 +85,7 @@ def make_pool(target: PgTarget, *, name: str, min_size: int = 1) -> psycopg_pool
         max_size=target.pool_size,
         open=False,
         name=name,
-        configure=setup_session,
+        configure=configure,
         check=psycopg_pool.AsyncConnectionPool.check_connection,
         timeout=max(2.0, target.connect_timeout * 2),
     )

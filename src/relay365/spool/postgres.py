@@ -11,8 +11,10 @@ The contract is spool/contract.py; what PostgreSQL adds:
   in one statement: nodes claiming at once take different messages and never wait for each other.
   ``record`` locks the row and checks the owner in the transaction that writes the outcome.
 - **Owners** are alive while they hold their advisory lock (pg_control.py); ``recover`` releases the
-  claims and removes the half-received bodies of owners that provably died. A node that dies without
-  a trace (its host gone) loses its claims when their leases end (``[delivery] lease``).
+  claims and removes the half-received bodies of owners that provably died, and every owner repeats
+  that sweep every ``SWEEP_EVERY`` seconds, so the messages of a node whose process died move to the
+  others within seconds. A node that dies without a trace (its host gone) loses its lock once TCP
+  keepalives give up (~25 s) and its claims when their leases end (``[delivery] lease``).
 - **Wake-ups** by LISTEN/NOTIFY (pg_control.py): another node hears new mail, a release, a retry or a
   flush as the transaction commits.
 - **Outages.** A statement that fails because the database is unreachable raises ``SpoolIOError``:
@@ -60,6 +62,7 @@ from relay365.spool.pg_control import LOCK_CLASS, Control
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+SWEEP_EVERY = 5.0  # seconds between an owner's sweeps for dead owners (``recover`` without attaching)
 Conn = psycopg.AsyncConnection[Any]
 
 
@@ -73,6 +76,7 @@ class PgSpool:
         self._changed: asyncio.Event | None = None
         self._flush_generation = 0
         self._owner_lock = asyncio.Lock()
+        self._sweeper: asyncio.Task[None] | None = None
         self.server_version = 0
 
     # -- plumbing ----------------------------------------------------------------------------------
@@ -141,6 +145,10 @@ class PgSpool:
         schema.check_version(await schema.aschema_version(conn), self.target.shown())
 
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+            self._sweeper = None
         if self._control is not None:
             await self._control.close()
             self._control = None
@@ -167,11 +175,21 @@ class PgSpool:
             mine = owner or new_owner_id()
             with mapped():
                 await self._control.hold_owner(mine)
+            self._sweeper = asyncio.create_task(self._sweep(mine), name="spool-sweep")
             return mine
 
-    async def recover(self, owner: str) -> Recovery:
-        me = await self.ensure_owner(owner)
+    async def _sweep(self, me: str) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_EVERY)
+            try:
+                await self._clean(me)
+            except SpoolError as e:
+                log.debug("spool sweep for dead owners failed: %s", e)
 
+    async def recover(self, owner: str) -> Recovery:
+        return await self._clean(await self.ensure_owner(owner))
+
+    async def _clean(self, me: str) -> Recovery:
         async def clean(conn: Conn) -> Recovery:
             cur = await conn.execute(
                 "SELECT o.owner, o.lock_id FROM relay365.owners o WHERE o.owner <> %s ORDER BY o.owner", (me,)
