@@ -88,6 +88,10 @@ def make_pool(
         configure=configure,
         check=psycopg_pool.AsyncConnectionPool.check_connection,
         timeout=max(2.0, target.connect_timeout * 2),
+        # Give up a reconnection after a few tries (1 s, 2 s apart): the next use tries again at
+        # once, so a database that is back is used within seconds, however long it was away (the
+        # default backs off for minutes).
+        reconnect_timeout=3.0,
     )
 
 
