@@ -67,14 +67,6 @@ class Faults:
         with self._lock:
             self._pending.append(fault)
 
-    def clear(self, endpoint: str | None = None) -> int:
-        """Drop the pending faults (of ``endpoint``, or all): the upstream recovers. Returns how many."""
-        with self._lock:
-            kept = [f for f in self._pending if endpoint is not None and f.endpoint != endpoint]
-            dropped = len(self._pending) - len(kept)
-            self._pending = kept
-        return dropped
-
     def take(self, endpoint: str, stage: str) -> Fault | None:
         """The first pending fault for this endpoint and stage, counting one attempt against it."""
         with self._lock:
