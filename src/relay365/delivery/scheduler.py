@@ -68,6 +68,7 @@ from relay365.transports.base import (
 
 log = logging.getLogger(__name__)
 NO_ROUTE_REPLY = "554 5.4.4 No route configured for this recipient"
+HOLDS_READ_EVERY = 1.0  # seconds between reads of the other relays' hold-backs
 _OPEN = (RcptState.QUEUED, RcptState.DEFERRED)
 
 
@@ -140,6 +141,7 @@ class Scheduler:
         self._pace: PaceStore = pace or LocalPaceStore(clock=clock)
         self._holds = UpstreamHolds(clock=clock, min_backoff=settings.min_backoff)
         self._board: HoldBoard = holds_board or NoBoard()
+        self._holds_read = -HOLDS_READ_EVERY
         self._recorder = OutcomeRecorder(spool=spool, owner=self._claims.owner)
         self._flush_seen = spool.flush_generation()
 
@@ -252,11 +254,15 @@ class Scheduler:
         return len(entries)
 
     async def _sync_holds(self) -> None:
-        """Publish the hold-backs decided here, adopt those of the other relays (a shared spool)."""
+        """Publish the hold-backs decided here, adopt those of the other relays (a shared spool; read
+        at most every ``HOLDS_READ_EVERY`` seconds)."""
         try:
             fresh = self._holds.take_fresh()
             if fresh:
                 await self._board.publish(fresh)
+            if time.monotonic() - self._holds_read < HOLDS_READ_EVERY:
+                return
+            self._holds_read = time.monotonic()
             for name, until in (await self._board.current()).items():
                 if name in self._transports:
                     self._holds.adopt(name, until)
@@ -416,7 +422,7 @@ class Scheduler:
                             r,
                             states[r].state,
                             states[r].last_reply or reply,
-                            now + got,
+                            max(now, self._clock()) + got,
                             counts_attempt=False,
                         )
                         for r in rcpts

@@ -151,7 +151,12 @@ class PgIncoming:
 
         async def remove(conn: Conn) -> None:
             await conn.execute("DELETE FROM relay365.incoming WHERE queue_id = %s", (self.queue_id,))
-            await conn.execute("DELETE FROM relay365.bodies WHERE queue_id = %s", (self.queue_id,))
+            # Only if no entry has them: a commit whose reply was lost may have been committed after all.
+            await conn.execute(
+                "DELETE FROM relay365.bodies WHERE queue_id = %s"
+                " AND NOT EXISTS (SELECT 1 FROM relay365.messages WHERE queue_id = %s)",
+                (self.queue_id, self.queue_id),
+            )
 
         try:
             await self._spool.transaction(remove)
