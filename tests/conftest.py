@@ -19,6 +19,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from relay365.service.relay import Relay
 from relay365.settings import Settings, parse_settings
+from tests.pgcluster import pg, pg_cluster  # noqa: F401  (fixtures: a private PostgreSQL cluster)
 
 
 @pytest.fixture(scope="session")

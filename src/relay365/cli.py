@@ -456,8 +456,10 @@ def _register_subcommands() -> None:
     from relay365.sandbox.cli import app as sandbox_app
     from relay365.setup.cli import register as register_setup
     from relay365.setup.service_cli import register as register_service
+    from relay365.spool_cli import register as register_spool
 
     app.add_typer(sandbox_app, name="sandbox")
+    register_spool(app)
     register(app)
     register_console(app)
     register_setup(app, config_app)

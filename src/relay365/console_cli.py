@@ -20,9 +20,12 @@ from rich.table import Table
 from relay365.admin.accounts import AccountError, AccountStore, Role
 from relay365.admin.views import BadRequest, trace_query, when
 from relay365.errors import ConfigError, Relay365Error
-from relay365.observability.tracking import TraceQuery, TrackingEvent
+from relay365.observability.tracking import TraceQuery, TrackingEvent, TrackingLog
+from relay365.observability.tracking_pg import PgTrackingLog
 from relay365.observability.tracking_sqlite import SqliteTrackingLog
+from relay365.service.sharing import tracking_log
 from relay365.settings import Settings, load_settings
+from relay365.spool.factory import make_spool
 
 admin_app = typer.Typer(help="Console accounts (Argon2id) and API tokens.", no_args_is_help=True)
 token_app = typer.Typer(help="API tokens for automation (stored hashed).", no_args_is_help=True)
@@ -157,7 +160,11 @@ def trace(
     """Search the tracking log: what happened to a message, newest first (works while serving)."""
     s = _settings(config)
     path = s.tracking.path or s.server.spool_dir / "tracking.db"
-    if not path.exists():
+    try:  # where the spool keeps it: beside a SQLite queue, or in the PostgreSQL spool's database
+        log = tracking_log(s, make_spool(s))
+    except Relay365Error as problem:
+        raise _fail(str(problem)) from None
+    if not isinstance(log, PgTrackingLog) and not path.exists():
         raise _fail(f"no tracking log at {path} (has the server run yet, with [tracking] enabled?)")
     raw = {"sender": sender, "recipient": recipient, "subject": subject, "message_id": message_id,
            "queue_id": queue_id, "device": device, "kind": kind, "since": since, "until": until,
@@ -166,7 +173,7 @@ def trace(
         query = trace_query({k: v for k, v in raw.items() if v is not None}, limit_max=100_000)
     except BadRequest as bad:
         raise _fail(str(bad)) from None
-    events = asyncio.run(_search(path, query))
+    events = asyncio.run(_search(log, query))
     if as_json:
         for e in events:
             typer.echo(json.dumps({**e.as_dict(), "kind": e.kind.value}, ensure_ascii=False))
@@ -187,8 +194,9 @@ def trace(
         out.print(table)
 
 
-async def _search(path: Path, query: TraceQuery) -> list[TrackingEvent]:
-    log = SqliteTrackingLog(path, log_events=False)
+async def _search(log: TrackingLog, query: TraceQuery) -> list[TrackingEvent]:
+    if not isinstance(log, SqliteTrackingLog | PgTrackingLog):
+        raise _fail("the tracking log is switched off ([tracking] enabled = false)")
     await log.open(purge_every=None)
     try:
         events: list[TrackingEvent] = []

@@ -9,7 +9,9 @@
      ├── DependencyVersionError      a pinned library whose internals relay365 uses has another version
      ├── SpoolError                  the spool could not store or read a message
      │    ├── SpoolFullError         no space left: ingress answers 452 4.3.1
-     │    └── SpoolIOError           any other I/O error: ingress answers 451 4.3.0
+     │    ├── SpoolIOError           any other I/O error: ingress answers 451 4.3.0
+     │    │    └── SpoolSchemaError  the PostgreSQL spool's schema is missing, older or newer than
+     │    │                          this build (``relay365 spool migrate``); the server is too old
      ├── QueueEntryNotFound          a queue id that is not in the spool
      ├── LeaseLost                   a delivery's claim on a message was taken over or the message
      │                               is gone: its outcome is not written (spool/contract.py)
@@ -80,6 +82,11 @@ class SpoolFullError(SpoolError):
 
 class SpoolIOError(SpoolError):
     """Any other I/O error of the spool (EIO, permission, corrupt database)."""
+
+
+class SpoolSchemaError(SpoolIOError):
+    """The PostgreSQL spool's database has no relay365 schema, or one this build does not work with
+    (older: ``relay365 spool migrate``; newer: upgrade this node), or the server is too old."""
 
 
 class QueueEntryNotFound(Relay365Error):

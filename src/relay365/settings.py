@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
+from urllib.parse import parse_qsl, urlsplit
 
 from relay365.errors import ConfigError
 from relay365.logformats import LOG_FORMATS, LogFormat
@@ -106,9 +107,14 @@ class DeliverySettings:
 @dataclass(frozen=True, slots=True)
 class SpoolSettings:
     """``[spool] url``: where the queue lives. ``sqlite:PATH`` (the default: ``server.spool_dir``),
-    ``memory:`` (tests only: nothing survives a restart) or ``postgresql://...`` (issue 10)."""
+    ``memory:`` (tests only: nothing survives a restart) or ``postgresql://user@host:port/db`` (a
+    queue several relays share). PostgreSQL's password comes from ``password_env``/``password_file``
+    or libpq's ``PGPASSWORD``/``~/.pgpass``, never from the URL."""
 
     url: str = ""
+    password: SecretRef | None = None
+    pool_size: int = 10  # PostgreSQL connections per relay process (and two more of its own)
+    connect_timeout: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -471,9 +477,44 @@ def _delivery(t: _Table) -> DeliverySettings:
 SPOOL_SCHEMES = ("sqlite:", "memory:", "postgresql://", "postgres://")
 
 
+def redact_url(url: str) -> str:
+    """A URL fit for a message or a log line: a password in it (user:password@ or ?password=) masked."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    head, q, query = rest.partition("?")
+    authority, slash, tail = head.partition("/")
+    userinfo, at, host = authority.rpartition("@")
+    if at and ":" in userinfo:
+        head = f"{userinfo.split(':', 1)[0]}:***@{host}{slash}{tail}"
+    if q:
+        pairs = [p.partition("=") for p in query.split("&")]
+        query = "&".join(f"{k}=***" if k.lower() == "password" else f"{k}{eq}{v}" for k, eq, v in pairs)
+    return f"{scheme}{sep}{head}{q}{query}"
+
+
+def check_postgres_url(url: str, *, key: str = "spool.url") -> None:
+    """``ConfigError`` for a PostgreSQL URL that carries a password or names no server."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres") or (not parts.netloc and not parts.path.strip("/")):
+        raise ConfigError(key, redact_url(url), "Use postgresql://user@host:port/database.")
+    try:
+        has_password = parts.password is not None
+    except ValueError:
+        has_password = False
+    if has_password or any(k.lower() == "password" for k, _ in parse_qsl(parts.query)):
+        raise ConfigError(
+            key,
+            redact_url(url),
+            "Do not put the password in the URL: use [spool] password_env or password_file, or"
+            " PGPASSWORD / ~/.pgpass.",
+        )
+
+
 def _spool(t: _Table, server: ServerSettings) -> SpoolSettings:
     """The URL as given, a relative ``sqlite:`` path made absolute against the config's folder;
-    which backends this build has is the spool factory's answer (spool/factory.py)."""
+    which backends this build has is the spool factory's answer (spool/factory.py). A PostgreSQL
+    URL with a password in it is refused (and the password masked in the message)."""
     url = t.get("url", str, "").strip()
     if not url or url == "sqlite:":
         url = f"sqlite:{server.spool_dir}"
@@ -482,8 +523,20 @@ def _spool(t: _Table, server: ServerSettings) -> SpoolSettings:
         url = f"sqlite:{path if path.is_absolute() else t._base / path}"
     elif not url.startswith(SPOOL_SCHEMES):
         raise ConfigError(t.key("url"), url, "Use sqlite:PATH, memory: or postgresql://user@host/db.")
+    postgres = url.startswith(("postgresql://", "postgres://"))
+    if postgres:
+        check_postgres_url(url, key=t.key("url"))
+    d = SpoolSettings()
+    s = SpoolSettings(
+        url=url,
+        password=t.secret("password"),
+        pool_size=t.positive("pool_size", int, d.pool_size),
+        connect_timeout=t.positive("connect_timeout", float, d.connect_timeout),
+    )
+    if s.password is not None and not postgres:
+        raise ConfigError(t.key("password_env"), "***", "A password is for a postgresql:// spool only.")
     t.done()
-    return SpoolSettings(url=url)
+    return s
 
 
 def _admin(t: _Table) -> AdminSettings:

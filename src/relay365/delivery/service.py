@@ -25,6 +25,8 @@ from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Protocol, Self
 
+from relay365.delivery.holds import HoldBoard
+from relay365.delivery.pacestore import PaceStore
 from relay365.delivery.pacing import Headroom
 from relay365.delivery.router import NoRoute, Router
 from relay365.delivery.scheduler import Scheduler
@@ -59,8 +61,8 @@ class DeliveryStatus(Protocol):
         """Why all delivery is stopped (the spool cannot record outcomes), or None."""
         ...
 
-    def headroom(self, transport: PacedTransport) -> Headroom:
-        """How much a paced transport's mailbox may still send now."""
+    async def headroom(self, transport: PacedTransport) -> Headroom:
+        """How much a paced transport's mailbox may still send now (shared pacing: across nodes)."""
         ...
 
     def wake(self, queue_id: str = "") -> None:
@@ -84,9 +86,13 @@ class DeliveryService:
         tracking: TrackingLog,
         clock: Callable[[], float] = time.time,
         explain: Callable[[str], str | None] = lambda reply: None,
+        pace: PaceStore | None = None,
+        holds_board: HoldBoard | None = None,
     ) -> None:
         """``owner``: this process to the spool's claims (``recover`` was called with it);
-        ``explain(reply)``: the hint a DSN gives for a reply (the reply-code catalogue)."""
+        ``explain(reply)``: the hint a DSN gives for a reply (the reply-code catalogue); ``pace`` and
+        ``holds_board``: what this relay shares with others on the same spool (service/sharing.py;
+        default: in this process)."""
         s = settings
         self._transports = transports
         self._metrics = metrics
@@ -102,6 +108,8 @@ class DeliveryService:
             metrics=metrics,
             tracking=tracking,
             owner=owner,
+            pace=pace,
+            holds_board=holds_board,
         )
         # how long deliveries in flight get to finish at shutdown (``Relay.stop(grace=)`` may change it)
         self.grace = s.server.shutdown_grace
@@ -150,8 +158,8 @@ class DeliveryService:
     def delivery_stopped(self) -> str | None:
         return self.scheduler.delivery_stopped()
 
-    def headroom(self, transport: PacedTransport) -> Headroom:
-        return self.scheduler.headroom(transport)
+    async def headroom(self, transport: PacedTransport) -> Headroom:
+        return await self.scheduler.headroom(transport)
 
     def wake(self, queue_id: str = "") -> None:
         self.scheduler.wake(queue_id)

@@ -31,6 +31,7 @@ from relay365.diagnostics.checks.relaycfg import (
     SPOOL_WARN_BYTES,
     check_config,
     check_listener_cert,
+    check_postgres,
     check_queue,
     check_spool_dir,
 )
@@ -183,6 +184,7 @@ async def relay_checks(settings: Settings, opts: ConfigDoctorOptions) -> list[Ch
     results += check_spool_dir(
         settings.server.spool_dir, warn_bytes=opts.spool_warn_bytes, fail_bytes=opts.spool_fail_bytes
     )
+    results += await check_postgres(settings)
     results += await check_queue(settings)
     return results
 

@@ -389,6 +389,9 @@ class SqliteTrackingLog:
             await asyncio.sleep(every)
 
 
+COLUMNS = _COLUMNS  # (the PostgreSQL log, tracking_pg.py, stores the same columns)
+
+
 def _log_event(e: TrackingEvent) -> None:
     """One structured line per event: the JSON log format shows the ``extra`` fields, the text
     format the Postfix-style pairs."""
@@ -409,3 +412,7 @@ def _log_event(e: TrackingEvent) -> None:
         if value:
             parts.append(f"{key}={value}")
     events_log.info(" ".join(parts), extra={"tracking": e.as_dict()})
+
+
+log_event = _log_event
+like_pattern = _like

@@ -97,7 +97,7 @@ class RelayStatus:
                 token = TokenStatus(s.expires_at, s.last_refresh, s.last_error)
             pacing = None
             if isinstance(transport, PacedTransport):
-                h = r.delivery.headroom(transport)
+                h = await r.delivery.headroom(transport)
                 limits = transport.pacing
                 pacing = Headroom(
                     key=transport.pacing_key,

@@ -19,6 +19,8 @@ Checked, in config order:
   (``0.0.0.0`` covers every IPv4 address; ``::`` every IPv6 one, asyncio binds IPv6 with V6ONLY);
 * the spool directory exists and is writable, or can be created; ``[spool] url`` names a backend this
   build has (spool/factory.py), and a ``sqlite:`` spool elsewhere is checked like the directory;
+  a ``postgresql://`` spool: its password can be read, the server answers, is PostgreSQL 12 or newer
+  and holds the schema this build works with (else: run ``relay365 spool migrate``);
 * every transport is built as serve builds it (its own checks run), and handed to serve.
 
 Warnings (serve starts anyway; both print them): a world-readable private key, an expired listener
@@ -42,7 +44,8 @@ from relay365.credentials import load_secret
 from relay365.errors import ConfigError, PreflightError, Relay365Error
 from relay365.ingress.tls import self_signed_paths, self_signed_types, server_context
 from relay365.settings import ListenerSettings, Settings, TransportSettings
-from relay365.spool.factory import locate
+from relay365.spool.factory import locate, pg_target
+from relay365.spool.pg_check import probe
 from relay365.transports.base import Transport
 from relay365.transports.registry import build_transport
 
@@ -73,6 +76,7 @@ async def preflight(
     _bindings(settings, out)
     _spool(settings.server.spool_dir, out)
     _spool_url(settings, out)
+    await _postgres(settings, out)
     report = PreflightReport(warnings=out.warnings)
     if not out.problems:
         for i, t in enumerate(settings.transports):
@@ -210,6 +214,22 @@ def _spool_url(settings: Settings, out: Findings) -> None:
         )
     elif where.path is not None and where.path != settings.server.spool_dir:
         _spool(where.path, out, key="spool.url")
+
+
+async def _postgres(settings: Settings, out: Findings) -> None:
+    try:
+        where = locate(settings)
+    except ConfigError:
+        return  # reported by _spool_url
+    if where.scheme != "postgresql":
+        return
+    try:
+        target = pg_target(settings)
+        status = await probe(target)
+    except Relay365Error as e:
+        out.problems.append(str(e))
+        return
+    out.problems.extend(status.problems(target.shown()))
 
 
 def _spool(directory: Path, out: Findings, *, key: str = "server.spool_dir") -> None:

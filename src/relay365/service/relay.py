@@ -36,11 +36,13 @@ from relay365.ingress.service import IngressService
 from relay365.ingress.tls import self_signed
 from relay365.observability.activity import DeviceActivity
 from relay365.observability.metrics import Metrics
-from relay365.observability.tracking import MemoryTrackingLog, TrackingLog
+from relay365.observability.tracking import TrackingLog
+from relay365.observability.tracking_pg import PgTrackingLog
 from relay365.observability.tracking_sqlite import SqliteTrackingLog
 from relay365.replies import classify
 from relay365.service.console import RelayParts, SandboxMailboxes, console_deps
 from relay365.service.preflight import preflight_for
+from relay365.service.sharing import delivery_shares, tracking_log
 from relay365.settings import Settings
 from relay365.spool.contract import Spool
 from relay365.spool.factory import make_spool
@@ -58,17 +60,9 @@ def explain_reply(reply: str) -> str | None:
     return f"{entry.meaning} Fix: {entry.fix}"
 
 
-def open_tracking(settings: Settings, *, clock: Callable[[], float] = time.time) -> TrackingLog:
-    """The tracking log the settings ask for (not yet opened): SQLite beside the queue, or memory."""
-    t = settings.tracking
-    if not t.enabled:
-        return MemoryTrackingLog(clock=clock)
-    return SqliteTrackingLog(
-        t.path or settings.server.spool_dir / "tracking.db",
-        retention_days=t.retention_days,
-        clock=clock,
-        log_events=t.log_events,
-    )
+def open_tracking(settings: Settings, spool: Spool, *, clock: Callable[[], float] = time.time) -> TrackingLog:
+    """The tracking log the settings ask for (not yet opened), where the spool keeps it (sharing.py)."""
+    return tracking_log(settings, spool, clock=clock)
 
 
 def admin_accounts(settings: Settings) -> AccountStore:
@@ -100,7 +94,7 @@ class Relay:
         self.spool: Spool = make_spool(settings, clock=clock)
         self.owner = new_owner_id()  # this process, to the spool's claims
         self.metrics = Metrics()
-        self.tracking = open_tracking(settings, clock=clock)
+        self.tracking = open_tracking(settings, self.spool, clock=clock)
         self.activity = DeviceActivity(configured=tuple(d.name for d in settings.devices), clock=clock)
         self.delivery: DeliveryService | None = None
         self.ingress: IngressService | None = None
@@ -130,7 +124,7 @@ class Relay:
             await self.spool.open()
             stack.push_async_callback(self.spool.close)
             await self.spool.recover(self.owner)
-            if isinstance(self.tracking, SqliteTrackingLog):
+            if isinstance(self.tracking, SqliteTrackingLog | PgTrackingLog):
                 await self.tracking.open()
                 stack.push_async_callback(self.tracking.close)
             self.delivery = await stack.enter_async_context(
@@ -143,6 +137,7 @@ class Relay:
                     tracking=self.tracking,
                     clock=self._clock,
                     explain=explain_reply,
+                    **delivery_shares(self.spool, owner=self.owner, clock=self._clock),
                 )
             )
             self.ingress = await stack.enter_async_context(
