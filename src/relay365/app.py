@@ -38,6 +38,7 @@ from relay365.settings import ListenerSettings, Settings
 from relay365.spool.contract import Spool
 from relay365.spool.factory import make_spool
 from relay365.spool.model import new_owner_id
+from relay365.tracing.follower import TraceFollower, start_follower
 from relay365.transports.base import Transport
 from relay365.transports.registry import build_transport, null_sender_transports, recipient_rules
 
@@ -125,6 +126,7 @@ class Relay:
         self.admin: AdminServer | None = None
         self.console: Console | None = None
         self.tracking = open_tracking(settings, clock=clock)
+        self.follower: TraceFollower | None = None  # Microsoft 365's message trace ([tracing])
         self.activity = DeviceActivity(configured=tuple(d.name for d in settings.devices), clock=clock)
         self._mailboxes = mailboxes
 
@@ -188,6 +190,9 @@ class Relay:
                 listener.tls,
             )
         self._scheduler_task = asyncio.create_task(self.scheduler.run(), name="scheduler")
+        self.follower = await start_follower(
+            s, tracking=self.tracking, metrics=self.metrics, clock=self._clock
+        )
         if s.admin.port is not None:
             await self._start_console()
 
@@ -206,6 +211,7 @@ class Relay:
             activity=self.activity,
             clock=self._clock,
             explain=explain_reply,
+            follower=self.follower,
         )
         accounts = admin_accounts(s)
         self.console = build_console(
@@ -271,6 +277,8 @@ class Relay:
             await asyncio.gather(self._scheduler_task, return_exceptions=True)
         for t in self.transports.values():
             await t.close()
+        if self.follower is not None:
+            await self.follower.stop()
         if isinstance(self.tracking, SqliteTrackingLog):
             await self.tracking.close()
         await self.spool.close()
