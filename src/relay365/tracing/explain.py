@@ -155,9 +155,14 @@ def event_dict(event: TrackingEvent) -> dict[str, Any]:
 
 
 def timeline(events: Iterable[TrackingEvent], *, newest_first: bool = False) -> list[TrackingEvent]:
-    """Relay and Microsoft events in the order they happened (Microsoft's own times for its events;
-    the tracking log's order for events of the same second)."""
-    return sorted(events, key=lambda e: (e.at, e.id), reverse=newest_first)
+    """Relay and Microsoft events in the order they happened. Microsoft's trace gives whole seconds
+    (``2026-01-21T14:12:34Z``), so within one second the relay's events come first (its 250 reply is
+    what Microsoft's events follow), then the tracking log's order."""
+
+    def key(e: TrackingEvent) -> tuple[int, int, float, int]:
+        return int(e.at), int(e.kind in M365_KINDS), e.at, e.id
+
+    return sorted(events, key=key, reverse=newest_first)
 
 
 def microsoft_half(events: Iterable[TrackingEvent]) -> list[dict[str, Any]]:
@@ -168,7 +173,7 @@ def microsoft_half(events: Iterable[TrackingEvent]) -> list[dict[str, Any]]:
             (e.queue_id, e.recipient),
             {"queue_id": e.queue_id, "recipient": e.recipient, "transport": e.transport, "status": None,
              "at": None, "reason": "", "from_ip": "", "advice": None, "advice_source": None,
-             "unresolved": False, "events": []},
+             "unresolved": False, "next_check": None, "events": []},
         )  # fmt: skip
         if e.kind is EventKind.M365_EVENT:
             row["events"].append({"at": e.at, "event": e.reply, "description": e.detail})

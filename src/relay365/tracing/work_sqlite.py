@@ -89,7 +89,10 @@ class SqliteFollowStore:
         def connect() -> None:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             # Addresses and subjects are personal data: for the service user only (as the events).
-            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+            # Only when it is new: closing any descriptor of a file drops every POSIX lock this process
+            # holds on it, the tracking log's SQLite locks included (fcntl(2), "F_SETLK").
+            if not self.path.exists():
+                os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA busy_timeout=10000")
             conn.execute("PRAGMA journal_mode=WAL")

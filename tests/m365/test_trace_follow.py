@@ -1,0 +1,222 @@
+"""Device -> relay365 -> sandbox, then relay365 follows the message into the mailbox through the
+sandbox's message trace (Graph, tokens from the real msal flow) and explains what happened after 250.
+
+The sandbox and the relay run on one manual clock: the follower's passes are driven by the test
+(``relay.follower.run_once()`` after the clock moved past the poll interval), so nothing waits on
+wall-clock time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from relay365.app import Relay
+from relay365.diagnostics.checks import Status
+from relay365.diagnostics.doctor_config import ConfigDoctorOptions, run_config_doctor
+from relay365.sandbox.clock import ManualClock
+from relay365.sandbox.runner import Sandbox
+from relay365.sandbox.tenant import load_tenant
+from relay365.settings import load_settings
+from tests.console.support import bearer, make_accounts
+from tests.core.helpers import run_cli, write_config
+from tests.m365.conftest import APP_SECRET, SECRET_ENV, submission
+from tests.m365.follow_helpers import (
+    MAIL_ONLY,
+    follow_sections,
+    publish_spf,
+    submit,
+    tenant_file,
+    trace_json,
+    until,
+)
+
+pytestmark = pytest.mark.timeout(300)
+SPF_RECORD = "v=spf1 ip4:203.0.113.5 include:spf.protection.outlook.com ~all"
+
+
+@pytest.fixture
+async def sandbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Sandbox]:
+    monkeypatch.setenv(SECRET_ENV, APP_SECRET)
+    extra = f'\n[[app]]\nclient_id = "{MAIL_ONLY}"\nclient_secret = "{APP_SECRET}"\n'
+    extra += 'permissions = ["Mail.Send"]\n'  # an app of the tenant without the trace permission
+    tenant = load_tenant(tenant_file(tmp_path, extra))
+    async with Sandbox(tenant, state_dir=tmp_path / "sandbox", clock=ManualClock()) as sb:
+        yield sb
+
+
+def started(settings_path: Path, sb: Sandbox) -> Relay:
+    return Relay(load_settings(settings_path), clock=sb.ctx.clock.now)
+
+
+def outcome(relay: Relay, status: str) -> float:
+    value = relay.metrics.registry.get_sample_value(
+        "relay365_m365_outcomes_total", {"status": status, "route": "scans", "transport": "direct"}
+    )
+    return value or 0.0
+
+
+async def test_direct_send_outside_spf_lands_in_junk_and_spf_fixes_it(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    clock = sandbox.ctx.clock
+    config = write_config(tmp_path, **follow_sections(sandbox))
+    relay = started(config, sandbox)
+    await relay.start()
+    try:
+        assert relay.follower is not None
+        qid = await submit(relay, "scanner@fabrikam.test", "alice@contoso.test", "Scan floor 3", 1)
+        store = sandbox.ctx.store
+        await until(lambda: len(store.list(mailbox="alice@contoso.test")) == 1)
+        [junk] = store.list(mailbox="alice@contoso.test")
+        assert junk.folder == "JunkEmail"  # Microsoft said 250, and the scan is in Junk Email
+        assert relay.scheduler is not None
+        await relay.scheduler.drain()
+        await relay.tracking.flush()
+
+        early = await relay.follower.run_once()  # Microsoft's trace is asked poll_interval after 250
+        assert (early.taken_in, early.asked) == (1, 0)
+        clock.advance(120)
+        report = await relay.follower.run_once()
+        assert (report.asked, report.settled) == (1, 1)
+        await relay.tracking.flush()
+
+        events = await trace_json(config, "--recipient", "alice@contoso.test")
+        assert [e["side"] for e in events][:4] == ["microsoft"] * 4  # newest first: Microsoft's half
+        status = next(e for e in events if e["kind"] == "m365_status")
+        assert status["reply"] == "FilteredAsSpam" and status["queue_id"] == qid
+        assert status["peer"] == "203.0.113.5"  # fromIP: where Microsoft saw it come from
+        assert "Spam Diagnostics" in status["detail"] and "SPF=fail" in status["detail"]
+        assert SPF_RECORD in status["advice"] and "relay365 spf --domain fabrikam.test" in status["advice"]
+        assert status["advice_source"].startswith("https://learn.microsoft.com/")
+        kinds = [e["kind"] for e in reversed(events)]  # oldest first: relay, then Microsoft
+        assert kinds == ["received", "routed", "attempted", "delivered", "m365_event", "m365_event",
+                         "m365_event", "m365_status"]  # fmt: skip
+        assert [e["reply"] for e in reversed(events) if e["kind"] == "m365_event"] == [
+            "Receive", "Spam Diagnostics", "Deliver"
+        ]  # fmt: skip
+        assert outcome(relay, "FilteredAsSpam") == 1
+
+        table = await _run(config, "--queue-id", qid)
+        assert "Microsoft 365" in table and "FilteredAsSpam" in table and SPF_RECORD in table
+
+        # The admin publishes the record relay365 advised; the next scan reaches the Inbox.
+        publish_spf(config.parent / "tenant.toml", sandbox)
+        second = await submit(relay, "scanner@fabrikam.test", "alice@contoso.test", "Scan floor 3", 2)
+        await until(lambda: len(store.list(mailbox="alice@contoso.test", folder="Inbox")) == 1)
+        await relay.scheduler.drain()
+        await relay.tracking.flush()
+        clock.advance(120)
+        await relay.follower.run_once()
+        await relay.tracking.flush()
+        events = await trace_json(config, "--queue-id", second)
+        [status] = [e for e in events if e["kind"] == "m365_status"]
+        assert status["reply"] == "Delivered" and status["advice"] is None
+        assert outcome(relay, "Delivered") == 1 and outcome(relay, "FilteredAsSpam") == 1
+    finally:
+        await relay.stop(grace=5)
+
+
+async def _run(config: Path, *args: str) -> str:
+    done = await asyncio.to_thread(run_cli, "trace", *args, "-c", str(config))
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+async def test_a_quarantine_rule_is_explained_in_the_console(tmp_path: Path, sandbox: Sandbox) -> None:
+    clock = sandbox.ctx.clock
+    config = write_config(tmp_path, admin={"port": 0}, **follow_sections(sandbox))
+    token, _ = make_accounts(tmp_path / "spool" / "admin-users.json")
+    relay = started(config, sandbox)
+    await relay.start()
+    try:
+        assert relay.follower is not None and relay.scheduler is not None
+        subject = "[quarantine-test] Invoice"  # the example tenant's mail flow rule quarantines it
+        qid = await submit(relay, "scanner@contoso.test", "alice@contoso.test", subject, 3)
+        await until(lambda: len(sandbox.ctx.store.list(folder="Quarantine")) == 1)
+        await relay.scheduler.drain()
+        await relay.tracking.flush()
+        clock.advance(120)
+        await relay.follower.run_once()
+        await relay.tracking.flush()
+        async with httpx.AsyncClient(base_url=relay.admin_url, trust_env=False, timeout=20) as http:
+            message = (await http.get(f"/api/queue/{qid}", headers=bearer(token))).json()
+            [ms] = message["microsoft"]
+            assert ms["recipient"] == "alice@contoso.test" and ms["status"] == "Quarantined"
+            assert "Transport rule" in ms["reason"] and "Quarantine suspicious invoices" in ms["reason"]
+            assert "https://security.microsoft.com/quarantine" in ms["advice"]
+            assert [e["event"] for e in ms["events"]] == ["Receive", "Transport rule", "Quarantine"]
+            sides = [e["side"] for e in message["events"]]
+            assert sides[0] == "relay" and sides[-1] == "microsoft"  # one timeline, oldest first
+            page = await http.get(f"/message/{qid}", headers=bearer(token))
+            assert page.status_code == 200
+            assert "Inside Microsoft 365" in page.text and "Quarantined" in page.text
+            assert "security.microsoft.com/quarantine" in page.text
+            overview = (await http.get("/api/overview", headers=bearer(token))).json()
+            assert overview["post_acceptance"] == [
+                {"route": "scans", "transport": "direct", "total": 1, "statuses": {"Quarantined": 1}}
+            ]
+            home = await http.get("/", headers=bearer(token))
+            assert "Inside Microsoft 365 (last 24 hours)" in home.text
+            metrics = (await http.get("/metrics")).text
+            assert (
+                'relay365_m365_outcomes_total{route="scans",status="Quarantined",transport="direct"} 1.0'
+                in metrics
+            )
+    finally:
+        await relay.stop(grace=5)
+
+
+async def test_without_the_permission_it_says_so_once_and_mail_flows(
+    tmp_path: Path, sandbox: Sandbox, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The reading app lacks ExchangeMessageTrace.Read.All: one warning, the gauge at 0, the doctor's
+    row with the fix; mail is delivered as before and nothing is recorded as Microsoft's."""
+    clock = sandbox.ctx.clock
+    reader = {**submission(sandbox, graph_url=sandbox.graph_url), "name": "reader", "type": "graph",
+              "client_id": MAIL_ONLY}  # fmt: skip
+    config = write_config(tmp_path, **follow_sections(sandbox, app=reader))
+    relay = started(config, sandbox)
+    caplog.set_level(logging.INFO, logger="relay365.tracing")
+    await relay.start()
+    try:
+        assert relay.follower is not None and relay.scheduler is not None
+        for n in (4, 5):
+            await submit(relay, "scanner@contoso.test", "alice@contoso.test", "Scan", n)
+        await until(lambda: len(sandbox.ctx.store.list(mailbox="alice@contoso.test", folder="Inbox")) == 2)
+        await relay.scheduler.drain()
+        await relay.tracking.flush()
+        clock.advance(120)
+        for _ in range(3):
+            await relay.follower.run_once()
+            clock.advance(600)
+        clock.advance(3600)  # past the recheck: asked again, refused again, not said again
+        await relay.follower.run_once()
+        rejections = sandbox.ctx.store.rejections()
+        assert rejections == {"trace 403 Forbidden": 2}
+        warnings = [r for r in caplog.records if "may not read Microsoft 365's message trace" in r.message]
+        assert len(warnings) == 1 and "ExchangeMessageTrace.Read.All" in warnings[0].message
+        gauge = relay.metrics.registry.get_sample_value("relay365_m365_trace_allowed", {"app": "reader"})
+        assert gauge == 0
+        await relay.tracking.flush()
+        events = await trace_json(config, "--recipient", "alice@contoso.test")
+        assert [e["kind"] for e in events if e["side"] == "microsoft"] == []
+        assert sum(1 for e in events if e["kind"] == "delivered") == 2
+    finally:
+        await relay.stop(grace=5)
+    rows = {r.name: r for r in await run_config_doctor(ConfigDoctorOptions(config=config, timeout_s=10))}
+    row = rows["[reader] message trace (ExchangeMessageTrace.Read.All)"]
+    assert row.status is Status.WARN and "403" in row.detail and "Grant admin consent" in row.fix
+
+
+async def test_doctor_passes_when_the_app_may_read_the_trace(tmp_path: Path, sandbox: Sandbox) -> None:
+    config = write_config(tmp_path, **follow_sections(sandbox))
+    rows = {r.name: r for r in await run_config_doctor(ConfigDoctorOptions(config=config, timeout_s=10))}
+    row = rows["[submission] message trace (ExchangeMessageTrace.Read.All)"]
+    assert row.status is Status.PASS and "follows mail of direct, submission" in row.detail
+    assert sandbox.ctx.store.rejections() == {}
