@@ -100,6 +100,16 @@ class TraceFollower:
         self._task: asyncio.Task[None] | None = None
         self._purged = 0.0
 
+    @property
+    def requests(self) -> int:
+        """Requests sent to Microsoft's trace by this follower's clients (logs, tests)."""
+        return sum(client.requests for client, _ in self._clients.values())
+
+    @property
+    def throttled(self) -> int:
+        """429 answers received."""
+        return sum(client.throttled for client, _ in self._clients.values())
+
     # -- lifecycle ---------------------------------------------------------------------------------
 
     async def start(self) -> None:
