@@ -66,8 +66,9 @@ async def hand_over(sb: Sandbox, tracking: SqliteTrackingLog, numbers: range) ->
             msg = message(n)
             errors, reply = await client.sendmail(sender, ["alice@contoso.test"], msg.as_bytes())
             assert errors == {}
+            mid = f"scan-{n}@relay.contoso.test" if n % 100 != 50 else ""
             common = {
-                "queue_id": f"Q{n:05d}", "message_id": f"scan-{n}@relay.contoso.test" if n % 100 != 50 else "",
+                "queue_id": f"Q{n:05d}", "message_id": mid,
                 "subject": subject, "sender": sender, "recipient": "alice@contoso.test", "device": "mfp",
                 "transport": "direct",
             }  # fmt: skip
@@ -116,7 +117,8 @@ async def test_two_thousand_messages_followed_within_the_quota_across_a_restart(
     tenant = load_tenant(tenant_file(tmp_path))
     async with Sandbox(tenant, state_dir=tmp_path / "sandbox", clock=clock) as sb:
         settings = make_settings(tmp_path, **follow_sections(sb))
-        tracking = SqliteTrackingLog(settings.server.spool_dir / "tracking.db", clock=clock.now, log_events=False)
+        db = settings.server.spool_dir / "tracking.db"
+        tracking = SqliteTrackingLog(db, clock=clock.now, log_events=False)
         await tracking.open(purge_every=None)
         try:
             for batch in range(4):  # four bursts of scans, an hour apart
