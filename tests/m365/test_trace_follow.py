@@ -23,6 +23,8 @@ from relay365.sandbox.clock import ManualClock
 from relay365.sandbox.runner import Sandbox
 from relay365.sandbox.tenant import load_tenant
 from relay365.settings import load_settings
+from relay365.tracing.follower import LEASE, TraceFollower
+from relay365.tracing.work_sqlite import SqliteFollowStore
 from tests.console.support import bearer, make_accounts
 from tests.core.helpers import run_cli, write_config
 from tests.m365.conftest import APP_SECRET, SECRET_ENV, submission
@@ -220,3 +222,54 @@ async def test_doctor_passes_when_the_app_may_read_the_trace(tmp_path: Path, san
     row = rows["[submission] message trace (ExchangeMessageTrace.Read.All)"]
     assert row.status is Status.PASS and "follows mail of direct, submission" in row.detail
     assert sandbox.ctx.store.rejections() == {}
+
+
+async def test_relays_sharing_the_store_follow_each_recipient_once(tmp_path: Path, sandbox: Sandbox) -> None:
+    """A second follower on the same files (another relay on the spool directory) and a third that
+    died holding claims: every recipient gets Microsoft's status exactly once; the dead one's rows are
+    taken over when its lease runs out."""
+    clock = sandbox.ctx.clock
+    config = write_config(tmp_path, **follow_sections(sandbox))
+    relay = started(config, sandbox)
+    await relay.start()
+    other = dead = None
+    try:
+        assert relay.follower is not None and relay.scheduler is not None
+        ids = [
+            await submit(relay, sender, "alice@contoso.test", f"Scan {n}", 10 + n)
+            for n, sender in enumerate(["scanner@contoso.test", "scanner@fabrikam.test"] * 3)
+        ]
+        await until(lambda: len(sandbox.ctx.store.list(mailbox="alice@contoso.test")) == 6)
+        await relay.scheduler.drain()
+        await relay.tracking.flush()
+        settings = load_settings(config)
+        db = settings.server.spool_dir / "tracking.db"
+        other = TraceFollower(
+            settings=settings,
+            tracking=relay.tracking,
+            store=SqliteFollowStore(db),
+            clock=clock.now,
+            owner="B",
+        )
+        await other.store.open()
+        dead = SqliteFollowStore(db)
+        await dead.open()
+        await relay.follower.run_once()  # taken in, not due yet
+        clock.advance(120)
+        held = await dead.claim(owner="C", now=clock.now(), lease=LEASE, limit=2)
+        assert len(held) == 2
+        reports = await asyncio.gather(relay.follower.run_once(), other.run_once())
+        assert sum(r.settled for r in reports) == 4
+        clock.advance(LEASE + 1)
+        taken_over = await asyncio.gather(relay.follower.run_once(), other.run_once())
+        assert sum(r.settled for r in taken_over) == 2
+        await relay.tracking.flush()
+        events = await trace_json(config, "--kind", "m365_status")
+        assert sorted(e["queue_id"] for e in events) == sorted(ids)  # one status each, none twice
+        assert sorted(e["reply"] for e in events) == ["Delivered"] * 3 + ["FilteredAsSpam"] * 3
+    finally:
+        if other is not None:
+            await other.stop()
+        if dead is not None:
+            await dead.close()
+        await relay.stop(grace=5)

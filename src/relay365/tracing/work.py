@@ -76,8 +76,8 @@ class FollowStore(Protocol):
         ...
 
     async def claim(self, *, owner: str, now: float, lease: float, limit: int) -> list[FollowItem]:
-        """Due rows (``due <= now``, not done) that no one else holds, oldest due first, held by
-        ``owner`` until ``now + lease``."""
+        """Due rows (``due <= now``, not done) that no one else holds (its own, after a pass that
+        failed, included), oldest due first, held by ``owner`` until ``now + lease``."""
         ...
 
     async def settle(self, items: Sequence[FollowItem], *, owner: str) -> list[FollowItem]:
