@@ -9,7 +9,9 @@ wall-clock time.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import smtplib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from relay365.settings import load_settings
 from relay365.tracing.follower import LEASE, TraceFollower
 from relay365.tracing.work_sqlite import SqliteFollowStore
 from tests.console.support import bearer, make_accounts
-from tests.core.helpers import run_cli, write_config
+from tests.core.helpers import closed_port, run_cli, write_config
 from tests.m365.conftest import APP_SECRET, SECRET_ENV, submission
 from tests.m365.follow_helpers import (
     MAIL_ONLY,
@@ -272,4 +274,53 @@ async def test_relays_sharing_the_store_follow_each_recipient_once(tmp_path: Pat
             await other.stop()
         if dead is not None:
             await dead.close()
+        await relay.stop(grace=5)
+
+
+async def test_queue_show_tells_microsofts_side_while_the_message_is_queued(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    """One recipient reached Microsoft 365 (Direct Send), the other waits for a partner's server that
+    is down: ``queue show`` has the queue state of both and Microsoft's status of the first."""
+    clock = sandbox.ctx.clock
+    sections = follow_sections(sandbox)
+    down = {"name": "partner", "type": "smarthost", "host": "127.0.0.1", "port": closed_port(), "tls": "none"}
+    sections["transport"].append(down)
+    sections["route"].insert(
+        0, {"name": "partners", "transport": "partner", "recipient_domains": ["example.org"]}
+    )
+    config = write_config(tmp_path, **sections)
+    relay = started(config, sandbox)
+    await relay.start()
+    try:
+        assert relay.follower is not None and relay.scheduler is not None
+
+        def client() -> str:
+            with smtplib.SMTP("127.0.0.1", relay.ports["lan"], timeout=10) as s:
+                s.ehlo("printer.lan")
+                s.mail("scanner@fabrikam.test")
+                s.rcpt("alice@contoso.test")
+                s.rcpt("buyer@example.org")
+                code, reply = s.data(b"Subject: Order\r\nMessage-ID: <order-1@printer>\r\n\r\nx\r\n")
+                assert code == 250
+                return reply.decode().split()[-1]
+
+        qid = await asyncio.to_thread(client)
+        await until(lambda: len(sandbox.ctx.store.list(mailbox="alice@contoso.test")) == 1)
+        await relay.scheduler.drain()
+        await relay.tracking.flush()
+        clock.advance(120)
+        await relay.follower.run_once()
+        await relay.tracking.flush()
+        shown = await asyncio.to_thread(run_cli, "queue", "show", qid, "--json", "-c", str(config))
+        assert shown.returncode == 0, shown.stderr
+        data = json.loads(shown.stdout)
+        states = {r["rcpt"]: r["state"] for r in data["recipients"]}
+        assert states == {"alice@contoso.test": "delivered", "buyer@example.org": "deferred"}
+        [ms] = data["microsoft"]
+        assert ms["recipient"] == "alice@contoso.test" and ms["status"] == "FilteredAsSpam"
+        assert SPF_RECORD in ms["advice"]
+        table = await asyncio.to_thread(run_cli, "queue", "show", qid, "-c", str(config))
+        assert "inside Microsoft 365" in table.stdout and "FilteredAsSpam" in table.stdout
+    finally:
         await relay.stop(grace=5)
