@@ -142,3 +142,17 @@ async def test_concurrent_claims_from_two_connections_never_overlap(tmp_path: Pa
     finally:
         await a.close()
         await b.close()
+
+
+async def test_one_owner_leads_until_its_lease_ends_or_it_lets_go(stores: Pair) -> None:
+    a, b = stores
+    assert await a.lead(owner="A", now=T0, lease=600)
+    assert not await b.lead(owner="B", now=T0 + 1, lease=600)
+    assert await a.lead(owner="A", now=T0 + 500, lease=600)  # renewed
+    assert not await b.lead(owner="B", now=T0 + 1000, lease=600)
+    assert await b.lead(owner="B", now=T0 + 1101, lease=600)  # A's lead ran out
+    await a.add([item(1), item(2)])
+    assert len(await b.claim(owner="B", now=T0 + 1200, lease=600, limit=10)) == 2
+    assert await b.release(owner="B") == 2  # B stops: its claims and its lead go at once
+    assert await a.lead(owner="A", now=T0 + 1201, lease=600)
+    assert len(await a.claim(owner="A", now=T0 + 1201, lease=600, limit=10)) == 2

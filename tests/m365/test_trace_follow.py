@@ -228,8 +228,8 @@ async def test_doctor_passes_when_the_app_may_read_the_trace(tmp_path: Path, san
 
 async def test_relays_sharing_the_store_follow_each_recipient_once(tmp_path: Path, sandbox: Sandbox) -> None:
     """A second follower on the same files (another relay on the spool directory) and a third that
-    died holding claims: every recipient gets Microsoft's status exactly once; the dead one's rows are
-    taken over when its lease runs out."""
+    died holding claims: one of them asks Microsoft at a time, every recipient gets Microsoft's status
+    exactly once, and the dead one's rows are taken over when its lease runs out."""
     clock = sandbox.ctx.clock
     config = write_config(tmp_path, **follow_sections(sandbox))
     relay = started(config, sandbox)
@@ -262,6 +262,7 @@ async def test_relays_sharing_the_store_follow_each_recipient_once(tmp_path: Pat
         assert len(held) == 2
         reports = await asyncio.gather(relay.follower.run_once(), other.run_once())
         assert sum(r.settled for r in reports) == 4
+        assert min(relay.follower.requests, other.requests) == 0  # one relay at a time asks Microsoft
         clock.advance(LEASE + 1)
         taken_over = await asyncio.gather(relay.follower.run_once(), other.run_once())
         assert sum(r.settled for r in taken_over) == 2

@@ -6,8 +6,9 @@ Theory of operation, one pass (:meth:`TraceFollower.run_once`):
 
 1. intake (:mod:`.intake`): new ``delivered`` events of followed transports become rows in the
    follow store (:mod:`.work`), due ``poll_interval`` after the handoff;
-2. claim the due rows (owner + lease: relays sharing the store split the work, and take over the
-   rows of one that died once its lease runs out);
+2. lead, then claim the due rows: of the relays sharing the store one at a time asks Microsoft (the
+   quota is the tenant's), and rows are claimed with owner + lease, so none is asked about or
+   recorded twice and the rows of a relay that died are taken over once its lease runs out;
 3. per app registration (one per tenant, :mod:`.apps`), ask the trace (:mod:`.lookup`) within the
    tenant's quota: the client's token bucket keeps every request inside 80 of Microsoft's 100 per
    5 minutes, and a pass reads the events of at most ``details`` recipients, so it stays short;
@@ -128,6 +129,10 @@ class TraceFollower:
                 await client.aclose()
                 tokens.close()
             self._clients.clear()
+            try:  # stopped mid-pass: its rows and the lead go to the next relay now, not in 30 minutes
+                await self.store.release(owner=self.owner)
+            except Exception as e:  # a closing observer: the lease frees them later
+                log.warning("message trace: could not release this relay's claims: %s", e)
             await self.store.close()
 
     async def run(self) -> None:
@@ -152,6 +157,8 @@ class TraceFollower:
                 self.tracking, self.store, followed=self.plan.transports, now=now,
                 horizon=t.horizon, first_check=t.poll_interval,
             )  # fmt: skip
+            if not await self.store.lead(owner=self.owner, now=now, lease=LEASE):
+                return PassReport(new)  # another relay asks Microsoft for now
             claimed = await self.store.claim(owner=self.owner, now=now, lease=LEASE, limit=self._batch)
             settled: list[Settled] = []
             by_app: dict[str, list[FollowItem]] = {}

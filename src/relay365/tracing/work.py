@@ -14,6 +14,10 @@ PostgreSQL one beside a PostgreSQL tracking log implements the same):
   claimed by another after the lease;
 - ``settle`` writes rows back and ends their claim, but only rows the owner still holds; it returns
   those, and only for those does the follower write events (so no event is written twice);
+- ``lead`` makes one owner at a time the one that asks Microsoft (the quota is the tenant's, not the
+  relay's: two relays asking at once would each spend their own 80 of the same 100 requests); the
+  others keep taking in and wait, and one of them leads when the leader's lease runs out;
+- ``release`` gives back an owner's claims when it stops, so its rows do not wait for the lease;
 - what ``add``, ``settle`` and ``set_cursor`` wrote survives a restart (SQLite: a transaction each).
 """
 
@@ -84,6 +88,15 @@ class FollowStore(Protocol):
         """Write these rows back and release them, where ``owner`` still holds them; return those."""
         ...
 
+    async def release(self, *, owner: str) -> int:
+        """End every claim ``owner`` holds (the rows keep their due time); return how many."""
+        ...
+
+    async def lead(self, *, owner: str, now: float, lease: float) -> bool:
+        """Become (or stay) the one owner that asks Microsoft, until ``now + lease``; False while
+        another owner's lead lasts."""
+        ...
+
     async def cursor(self) -> float | None:
         """The time of the newest ``delivered`` event taken in (None before the first intake)."""
         ...
@@ -110,6 +123,7 @@ class MemoryFollowStore:
         self._rows: dict[tuple[str, str], FollowItem] = {}
         self._claims: dict[tuple[str, str], tuple[str, float]] = {}
         self._cursor: float | None = None
+        self._leader: tuple[str, float] = ("", 0.0)
 
     async def open(self) -> None:
         return None
@@ -148,6 +162,21 @@ class MemoryFollowStore:
             del self._claims[item.key]
             written.append(item)
         return written
+
+    async def release(self, *, owner: str) -> int:
+        mine = [k for k, (o, _) in self._claims.items() if o == owner]
+        for k in mine:
+            del self._claims[k]
+        if self._leader[0] == owner:
+            self._leader = ("", 0.0)
+        return len(mine)
+
+    async def lead(self, *, owner: str, now: float, lease: float) -> bool:
+        holder, until = self._leader
+        if holder and holder != owner and until >= now:
+            return False
+        self._leader = (owner, now + lease)
+        return True
 
     async def cursor(self) -> float | None:
         return self._cursor

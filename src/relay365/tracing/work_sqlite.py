@@ -52,6 +52,9 @@ CREATE TABLE IF NOT EXISTS m365_follow (
 CREATE INDEX IF NOT EXISTS m365_follow_due ON m365_follow(done, due);
 CREATE INDEX IF NOT EXISTS m365_follow_sent ON m365_follow(sent_at);
 CREATE TABLE IF NOT EXISTS m365_follow_state (name TEXT PRIMARY KEY, value REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS m365_follow_leader (
+    name TEXT PRIMARY KEY, owner TEXT NOT NULL, lease_until REAL NOT NULL
+);
 """
 _COLUMNS = ", ".join(_FIELDS)
 _INSERT = f"INSERT OR IGNORE INTO m365_follow ({_COLUMNS}) VALUES ({', '.join('?' * len(_FIELDS))})"  # noqa: S608
@@ -156,6 +159,30 @@ class SqliteFollowStore:
             return written
 
         return await self._run(lambda conn: self._write(conn, write)) if items else []
+
+    async def release(self, *, owner: str) -> int:
+        def free(conn: sqlite3.Connection) -> int:
+            conn.execute("DELETE FROM m365_follow_leader WHERE owner = ?", (owner,))
+            return conn.execute(
+                "UPDATE m365_follow SET owner = '', lease_until = 0 WHERE owner = ?", (owner,)
+            ).rowcount
+
+        return await self._run(lambda conn: self._write(conn, free))
+
+    async def lead(self, *, owner: str, now: float, lease: float) -> bool:
+        def take(conn: sqlite3.Connection) -> bool:
+            return (
+                conn.execute(
+                    "INSERT INTO m365_follow_leader (name, owner, lease_until) VALUES ('asker', ?, ?)"
+                    " ON CONFLICT (name) DO UPDATE SET owner = excluded.owner,"
+                    " lease_until = excluded.lease_until"
+                    " WHERE m365_follow_leader.owner = excluded.owner OR m365_follow_leader.lease_until < ?",
+                    (owner, now + lease, now),
+                ).rowcount
+                == 1
+            )
+
+        return await self._run(lambda conn: self._write(conn, take))
 
     async def cursor(self) -> float | None:
         def read(conn: sqlite3.Connection) -> float | None:
