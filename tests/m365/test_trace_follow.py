@@ -49,6 +49,7 @@ async def sandbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncItera
     monkeypatch.setenv(SECRET_ENV, APP_SECRET)
     extra = f'\n[[app]]\nclient_id = "{MAIL_ONLY}"\nclient_secret = "{APP_SECRET}"\n'
     extra += 'permissions = ["Mail.Send"]\n'  # an app of the tenant without the trace permission
+    extra += '\n[[rule]]\nname = "No orders"\nsubject_contains = ["[reject-test]"]\naction = "reject"\n'
     tenant = load_tenant(tenant_file(tmp_path, extra))
     async with Sandbox(tenant, state_dir=tmp_path / "sandbox", clock=ManualClock()) as sb:
         yield sb
@@ -132,7 +133,9 @@ async def _run(config: Path, *args: str) -> str:
     return done.stdout
 
 
-async def test_a_quarantine_rule_is_explained_in_the_console(tmp_path: Path, sandbox: Sandbox) -> None:
+async def test_quarantine_and_failure_after_250_are_explained_in_the_console(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
     clock = sandbox.ctx.clock
     config = write_config(tmp_path, admin={"port": 0}, **follow_sections(sandbox))
     token, _ = make_accounts(tmp_path / "spool" / "admin-users.json")
@@ -142,7 +145,9 @@ async def test_a_quarantine_rule_is_explained_in_the_console(tmp_path: Path, san
         assert relay.follower is not None and relay.scheduler is not None
         subject = "[quarantine-test] Invoice"  # the example tenant's mail flow rule quarantines it
         qid = await submit(relay, "scanner@contoso.test", "alice@contoso.test", subject, 3)
+        failed = await submit(relay, "scanner@contoso.test", "alice@contoso.test", "[reject-test] Order", 4)
         await until(lambda: len(sandbox.ctx.store.list(folder="Quarantine")) == 1)
+        await until(lambda: len(sandbox.ctx.store.list(mailbox="scanner@contoso.test")) == 1)  # the NDR
         await relay.scheduler.drain()
         await relay.tracking.flush()
         clock.advance(120)
@@ -161,9 +166,18 @@ async def test_a_quarantine_rule_is_explained_in_the_console(tmp_path: Path, san
             assert page.status_code == 200
             assert "Inside Microsoft 365" in page.text and "Quarantined" in page.text
             assert "security.microsoft.com/quarantine" in page.text
+            # Microsoft said 250, then a mail flow rule refused it: Failed, with the catalogue's meaning.
+            [fail] = (await http.get(f"/api/queue/{failed}", headers=bearer(token))).json()["microsoft"]
+            assert fail["status"] == "Failed" and "550 5.7.1 Delivery not authorized" in fail["reason"]
+            assert "mail flow rule" in fail["advice"] and "Fix:" in fail["advice"]
             overview = (await http.get("/api/overview", headers=bearer(token))).json()
             assert overview["post_acceptance"] == [
-                {"route": "scans", "transport": "direct", "total": 1, "statuses": {"Quarantined": 1}}
+                {
+                    "route": "scans",
+                    "transport": "direct",
+                    "total": 2,
+                    "statuses": {"Failed": 1, "Quarantined": 1},
+                }
             ]
             home = await http.get("/", headers=bearer(token))
             assert "Inside Microsoft 365 (last 24 hours)" in home.text
