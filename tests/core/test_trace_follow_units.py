@@ -12,7 +12,7 @@ from relay365.errors import ConfigError
 from relay365.observability.tracking import EventKind, TrackingEvent
 from relay365.settings import parse_settings
 from relay365.tracing.apps import follow_plan
-from relay365.tracing.decide import Found, settle
+from relay365.tracing.decide import Found, later, settle
 from relay365.tracing.explain import advise, event_dict, load_advice, microsoft_half, reason, timeline
 from relay365.tracing.lookup import match_without_id
 from relay365.tracing.model import TraceDetail, TraceRecord, TraceStatus
@@ -102,12 +102,15 @@ def test_one_answer_for_one_row() -> None:
     again = settle(pending.item, Found(record(TraceStatus.PENDING)), now=T0 + 600, poll=300, horizon=7200)
     assert again.events == []  # ... not at every look
     spam = record(TraceStatus.FILTERED_AS_SPAM)
-    later = settle(row(), Found(spam), now=T0 + 300, poll=300, horizon=7200)  # events not read this pass
+    unread = settle(row(), Found(spam), now=T0 + 300, poll=300, horizon=7200)  # events not read this pass
     assert (
-        later.item.details_due and later.item.due == T0 + 300 and later.events == [] and not later.item.done
+        unread.item.details_due
+        and unread.item.due == T0 + 300
+        and unread.events == []
+        and not unread.item.done
     )
     final = settle(
-        later.item, Found(spam, SPAM_EVENTS, details_read=True), now=T0 + 310, poll=300, horizon=7200
+        unread.item, Found(spam, SPAM_EVENTS, details_read=True), now=T0 + 310, poll=300, horizon=7200
     )
     assert final.item.done and final.outcome == "FilteredAsSpam"
     assert [(e.kind, e.reply) for e in final.events] == [
@@ -122,6 +125,12 @@ def test_one_answer_for_one_row() -> None:
     assert gone.unresolved and gone.item.done and gone.item.status == "unresolved"
     assert gone.events[0].kind is EventKind.M365_UNRESOLVED and gone.events[0].reply == "Pending"
     assert "within 2 h" in gone.events[0].detail
+    # Not asked this pass: again later, and past the horizon given up (quietly without the permission).
+    assert later(row(), due=T0 + 900, now=T0 + 600, horizon=7200, why="x", quiet=False).item.due == T0 + 900
+    silent = later(row(), due=T0 + 9000, now=T0 + 7200, horizon=7200, why="no permission", quiet=True)
+    assert silent.item.done and silent.events == [] and not silent.unresolved
+    said = later(row(), due=T0 + 9000, now=T0 + 7200, horizon=7200, why="trace down (503)", quiet=False)
+    assert said.unresolved and "trace down (503) within 2 h" in said.events[0].detail
 
 
 def test_advice_names_the_record_to_publish_and_where_to_release() -> None:

@@ -221,6 +221,9 @@ async def test_without_the_permission_it_says_so_once_and_mail_flows(
         assert len(warnings) == 1 and "ExchangeMessageTrace.Read.All" in warnings[0].message
         gauge = relay.metrics.registry.get_sample_value("relay365_m365_trace_allowed", {"app": "reader"})
         assert gauge == 0
+        clock.advance(2 * 86400)  # the horizon passes: the rows are given up, quietly (said once)
+        await relay.follower.run_once()
+        assert await relay.follower.store.next_due() is None
         await relay.tracking.flush()
         events = await trace_json(config, "--recipient", "alice@contoso.test")
         assert [e["kind"] for e in events if e["side"] == "microsoft"] == []

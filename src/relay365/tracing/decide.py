@@ -65,12 +65,23 @@ def _event(item: FollowItem, kind: EventKind, at: float, reply: str, detail: str
     )
 
 
-def _unresolved(item: FollowItem, now: float, horizon: float, why: str) -> Settled:
+def unresolved(item: FollowItem, now: float, horizon: float, why: str) -> Settled:
     last = TraceStatus.parse(item.status).display if item.status else "NotInTrace"
     hours = horizon / 3600
     text = f"{why} within {hours:g} h of the handoff; relay365 stopped asking ([tracing] horizon)"
     event = _event(item, EventKind.M365_UNRESOLVED, now, last, text, item.from_ip)
     return Settled(item.but(done=True, details_due=False, status=UNRESOLVED), [event], unresolved=True)
+
+
+def later(item: FollowItem, *, due: float, now: float, horizon: float, why: str, quiet: bool) -> Settled:
+    """Microsoft was not asked about ``item`` this pass (no permission, no answer): ask at ``due``,
+    unless the horizon has passed; then the row is done, with an ``m365_unresolved`` event saying
+    ``why`` unless ``quiet`` (a missing permission is said once in the log, not once per message)."""
+    if now < item.sent_at + horizon:
+        return Settled(item.but(due=due))
+    if quiet:
+        return Settled(item.but(done=True, details_due=False, status=UNRESOLVED))
+    return unresolved(item, now, horizon, why)
 
 
 def settle(item: FollowItem, found: Found, *, now: float, poll: float, horizon: float) -> Settled:
@@ -80,7 +91,7 @@ def settle(item: FollowItem, found: Found, *, now: float, poll: float, horizon: 
     if record is None:
         if found.expired or past:
             why = "no record of it in Microsoft's message trace"
-            return _unresolved(asked, now, horizon, why)
+            return unresolved(asked, now, horizon, why)
         return Settled(asked.but(due=now + poll))
     status = record.status
     seen = asked.but(
@@ -93,7 +104,7 @@ def settle(item: FollowItem, found: Found, *, now: float, poll: float, horizon: 
             return Settled(seen.but(status=status.value, details_due=True, due=now))
         return _final(seen, record, found.details)
     if past:
-        return _unresolved(seen.but(status=status.value), now, horizon, f"still {status.display}")
+        return unresolved(seen.but(status=status.value), now, horizon, f"still {status.display}")
     events = []
     if status is TraceStatus.PENDING and item.status != status.value:
         text = "Microsoft 365 is still delivering it (deferred and being retried)."

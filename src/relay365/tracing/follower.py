@@ -39,7 +39,7 @@ from relay365.observability.tracking import TrackingLog
 from relay365.settings import Settings
 from relay365.tracing.apps import FollowPlan, TraceApp, follow_plan
 from relay365.tracing.budget import TokenBucket
-from relay365.tracing.decide import UNRESOLVED, Found, Settled, settle
+from relay365.tracing.decide import UNRESOLVED, Found, Settled, later, settle
 from relay365.tracing.graph_trace import MessageTraceClient
 from relay365.tracing.intake import take_in
 from relay365.tracing.lookup import DetailBudget, ask
@@ -181,8 +181,12 @@ class TraceFollower:
         t = self.settings.tracing
         now = self._clock()
         wait_until = self._denied.get(app.name, 0.0)
+
+        def wait(due: float, why: str, *, quiet: bool = False) -> list[Settled]:
+            return [later(i, due=due, now=now, horizon=t.horizon, why=why, quiet=quiet) for i in items]
+
         if wait_until > now:
-            return [Settled(i.but(due=max(i.due, wait_until))) for i in items]
+            return wait(wait_until, "no permission", quiet=True)
         try:
             client = self._client(app)
             found = await ask(
@@ -190,13 +194,13 @@ class TraceFollower:
             )
         except TracePermissionError as e:
             self._refused(app, e)
-            return [Settled(i.but(due=now + PERMISSION_RECHECK)) for i in items]
+            return wait(now + PERMISSION_RECHECK, "no permission", quiet=True)
         except Relay365Error as e:  # TraceError (no answer now), or the app's token cannot be had
             log.warning("message trace (app %s) did not answer: %s; asking again later", app.name, e)
-            return [Settled(i.but(due=now + t.poll_interval)) for i in items]
-        except Exception:  # a bug: these rows wait a poll interval, the others go on
+            return wait(now + t.poll_interval, f"Microsoft's message trace could not be read ({e})")
+        except Exception as e:  # a bug: these rows wait a poll interval, the others go on
             log.exception("message trace (app %s): the pass failed", app.name)
-            return [Settled(i.but(due=now + t.poll_interval)) for i in items]
+            return wait(now + t.poll_interval, f"the follower failed ({type(e).__name__})")
         self._allowed(app)
         now = self._clock()
         out = []
