@@ -29,7 +29,7 @@ from relay365.tracing.follower import LEASE, TraceFollower
 from relay365.tracing.work_sqlite import SqliteFollowStore
 from tests.console.support import bearer, make_accounts
 from tests.core.helpers import closed_port, run_cli, write_config
-from tests.m365.conftest import APP_SECRET, SECRET_ENV, submission
+from tests.m365.conftest import APP_SECRET, SECRET_ENV, oauth, submission
 from tests.m365.follow_helpers import (
     MAIL_ONLY,
     follow_sections,
@@ -340,5 +340,46 @@ async def test_queue_show_tells_microsofts_side_while_the_message_is_queued(
         assert SPF_RECORD in ms["advice"]
         table = await asyncio.to_thread(run_cli, "queue", "show", qid, "-c", str(config))
         assert "inside Microsoft 365" in table.stdout and "FilteredAsSpam" in table.stdout
+    finally:
+        await relay.stop(grace=5)
+
+
+async def test_graph_mail_is_followed_in_both_of_its_forms(tmp_path: Path, sandbox: Sandbox) -> None:
+    """Graph sendMail with the device's MIME keeps its Message-ID; the JSON form (no Sent Items copy)
+    gets a new one from Exchange, so that message is found by recipient, subject and time."""
+    clock = sandbox.ctx.clock
+    graph = {"type": "graph", "mailbox": "scanner@contoso.test", "ca_file": str(sandbox.ca_path),
+             "graph_url": sandbox.graph_url, **oauth(sandbox)}  # fmt: skip
+    config = write_config(
+        tmp_path,
+        transport=[{**graph, "name": "mime"}, {**graph, "name": "json", "save_to_sent_items": False}],
+        route=[
+            {"name": "fabrikam", "transport": "json", "recipient_domains": ["fabrikam.test"]},
+            {"name": "contoso", "transport": "mime"},
+        ],
+        tracing={"poll_interval": 60},
+    )
+    relay = started(config, sandbox)
+    await relay.start()
+    try:
+        assert relay.follower is not None and relay.scheduler is not None
+        mime = await submit(relay, "scanner@contoso.test", "alice@contoso.test", "Scan A", 20)
+        json_form = await submit(relay, "scanner@contoso.test", "bob@fabrikam.test", "Scan B", 21)
+        store = sandbox.ctx.store
+        await until(lambda: len(store.list(folder="Inbox")) == 2)
+        ids = {m.mailbox: dict(m.headers).get("Message-ID") for m in store.list(folder="Inbox")}
+        assert ids["alice@contoso.test"] == "<scan-20@printer.contoso.test>"
+        assert ids["bob@fabrikam.test"] != "<scan-21@printer.contoso.test>"  # Exchange made a new one
+        await relay.scheduler.drain()
+        await relay.tracking.flush()
+        clock.advance(120)
+        report = await relay.follower.run_once()
+        assert (report.asked, report.settled) == (2, 2)
+        await relay.tracking.flush()
+        events = await trace_json(config, "--kind", "m365_status")
+        assert {e["queue_id"]: (e["reply"], e["transport"]) for e in events} == {
+            mime: ("Delivered", "mime"),
+            json_form: ("Delivered", "json"),
+        }
     finally:
         await relay.stop(grace=5)

@@ -190,8 +190,9 @@ class TraceFollower:
         try:
             client = self._client(app)
             found = await ask(
-                client, items, now=now, budget=DetailBudget(self._details), sender_of=self._sender_of
-            )
+                client, items, now=now, budget=DetailBudget(self._details), sender_of=self._sender_of,
+                keeps_id=self._keeps_id,
+            )  # fmt: skip
         except TracePermissionError as e:
             self._refused(app, e)
             return wait(now + PERMISSION_RECHECK, "no permission", quiet=True)
@@ -220,6 +221,15 @@ class TraceFollower:
         except KeyError:
             return None
         return item.sender.lower() if item.sender and kind != "graph" else None
+
+    def _keeps_id(self, item: FollowItem) -> bool:
+        """Graph's JSON sendMail (``save_to_sent_items = false``) builds a new message with a new
+        Message-ID; every other transport hands Microsoft the message's own."""
+        try:
+            t = self.settings.transport(item.transport)
+        except KeyError:
+            return True
+        return not (t.type == "graph" and not t.m365.save_to_sent_items)
 
     def _client(self, app: TraceApp) -> MessageTraceClient:
         known = self._clients.get(app.name)

@@ -6,7 +6,9 @@ The cost is the number of requests (100 per 5 minutes per tenant, list and detai
   getDetailsByRecipient each, without listing them again;
 - the others are found with :meth:`MessageTraceClient.lookup` (time windows, ``messageId`` queries only
   for a few messages; :mod:`.plan`), per envelope sender when there are only a few of them (a window
-  narrowed by ``senderAddress`` holds only relay365's mail, however busy the tenant is);
+  narrowed by ``senderAddress`` holds only relay365's mail, however busy the tenant is); when the
+  window cannot be narrowed (Graph, many senders) it would hold all the tenant's mail, so it is cut
+  per hour of handoff: a pass asks mostly about the last poll interval, one short window;
 - a message that had no Message-ID (Exchange then makes one up; Graph's JSON sendMail always does)
   is found in a window narrowed by recipient, by its subject and the time nearest its handoff;
 - events are read for at most ``details`` recipients a pass (:class:`DetailBudget`): the rest keep
@@ -24,6 +26,7 @@ from relay365.tracing.plan import LAG, LEAD, MAX_AGE, plan
 from relay365.tracing.work import FollowItem
 
 SENDER_GROUPS = 3  # up to this many envelope senders in a batch: one narrowed lookup each
+BUCKET = 3600.0  # unnarrowed windows: one per hour of handoff
 
 Key = tuple[str, str]
 
@@ -39,6 +42,14 @@ class DetailBudget:
             return False
         self.left -= 1
         return True
+
+
+def _hours(items: Sequence[FollowItem]) -> list[list[FollowItem]]:
+    """The items grouped by the hour of their handoff, oldest first."""
+    groups: dict[int, list[FollowItem]] = {}
+    for i in sorted(items, key=lambda i: i.sent_at):
+        groups.setdefault(int(i.sent_at // BUCKET), []).append(i)
+    return list(groups.values())
 
 
 def _norm(subject: str) -> str:
@@ -73,9 +84,11 @@ async def ask(
     now: float,
     budget: DetailBudget,
     sender_of: Callable[[FollowItem], str | None],
+    keeps_id: Callable[[FollowItem], bool] = lambda item: True,
 ) -> dict[Key, Found]:
     """What the trace says of ``items`` now; an item missing from the answer was not asked (its events
-    are due and this pass's budget is spent). Raises the client's ``TraceError`` family."""
+    are due and this pass's budget is spent). ``keeps_id``: whether Microsoft kept the message's own
+    Message-ID (Graph's JSON sendMail makes a new one). Raises the client's ``TraceError`` family."""
     out: dict[Key, Found] = {}
     for item in (i for i in items if i.details_due and i.trace_id):
         if not budget.take():
@@ -83,8 +96,8 @@ async def ask(
         record = details_record(item)
         out[item.key] = Found(record, tuple(await client.details(record)), details_read=True)
     rest = [i for i in items if not (i.details_due and i.trace_id)]
-    with_id = [i for i in rest if i.message_id]
-    without = [i for i in rest if not i.message_id]
+    with_id = [i for i in rest if i.message_id and keeps_id(i)]
+    without = [i for i in rest if not (i.message_id and keeps_id(i))]
     if with_id:
         out.update(await _by_message_id(client, with_id, budget=budget, sender_of=sender_of))
     if without:
@@ -101,8 +114,11 @@ async def _by_message_id(
 ) -> dict[Key, Found]:
     senders = [sender_of(i) for i in items]
     distinct = set(senders)
+    groups: list[list[TraceRequest]]
     if None in distinct or len(distinct) > SENDER_GROUPS:
-        groups = [[TraceRequest(i.message_id, i.recipient, i.sent_at) for i in items]]
+        groups = [
+            [TraceRequest(i.message_id, i.recipient, i.sent_at) for i in hour] for hour in _hours(items)
+        ]
     else:
         by_sender: dict[str | None, list[TraceRequest]] = {}
         for i, s in zip(items, senders, strict=True):
@@ -132,10 +148,11 @@ async def _by_message_id(
 async def _by_subject(
     client: MessageTraceClient, items: Sequence[FollowItem], *, now: float, budget: DetailBudget
 ) -> dict[Key, Found]:
-    queries = plan([TraceRequest("", i.recipient, i.sent_at) for i in items], now=now, per_message_limit=0)
     records: list[TraceRecord] = []
-    for q in queries.queries:
-        records += await client.traces(q)
+    for hour in _hours(items):
+        requests = [TraceRequest("", i.recipient, i.sent_at) for i in hour]
+        for q in plan(requests, now=now, per_message_limit=0).queries:
+            records += await client.traces(q)
     matched = match_without_id(items, records)
     out: dict[Key, Found] = {}
     for i in items:
