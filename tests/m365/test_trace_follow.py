@@ -21,6 +21,7 @@ import pytest
 from relay365.app import Relay
 from relay365.diagnostics.checks import Status
 from relay365.diagnostics.doctor_config import ConfigDoctorOptions, run_config_doctor
+from relay365.observability.tracking import EventKind, TraceQuery, TrackingEvent
 from relay365.sandbox.clock import ManualClock
 from relay365.sandbox.runner import Sandbox
 from relay365.sandbox.tenant import load_tenant
@@ -381,5 +382,30 @@ async def test_graph_mail_is_followed_in_both_of_its_forms(tmp_path: Path, sandb
             mime: ("Delivered", "mime"),
             json_form: ("Delivered", "json"),
         }
+    finally:
+        await relay.stop(grace=5)
+
+
+async def test_the_relays_follower_runs_by_itself(tmp_path: Path, sandbox: Sandbox) -> None:
+    """No pass driven by the test: the follower the relay started looks every poll_interval."""
+    config = write_config(tmp_path, **follow_sections(sandbox, poll_interval=1))
+    relay = started(config, sandbox)
+    await relay.start()
+    try:
+        qid = await submit(relay, "scanner@contoso.test", "alice@contoso.test", "Scan", 30)
+        await until(lambda: len(sandbox.ctx.store.list(mailbox="alice@contoso.test")) == 1)
+        sandbox.ctx.clock.advance(120)  # Microsoft's trace is read for periods that ended a minute ago
+
+        async def recorded() -> list[TrackingEvent]:
+            await relay.tracking.flush()
+            return (
+                await relay.tracking.search(TraceQuery(queue_id=qid, kinds=(EventKind.M365_STATUS,)))
+            ).events
+
+        deadline = asyncio.get_running_loop().time() + 30
+        while not (found := await recorded()):
+            assert asyncio.get_running_loop().time() < deadline, "the follower did not run"
+            await asyncio.sleep(0.2)
+        assert [e.reply for e in found] == ["Delivered"]
     finally:
         await relay.stop(grace=5)

@@ -60,6 +60,7 @@ class PassReport:
     taken_in: int = 0
     asked: int = 0
     settled: int = 0
+    led: bool = True  # False: another relay asks Microsoft for now
 
 
 def _owner() -> str:
@@ -139,8 +140,8 @@ class TraceFollower:
         poll = self.settings.tracing.poll_interval
         while True:
             try:
-                await self.run_once()
-                nxt = await self.store.next_due()
+                report = await self.run_once()
+                nxt = await self.store.next_due() if report.led else None
                 pause = poll if nxt is None else min(poll, max(MIN_PAUSE, nxt - self._clock()))
             except Exception:  # the follower is an observer: log and go on
                 log.exception("message trace follower pass failed; trying again in %.0f s", poll)
@@ -158,7 +159,7 @@ class TraceFollower:
                 horizon=t.horizon, first_check=t.poll_interval,
             )  # fmt: skip
             if not await self.store.lead(owner=self.owner, now=now, lease=LEASE):
-                return PassReport(new)  # another relay asks Microsoft for now
+                return PassReport(new, led=False)  # another relay asks Microsoft for now
             claimed = await self.store.claim(owner=self.owner, now=now, lease=LEASE, limit=self._batch)
             settled: list[Settled] = []
             by_app: dict[str, list[FollowItem]] = {}
