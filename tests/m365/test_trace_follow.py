@@ -180,6 +180,8 @@ async def test_quarantine_and_failure_after_250_are_explained_in_the_console(
                     "statuses": {"Failed": 1, "Quarantined": 1},
                 }
             ]
+            search = await http.get("/trace", params={"queue_id": qid}, headers=bearer(token))
+            assert "Microsoft 365" in search.text and "security.microsoft.com/quarantine" in search.text
             home = await http.get("/", headers=bearer(token))
             assert "Inside Microsoft 365 (last 24 hours)" in home.text
             metrics = (await http.get("/metrics")).text
