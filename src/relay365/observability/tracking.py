@@ -46,7 +46,8 @@ class EventKind(enum.StrEnum):
     ADMIN = "admin"  # any other console action (login, API token, doctor run)
     # Microsoft 365's side, after it accepted the message (relay365.tracing's follower): ``reply`` is
     # the message trace status (Delivered, FilteredAsSpam, Quarantined, Failed, ...), ``detail`` its
-    # reason, ``peer`` the IP address Microsoft saw (fromIP).
+    # reason, ``peer`` the IP address Microsoft saw (fromIP): Graph's exchangeMessageTrace and
+    # exchangeMessageTraceDetail (learn.microsoft.com/graph/api/resources/exchangemessagetrace).
     M365_STATUS = "m365_status"  # a recipient's status in Microsoft's message trace (when it changes)
     M365_EVENT = "m365_event"  # one event of it (Receive, Spam Diagnostics, Deliver...): ``reply`` = event
     M365_UNRESOLVED = "m365_unresolved"  # no final status within the horizon ([tracing] horizon)

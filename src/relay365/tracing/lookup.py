@@ -1,6 +1,8 @@
 """One pass of questions to one tenant's trace for a batch of followed recipients.
 
-The cost is the number of requests (100 per 5 minutes per tenant, list and details together), so:
+The cost is the number of requests (100 per 5 minutes per tenant, list and details together: "All calls
+to message trace or message trace detail share the same quota", Exchange Team blog, Jan 2026;
+learn.microsoft.com/graph/api/messagetracingroot-list-messagetraces), so:
 
 - recipients whose final status is already known and whose events are due are asked with one
   getDetailsByRecipient each, without listing them again;
