@@ -146,6 +146,20 @@ class TrackingSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class TracingSettings:
+    """``[tracing]``: follow delivered mail into Microsoft 365's message trace (``relay365.tracing``).
+    ``app``: a submission or graph transport whose app registration (app-only credentials) reads the
+    trace for transports that have none (direct_send, connector); ``transports``: which transports to
+    follow (empty: every Microsoft 365 transport that has an app)."""
+
+    enabled: bool = True
+    horizon: float = 2 * 86400.0  # give up on a recipient without a final status after this long
+    poll_interval: float = 300.0
+    app: str | None = None
+    transports: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class SecretRef:
     """Where a secret comes from; the value itself is only read by ``relay365.secrets``."""
 
@@ -221,6 +235,7 @@ class Settings:
     admin: AdminSettings = AdminSettings()
     tracking: TrackingSettings = TrackingSettings()
     spool: SpoolSettings = SpoolSettings()
+    tracing: TracingSettings = TracingSettings()
 
     def transport(self, name: str) -> TransportSettings:
         for t in self.transports:
@@ -580,6 +595,39 @@ def _tracking(t: _Table) -> TrackingSettings:
     return s
 
 
+# Graph's message trace keeps 90 days (learn.microsoft.com/graph/api/messagetracingroot-list-messagetraces).
+TRACE_MAX_HORIZON = 90 * 86400.0
+
+
+def _tracing(t: _Table, transports: tuple[TransportSettings, ...]) -> TracingSettings:
+    d = TracingSettings()
+    s = TracingSettings(
+        enabled=t.get("enabled", bool, d.enabled),
+        horizon=t.positive("horizon", float, d.horizon),
+        poll_interval=t.positive("poll_interval", float, d.poll_interval),
+        app=t.opt("app", str),
+        transports=t.strings("transports"),
+    )
+    if not 600 <= s.horizon <= TRACE_MAX_HORIZON:
+        raise ConfigError(t.key("horizon"), s.horizon, "Must be from 600 seconds to 90 days (7776000).")
+    by_name = {x.name: x for x in transports}
+    for name in s.transports:
+        if name not in by_name:
+            raise ConfigError(t.key("transports"), name, "No transport of that name.")
+    if s.app is not None:
+        app = by_name.get(s.app)
+        if app is None:
+            raise ConfigError(t.key("app"), s.app, "No transport of that name.")
+        secret = app.m365.client_secret or app.m365.certificate_file
+        if app.type not in ("submission", "graph") or not secret:
+            raise ConfigError(
+                t.key("app"), s.app, "Name a submission or graph transport with app-only credentials"
+                " (client_secret_env/_file or certificate_file).",
+            )  # fmt: skip
+    t.done()
+    return s
+
+
 _TYPE_DEFAULTS: dict[str, tuple[str, int, str]] = {
     # type: (host, port, tls); "" host = the recipient domain's MX record (exchange-online.md)
     "smarthost": ("127.0.0.1", 25, "required"),
@@ -688,13 +736,16 @@ def parse_settings(data: Mapping[str, Any], *, base: Path, source: Path | None =
     admin = _admin(root.table("admin"))
     tracking = _tracking(root.table("tracking"))
     spool = _spool(root.table("spool"), server)
+    tracing = _tracing(root.table("tracing"), transports)
     root.done()
     _check_unique("listener", [(x.name, (x.address, x.port or x.name)) for x in listeners])
     _check_unique("device", [(d.name, d.username or d.name) for d in devices])
     _check_unique("transport", [(t.name, t.name) for t in transports])
     if transports and not routes:
         routes = (RouteSettings(name="default", transport=transports[0].name),)
-    return Settings(server, listeners, devices, delivery, transports, routes, source, admin, tracking, spool)
+    return Settings(
+        server, listeners, devices, delivery, transports, routes, source, admin, tracking, spool, tracing
+    )
 
 
 def _check_unique(kind: str, items: list[tuple[str, object]]) -> None:

@@ -34,6 +34,7 @@ from relay365.observability.tracking import EventKind, TraceQuery, TrackingLog
 from relay365.settings import Settings
 from relay365.spool.contract import Spool
 from relay365.spool.model import QueueEntry, QueuePage, QueueQuery, QueueStats
+from relay365.tracing.follower import TraceFollower
 from relay365.transports.base import PacedTransport
 
 if TYPE_CHECKING:
@@ -58,6 +59,7 @@ class RelayParts:
     activity: DeviceActivity
     clock: Callable[[], float] = time.time
     explain: Callable[[str], str | None] = field(default=lambda reply: None)
+    follower: TraceFollower | None = None  # Microsoft 365's side ([tracing]); None when off
 
 
 class RelayStatus:
@@ -172,6 +174,7 @@ class DiagnosticsSetup:
         self._relay = relay
 
     async def doctor(self) -> list[CheckRow]:
+        from relay365.diagnostics.checks.trace_check import check_message_trace
         from relay365.diagnostics.doctor_config import (
             ConfigDoctorOptions,
             relay_checks,
@@ -186,6 +189,7 @@ class DiagnosticsSetup:
             jobs.append(transport_network(t, timeout_s=opts.timeout_s))
             if t.type in ("submission", "graph"):
                 jobs.append(transport_auth(t, timeout_s=opts.timeout_s))
+        jobs.append(check_message_trace(s, timeout_s=opts.timeout_s))
         batches = await asyncio.gather(*jobs)
         return [CheckRow(r.name, r.status.value, r.detail, r.fix) for batch in batches for r in batch]
 
@@ -255,4 +259,5 @@ def console_deps(relay: RelayParts, *, mailboxes: SandboxMailboxes | None = None
         setup=DiagnosticsSetup(relay),
         mailboxes=mailboxes,
         explain=relay.explain,
+        post_acceptance=relay.follower.store if relay.follower is not None else None,
     )

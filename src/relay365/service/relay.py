@@ -47,6 +47,7 @@ from relay365.settings import Settings
 from relay365.spool.contract import Spool
 from relay365.spool.factory import make_spool
 from relay365.spool.model import new_owner_id
+from relay365.tracing.follower import TraceFollower, start_follower
 from relay365.transports.base import Transport
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ class Relay:
         self.metrics = Metrics()
         self.tracking = open_tracking(settings, self.spool, clock=clock)
         self.activity = DeviceActivity(configured=tuple(d.name for d in settings.devices), clock=clock)
+        self.follower: TraceFollower | None = None  # Microsoft 365's message trace ([tracing])
         self.delivery: DeliveryService | None = None
         self.ingress: IngressService | None = None
         self.admin: AdminService | None = None
@@ -153,6 +155,12 @@ class Relay:
                     monotonic=self._monotonic,
                 )
             )
+            # Microsoft 365's side of each delivered message ([tracing]); None when nothing to follow
+            self.follower = await start_follower(
+                s, tracking=self.tracking, metrics=self.metrics, clock=self._clock
+            )
+            if self.follower is not None:
+                stack.push_async_callback(self.follower.stop)
             if s.admin.port is not None:
                 self.admin = await stack.enter_async_context(self._admin_service())
             self._stack = stack.pop_all()
@@ -169,6 +177,7 @@ class Relay:
             activity=self.activity,
             clock=self._clock,
             explain=explain_reply,
+            follower=self.follower,
         )
         return AdminService(
             deps=console_deps(parts, mailboxes=self._mailboxes),
