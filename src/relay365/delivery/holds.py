@@ -68,3 +68,11 @@ class UpstreamHolds:
         """``relay365 queue retry`` means now (Postfix: flush also revives dead destinations)."""
         self._until.clear()
         self._failures.clear()
+
+    def forget(self, name: str) -> None:
+        """A transport rebuilt by a reload (a new host, a fixed secret) starts without a hold."""
+        self._until.pop(name, None)
+        self._failures.pop(name, None)
+
+    def set_min_backoff(self, min_backoff: float) -> None:
+        self._length = min(min_backoff, HOLD_SECONDS)

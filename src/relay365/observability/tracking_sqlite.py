@@ -150,6 +150,11 @@ class SqliteTrackingLog:
         self._full = False
         self._purger: asyncio.Task[None] | None = None
 
+    def configure(self, *, retention_days: float, log_events: bool) -> None:
+        """A reload: the retention (next purge) and the event log lines (next batch)."""
+        self.retention_days = retention_days
+        self._log_events = log_events
+
     # -- lifecycle -------------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
