@@ -5,6 +5,7 @@ that devices can be told apart by IP) and real upstreams on 127.0.0.1."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import smtplib
 import socket
 import ssl
@@ -18,7 +19,9 @@ import trustme
 
 from relay365.credentials import hash_password
 from relay365.errors import ReloadRefused
+from relay365.service.notify import Notifier
 from relay365.service.relay import Relay
+from relay365.service.serve import Reloader
 from relay365.settings import Settings
 from tests.conftest import RecordingUpstream, make_settings, running_relay, smarthost
 from tests.core.helpers import free_port, wait_until
@@ -266,7 +269,8 @@ async def test_listeners_are_added_moved_and_removed_and_their_open_sessions_fin
         assert (await relay.reload(s3)).listeners == "closed c"
         assert refused(p3) and set(relay.ports) == {"a", "b"}
         await upstream.wait_for(4)
-        await asyncio.to_thread(on_b.close)
+    # at shutdown a session on a listener closed by a reload is told 421 like any other
+    assert await asyncio.to_thread(on_b.smtp.getreply) == (421, b"4.3.2 Service shutting down")
 
 
 async def test_a_reload_that_cannot_bind_changes_nothing(tmp_path: Path, upstream: RecordingUpstream) -> None:
@@ -399,6 +403,22 @@ async def test_what_needs_a_restart_is_reported_and_kept(tmp_path: Path, upstrea
         assert relay.settings.server.spool_dir == tmp_path / "spool"  # the open spool stays
         assert relay.settings.server.max_connections == 7  # the rest applies
         assert not (tmp_path / "elsewhere").exists()
+
+
+async def test_sighup_without_a_config_file_is_refused_in_one_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The demo runs without a file: serve's reloader says so once and the relay runs on."""
+    async with running_relay(make_settings(tmp_path, listener=[LAN])) as relay:
+        reloader = Reloader(load=None, notify=Notifier(), reloaded=lambda relay, report: None)
+        assert not await reloader.reload(relay)
+        device = await connect(relay.ports["lan"])
+        assert (await device.call("noop"))[0] == 250
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [
+        "reload refused, still running with the previous configuration: no configuration file to read"
+        " again (the demo runs without one)"
+    ]
 
 
 async def test_a_stopped_relay_refuses_a_reload(tmp_path: Path) -> None:

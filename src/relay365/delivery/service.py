@@ -142,7 +142,8 @@ class DeliveryService:
         replaces or adds those transports, the others of ``settings`` keep running, and transports no
         longer configured are removed. Returns the names retired (replaced or removed)."""
         s = settings
-        keep = {t.name: changed.get(t.name) or self._transports[t.name] for t in s.transports}
+        running = self._transports
+        keep = {t.name: changed[t.name] if t.name in changed else running[t.name] for t in s.transports}
         retired = [(n, t) for n, t in self._transports.items() if keep.get(n) is not t]
         self.router = Router(s.routes, accepts=recipient_rules(s), null_sender=null_sender_transports(s))
         self._transports.clear()  # the scheduler's own mapping: changed in place, in one step

@@ -99,7 +99,7 @@ class RelaySMTP(CompatSMTP):
         self.cert_device: DeviceSettings | None = None
         self.login_device: DeviceSettings | None = None
         self._cert: PeerCertificate | None = None
-        self._directory: DeviceDirectory = ctx.devices  # the device table the devices above came from
+        self._directory: DeviceDirectory | None = None  # the device table the devices above came from
         self._raw_arg = ""
         self._lines: CommandReader | None = None
         self._close_after_reply = False
@@ -136,7 +136,8 @@ class RelaySMTP(CompatSMTP):
                 return
             self._admitted = True
             self.ctx.sessions.add(self)
-            self.ip_device = self.ctx.devices.by_ip(self.peer_ip, self.listener.name)
+            self._directory = self.ctx.devices
+            self.ip_device = self._directory.by_ip(self.peer_ip, self.listener.name)
             self._seen(self.ip_device)
         super().connection_made(transport)
         if self.tls_active:

@@ -219,7 +219,8 @@ class Relay:
     async def stop(self, *, grace: float | None = None) -> None:
         """Stop every service in reverse order (module docstring). ``grace``: how long open device
         sessions and deliveries in flight get to finish (default: ``server.shutdown_grace``)."""
-        stack, self._stack = self._stack, None
+        async with self._reloading:  # a reload under way is finished first
+            stack, self._stack = self._stack, None
         if stack is None:
             return
         if grace is not None:

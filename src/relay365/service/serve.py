@@ -124,17 +124,21 @@ async def _serve(
     reloader: Reloader,
 ) -> None:
     relay = Relay(settings, mailboxes=mailboxes)
+    loop = asyncio.get_running_loop()
+    # SIGHUP from now on (its default would end the process): one that comes while the spool is being
+    # recovered makes a reload right after the start.
+    loop.add_signal_handler(signal.SIGHUP, reloader.wanted.set)
     await notify.status("Starting: recovering the spool, opening the listeners")
     try:
         await relay.start()
-    except Exception as e:
-        await notify.status(f"Failed to start: {make_redactor(settings).redact(str(e))}")
+    except BaseException as e:
+        loop.remove_signal_handler(signal.SIGHUP)
+        if isinstance(e, Exception):
+            await notify.status(f"Failed to start: {make_redactor(settings).redact(str(e))}")
         raise
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, reloader.wanted.set)
     ready(relay)
     await notify.ready(f"Accepting mail on {relay.describe_listeners()}")
     watchdog = asyncio.create_task(notify.watchdog(healthy=relay.healthy), name="watchdog")
