@@ -76,6 +76,11 @@ def _overlap(a: str, b: str) -> bool:
     return x.version == y.version and (x == y or x.is_unspecified or y.is_unspecified)
 
 
+def _binding(s: ListenerSettings) -> tuple[str, int]:
+    """What needs a socket of its own: the address and the port (0: the kernel's, kept as it is)."""
+    return s.address, s.port
+
+
 def _in_the_way(old: _Bound, new: ListenerSettings) -> bool:
     return new.port != 0 and new.port == old.port and _overlap(old.endpoint.settings.address, new.address)
 
@@ -99,9 +104,12 @@ class ListenerChange:
         await self.listeners._rollback(self)
 
     def describe(self) -> str:
-        parts = [f"{what} {', '.join(names)}" for what, names in (("added", self.added),
-                 ("closed", self.removed)) if names]  # fmt: skip
+        """``added a, b; closed c`` (a moved listener is both), or ``unchanged``."""
+        parts = [f"{what} {', '.join(names)}" for what, names in self._lists() if names]
         return "; ".join(parts) or "unchanged"
+
+    def _lists(self) -> tuple[tuple[str, list[str]], ...]:
+        return ("added", self.added), ("closed", self.removed)
 
 
 class Listeners:
@@ -113,9 +121,6 @@ class Listeners:
     @property
     def ports(self) -> Mapping[str, int]:
         return {name: b.port for name, b in self._bound.items()}
-
-    def endpoint(self, name: str) -> Endpoint:
-        return self._bound[name].endpoint
 
     async def _bind(self, endpoint: Endpoint) -> _Bound:
         server = await start_listener(self._ctx, endpoint)
@@ -136,14 +141,8 @@ class Listeners:
         new_names = {e.settings.name for e in endpoints}
         for e in endpoints:
             old = self._bound.get(e.settings.name)
-            s = e.settings
-            if old is not None and (old.endpoint.settings.address, old.endpoint.settings.port) == (
-                s.address,
-                s.port,
-            ):
-                change.kept.append(s.name)
-            else:
-                change.added.append(s.name)
+            same = old is not None and _binding(old.endpoint.settings) == _binding(e.settings)
+            (change.kept if same else change.added).append(e.settings.name)
         change.removed = [n for n in self._bound if n not in new_names or n in change.added]
         adding = [e.settings for e in endpoints if e.settings.name in change.added]
         for name in change.removed:
