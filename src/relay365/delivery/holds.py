@@ -90,6 +90,15 @@ class UpstreamHolds:
         self._failures.clear()
         self._fresh.clear()
 
+    def forget(self, name: str) -> None:
+        """A transport rebuilt by a reload (a new host, a fixed secret) starts without a hold."""
+        self._until.pop(name, None)
+        self._failures.pop(name, None)
+        self._fresh.pop(name, None)
+
+    def set_min_backoff(self, min_backoff: float) -> None:
+        self._length = min(min_backoff, HOLD_SECONDS)
+
 
 class HoldBoard(Protocol):
     """Where relays sharing a spool tell each other which upstreams are held back."""

@@ -22,7 +22,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -30,6 +30,7 @@ from relay365.delivery import backoff
 from relay365.delivery.claims import Claims
 from relay365.delivery.dsn import Failure, build_dsn, original_headers, status_of
 from relay365.delivery.holds import HoldBoard, NoBoard, UpstreamHolds
+from relay365.delivery.inuse import TransportUse
 from relay365.delivery.pacestore import LocalPaceStore, PaceStore, Reservation
 from relay365.delivery.pacing import Headroom, is_throttle_reply
 from relay365.delivery.recorder import PROBE_INTERVAL, AttemptRecord, OutcomeRecorder
@@ -144,6 +145,21 @@ class Scheduler:
         self._holds_read = -HOLDS_READ_EVERY
         self._recorder = OutcomeRecorder(spool=spool, owner=self._claims.owner)
         self._flush_seen = spool.flush_generation()
+        self.in_use = TransportUse()
+
+    def reconfigure(
+        self, *, router: Router, settings: DeliverySettings, hostname: str, rebuilt: Iterable[str] = ()
+    ) -> None:
+        """A reload: the routes, limits and back-off for every attempt from now on (the transports
+        mapping is the caller's, changed in place); ``rebuilt`` transports start without a hold.
+        Deliveries under way finish as they began; the pacing windows are kept (they count per
+        mailbox, whichever transport object sends)."""
+        self._router, self._settings, self._hostname = router, settings, hostname
+        self._claims.lease = settings.lease
+        self._holds.set_min_backoff(settings.min_backoff)
+        for name in rebuilt:
+            self._holds.forget(name)
+        self._wake.set()
 
     @property
     def owner(self) -> str:
@@ -361,7 +377,8 @@ class Scheduler:
             smtputf8=entry.envelope.smtputf8,
         )
         try:
-            results = await transport.deliver(message)
+            with self.in_use.using(transport):  # a reload closes a replaced transport after this
+                results = await transport.deliver(message)
         except UpstreamUnreachableError as e:
             self._holds.unreachable(transport.name, e.reply)
             return [RecipientResult(r, Outcome.TRANSIENT, e.reply, e.retry_after) for r in rcpts]
@@ -396,7 +413,13 @@ class Scheduler:
         pending = [(name, fallbacks, rcpts) for (name, fallbacks), rcpts in groups.items()]
         while pending:
             name, fallbacks, rcpts = pending.pop(0)
-            transport = self._transports[name]
+            transport = self._transports.get(name)
+            if transport is None:  # removed by a reload after the route was chosen: routed again now
+                updates += [
+                    RecipientUpdate(r, states[r].state, states[r].last_reply, now, counts_attempt=False)
+                    for r in rcpts
+                ]
+                continue
             paced = transport if isinstance(transport, PacedTransport) else None
             held_until = self._holds.until(name)
             if held_until > now:

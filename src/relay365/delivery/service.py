@@ -14,6 +14,11 @@ Starting restores the pacing windows from the spool (Exchange Online's per-mailb
 restart) and starts the scheduler task. The transports are handed over by the composition root (built
 from the registry by the preflight, ``transports/registry.py``): the service closes each one when it
 stops, also when it fails to start, and empties the mapping it was given.
+
+A reload (``reload``) puts the new routes, delivery settings and changed transports in place for every
+attempt that starts from then on. A transport that was replaced or removed takes no new delivery; the
+deliveries it carries finish on it, then it is closed (its connections to the old upstream end with
+QUIT). Transports that did not change keep running: their connections, tokens and pacing stay.
 """
 
 from __future__ import annotations
@@ -114,6 +119,7 @@ class DeliveryService:
         # how long deliveries in flight get to finish at shutdown (``Relay.stop(grace=)`` may change it)
         self.grace = s.server.shutdown_grace
         self._task: asyncio.Task[None] | None = None
+        self._retiring: set[asyncio.Task[None]] = set()
 
     # -- lifecycle -------------------------------------------------------------------------------------
     async def __aenter__(self) -> Self:
@@ -134,7 +140,42 @@ class DeliveryService:
             if self._task is not None:
                 self._task.cancel()
                 await asyncio.gather(self._task, return_exceptions=True)
+            # replaced transports close once their last delivery is over: the scheduler stopped them all
+            await asyncio.gather(*self._retiring, return_exceptions=True)
             await self._close_transports()
+
+    # -- reload ----------------------------------------------------------------------------------------
+    def reload(self, settings: Settings, changed: Mapping[str, Transport]) -> list[str]:
+        """From now on: ``settings``' routes and delivery settings; ``changed`` (built from ``settings``)
+        replaces or adds those transports, the others of ``settings`` keep running, and transports no
+        longer configured are removed. Returns the names retired (replaced or removed)."""
+        s = settings
+        running = self._transports
+        keep = {t.name: changed[t.name] if t.name in changed else running[t.name] for t in s.transports}
+        retired = [(n, t) for n, t in self._transports.items() if keep.get(n) is not t]
+        self.router = Router(s.routes, accepts=recipient_rules(s), null_sender=null_sender_transports(s))
+        self._transports.clear()  # the scheduler's own mapping: changed in place, in one step
+        self._transports.update(keep)
+        self.scheduler.reconfigure(
+            router=self.router, settings=s.delivery, hostname=s.server.hostname, rebuilt=changed
+        )
+        self.grace = s.server.shutdown_grace
+        for name, transport in retired:
+            task = asyncio.create_task(self._retire(name, transport), name=f"retire-{name}")
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+        return [name for name, _ in retired]
+
+    async def _retire(self, name: str, transport: Transport) -> None:
+        """Close a replaced transport once no delivery uses it."""
+        busy = self.scheduler.in_use.in_use(transport)
+        if busy:
+            log.info("transport %s: replaced; closing it after its %d delivery(ies) in flight", name, busy)
+        await self.scheduler.in_use.idle(transport)
+        try:
+            await transport.close()
+        except Exception:
+            log.exception("closing the replaced transport %s failed", name)
 
     async def _close_transports(self) -> None:
         for transport in self._transports.values():
