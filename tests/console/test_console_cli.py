@@ -14,8 +14,7 @@ import httpx
 
 from relay365.service.relay import Relay
 from relay365.settings import load_settings
-from tests.conftest import RecordingUpstream, smarthost
-from tests.core.helpers import run_cli, write_config
+from tests.support import RecordingUpstream, run_cli, smarthost, write_config
 
 
 def send(port: int) -> None:

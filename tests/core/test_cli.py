@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from relay365.credentials import hash_password, verify_password
-from tests.core.helpers import (
+from tests.support import (
     closed_port,
     run_cli,
     serving,

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from relay365.spool.sqlite import SqliteSpool
-from tests.core.helpers import (
+from tests.support import (
     body_files,
     closed_port,
     run_cli,

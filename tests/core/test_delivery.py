@@ -16,13 +16,17 @@ import pytest
 
 from relay365.service.relay import Relay
 from relay365.spool.model import Envelope, RcptState
-from tests.conftest import Received, RecordingUpstream, make_settings, running_relay, smarthost
-from tests.core.helpers import (
+from tests.support import (
     Clock,
+    Received,
+    RecordingUpstream,
     body_files,
     body_of,
     closed_port,
+    make_settings,
+    running_relay,
     send_message,
+    smarthost,
     wait_gone,
     wait_state,
     wait_until,

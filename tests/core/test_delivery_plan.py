@@ -20,7 +20,7 @@ from relay365.errors import (
 from relay365.settings import DeliverySettings, RouteSettings
 from relay365.spool.model import Envelope, QueueEntry, RcptState, Recipient, RecipientUpdate
 from relay365.transports.base import Outcome, RecipientResult
-from tests.core.helpers import T0
+from tests.support import T0
 
 SETTINGS = DeliverySettings(min_backoff=60, max_backoff=600, queue_lifetime=3600)
 OK = "250 2.0.0 OK"

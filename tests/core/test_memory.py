@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.core.smtpraw import RawSMTP
+from tests.support import RawSMTP
 
 SESSIONS = 50  # reliability.md: 50 concurrent 30 MiB messages
 MESSAGE = 30 * 1024 * 1024  # 30 MiB each: 1.5 GiB in flight at once

@@ -7,7 +7,7 @@ import pytest
 
 from relay365.ingress import policy
 from relay365.settings import DeviceSettings, ListenerSettings
-from tests.core.helpers import Clock
+from tests.support import Clock
 
 DEVICE = DeviceSettings(
     name="printer",

@@ -17,8 +17,16 @@ import pytest
 from relay365.admin.accounts import AccountStore, Role
 from relay365.spool.model import Envelope, QueueFilter, QueueState, RcptState
 from relay365.spool.sqlite import SqliteSpool
-from tests.conftest import make_settings, running_relay, smarthost
-from tests.core.helpers import T0, Clock, closed_port, run_cli, write_config
+from tests.support import (
+    T0,
+    Clock,
+    closed_port,
+    make_settings,
+    run_cli,
+    running_relay,
+    smarthost,
+    write_config,
+)
 
 COUNT = 20_000
 BUSY = "451 4.7.500 Server busy. Please try again later"

@@ -18,7 +18,7 @@ from relay365.settings import DeliverySettings, RouteSettings
 from relay365.spool.memory import MemorySpool, MemoryStore
 from relay365.spool.model import Envelope, QueueEntry, RcptState
 from relay365.transports.base import OutboundMessage, Outcome, PaceLimits, RecipientResult
-from tests.core.helpers import Clock
+from tests.support import Clock
 
 SETTINGS = DeliverySettings(
     concurrency=4, min_backoff=60, max_backoff=600, queue_lifetime=3600, poll_interval=1

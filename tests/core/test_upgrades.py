@@ -20,8 +20,8 @@ from relay365.observability.tracking_sqlite import SqliteTrackingLog
 from relay365.spool import sqlite_schema
 from relay365.spool.schema_version import Schema, migrate, read_version
 from relay365.spool.sqlite import SqliteSpool
-from tests.core.helpers import run_cli, serving, smarthost_cfg, smtp_sink, write_config
 from tests.core.old_databases import OldMessage, OldRecipient, first_release_queue, first_tracking_log
+from tests.support import run_cli, serving, smarthost_cfg, smtp_sink, write_config
 
 BODY = b"Subject: scan from before the upgrade\r\n\r\npage 1\r\n"
 HELD = b"Subject: held before the upgrade\r\n\r\nheld\r\n"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.core.helpers import free_port
+from tests.support import free_port
 
 
 def test_demo_without_config_delivers_what_swaks_sends(tmp_path: Path) -> None:

@@ -8,8 +8,7 @@ from pathlib import Path
 
 from relay365.sandbox.runner import Sandbox
 from relay365.service.relay import Relay
-from tests.conftest import make_settings, running_relay
-from tests.m365.conftest import connector, direct_send, submission
+from tests.support import connector, direct_send, make_settings, running_relay, submission
 
 
 async def send(relay: Relay, mail_from: str, rcpts: list[str], body: bytes) -> str:

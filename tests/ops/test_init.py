@@ -18,7 +18,7 @@ import pytest
 from relay365.credentials import verify_password
 from relay365.setup.example import example_config_text
 from relay365.setup.init import default_spool
-from tests.core.helpers import run_cli
+from tests.support import run_cli
 
 CLIENT_ID = "11111111-2222-3333-4444-555555555555"
 PASSWORDS = ("Mfp-pw-4471-Lq", "Erp-pw-8820-Zt")

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 import relay365
-from tests.core.helpers import free_port
+from tests.support import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = (

@@ -29,9 +29,15 @@ from relay365.sandbox.runner import Sandbox
 from relay365.sandbox.tenant import example_tenant
 from relay365.spool.model import QueueFilter
 from relay365.spool.postgres import PgSpool, PgTarget
-from tests.core.helpers import ServeProcess, write_config
-from tests.m365.conftest import APP_SECRET, SECRET_ENV, direct_send, submission
-from tests.pgcluster import PgDatabase
+from tests.support import (
+    APP_SECRET,
+    SECRET_ENV,
+    PgDatabase,
+    ServeProcess,
+    direct_send,
+    submission,
+    write_config,
+)
 
 PASSWORD_ENV = "RELAY365_TEST_PG_PASSWORD"
 NO_TLS = [{"name": "lan", "port": 0, "tls": "none"}]
