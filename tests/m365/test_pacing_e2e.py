@@ -22,6 +22,7 @@ LIMIT, WINDOW, PER_MAILBOX = 5, 15, 11
 MAILBOXES = ("scanner@contoso.test", "alice@contoso.test")
 
 
+@pytest.mark.realtime  # the one real-time pacing test: the other timing tests run on controlled clocks
 async def test_pacing_drains_at_the_limit_without_throttling(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
