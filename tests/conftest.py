@@ -1,7 +1,12 @@
 """Shared fixtures: the test CA and certificates, a recording upstream SMTP peer, a private PostgreSQL
 cluster per test session (per xdist worker). The helpers behind them are in tests/support.
 
-Everything listens on 127.0.0.1 with ports chosen by the kernel (port 0).
+The suite runs in parallel (pytest-xdist, ./scripts/test). What keeps a test safe there: files only
+under its own ``tmp_path`` (xdist gives each worker its own base), peers on 127.0.0.1 with ports the
+kernel chooses (port 0; ``free_port`` only for peers that cannot bind 0), session fixtures that are
+per worker (the PostgreSQL cluster: its own directory and port), no process-wide state left behind
+(``monkeypatch`` for the environment). A test that measures real time against a bound is marked
+``realtime``: ./scripts/test runs it alone after the parallel run.
 """
 
 from __future__ import annotations
