@@ -14,7 +14,6 @@ import pytest
 
 from relay365.spool.model import RcptState
 from relay365.transports.base import OutboundMessage, RecipientResult, Transport
-from tests.core.test_delivery import NO_TLS, parse_dsn, send, settings_for, settle
 from tests.support import (
     Clock,
     RecordingUpstream,
@@ -25,6 +24,7 @@ from tests.support import (
     wait_until,
     write_config,
 )
+from tests.support.delivery import NO_TLS, parse_dsn, send, settings_for, settle
 
 RCPT = "alice@contoso.com"
 LIFETIME = {"queue_lifetime": 3600, "min_backoff": 60, "max_backoff": 600}

@@ -12,8 +12,8 @@ from typing import Any
 
 from relay365.sandbox.runner import Sandbox
 from relay365.service.relay import Relay
-from tests.m365.test_smtp_transports import send, wait_until
 from tests.support import make_settings, oauth, running_relay
+from tests.support.m365 import send, wait_until
 
 
 def graph(sb: Sandbox, **extra: Any) -> dict[str, Any]:

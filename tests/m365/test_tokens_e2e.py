@@ -12,8 +12,8 @@ import pytest
 from relay365.sandbox.faults import Fault
 from relay365.sandbox.runner import Sandbox
 from relay365.service.relay import Relay
-from tests.m365.test_smtp_transports import send, wait_until
 from tests.support import make_settings, running_relay, submission
+from tests.support.m365 import send, wait_until
 
 FAST_RETRY = {"min_backoff": 0.5, "max_backoff": 1, "poll_interval": 0.2}
 

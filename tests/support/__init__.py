@@ -7,7 +7,10 @@
   configs for subprocesses (``write_config``), ``run_cli``, ``ServeProcess`` (``relay365 serve``),
   Postfix's ``smtp-sink``, ``send_message``.
 - smtpraw.py: ``RawSMTP``, exact bytes on the wire.
-- m365.py: the settings that route into a running sandbox tenant.
+- m365.py: the settings that route into a running sandbox tenant (and, imported from there, ``send``
+  and ``wait_until`` for those tests).
+- delivery.py: the delivery tests' relay settings, ``send``, ``settle`` and ``parse_dsn`` (imported
+  from there).
 - pgcluster.py: a private PostgreSQL cluster per session (per xdist worker), a database per test.
 """
 
