@@ -6,7 +6,9 @@ under its own ``tmp_path`` (xdist gives each worker its own base), peers on 127.
 kernel chooses (port 0; ``free_port`` only for peers that cannot bind 0), session fixtures that are
 per worker (the PostgreSQL cluster: its own directory and port), no process-wide state left behind
 (``monkeypatch`` for the environment). A test that measures real time against a bound is marked
-``realtime``: ./scripts/test runs it alone after the parallel run.
+``realtime``: ./scripts/test runs it alone after the parallel run. Tests marked ``slow`` (the ones
+that take longest, measured with --durations) are collected first, so that in parallel they start at
+once instead of finishing last.
 """
 
 from __future__ import annotations
@@ -49,3 +51,8 @@ async def upstream() -> AsyncIterator[RecordingUpstream]:
     up = await RecordingUpstream().start()
     yield up
     await up.stop()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests marked ``slow`` first (a stable sort: the order is otherwise kept)."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -164,6 +164,7 @@ def cli_json(*args: str) -> dict[str, object]:
     return out
 
 
+@pytest.mark.slow
 async def test_queue_list_and_retry_by_filter_on_20000_messages(
     tmp_path: Path, big_queue: tuple[Path, list[Row]]
 ) -> None:

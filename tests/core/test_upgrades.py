@@ -107,6 +107,7 @@ def newer(db: Path, version: int = 7) -> dict[str, str]:
     return sha([db, db.with_name(db.name + "-wal")])
 
 
+@pytest.mark.slow
 def test_a_queue_of_a_newer_relay365_is_refused_and_left_untouched(tmp_path: Path) -> None:
     db = first_release_spool(tmp_path / "spool")
     asyncio.run(_open_close(tmp_path / "spool"))  # now a current queue (version 1)

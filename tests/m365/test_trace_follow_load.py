@@ -108,6 +108,7 @@ async def passes(f: TraceFollower, clock: ManualClock, limit: int) -> int:
     return done
 
 
+@pytest.mark.slow
 async def test_two_thousand_messages_followed_within_the_quota_across_a_restart(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -208,6 +208,7 @@ def test_service_config_spools_in_the_state_directory() -> None:
     assert default_spool(Path("relay365.toml")) == "var/spool"
 
 
+@pytest.mark.slow
 def test_config_example_prints_and_writes_the_shipped_file(tmp_path: Path) -> None:
     r = run_cli("config", "example")
     assert r.returncode == 0 and r.stdout == example_config_text()

@@ -68,6 +68,7 @@ def build(tmp_path: Path) -> tuple[Path, Path]:
     return sdist, wheel
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_wheel_installs_and_runs_in_a_fresh_venv(tmp_path: Path) -> None:
     sdist, wheel = build(tmp_path)

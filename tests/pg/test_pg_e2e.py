@@ -111,6 +111,7 @@ async def claims_of(admin: PgSpool, pid: int) -> set[str]:
     return {e.queue_id for e in await admin.list() if f".{pid}." in e.claimed_by}
 
 
+@pytest.mark.slow
 async def test_failover_node_b_delivers_every_message_acknowledged_by_a_killed_node_a(
     tmp_path: Path, pg: PgDatabase, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -173,6 +174,7 @@ async def test_failover_node_b_delivers_every_message_acknowledged_by_a_killed_n
         assert "outcome=delivered" in b.log_text()
 
 
+@pytest.mark.slow
 async def test_two_nodes_pace_one_mailbox_together(
     tmp_path: Path, pg: PgDatabase, monkeypatch: pytest.MonkeyPatch
 ) -> None:
