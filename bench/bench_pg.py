@@ -8,7 +8,7 @@
 2. Bodies: writing and reading a 35 MB body as rows of 256 KB chunks (``bodies``, what the spool
    uses) against a PostgreSQL large object written and read in the same 256 KB pieces.
 
-The cluster is private (tests/pgcluster.py: initdb in a temp dir, loopback, a free port).
+The cluster is private (tests/support/pgcluster.py: initdb in a temp dir, loopback, a free port).
 
     python bench/bench_pg.py [--messages 1000] [--devices 8]
 """
@@ -26,13 +26,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.pgcluster, tests.core.helpers
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.support
 
 from relay365.sandbox.runner import Sandbox
 from relay365.sandbox.tenant import example_tenant
 from relay365.spool.pg_schema import migrate_url
-from tests.core.helpers import ServeProcess, write_config
-from tests.pgcluster import PostgresCluster
+from tests.support import PostgresCluster, ServeProcess, write_config
 
 PASSWORD_ENV = "RELAY365_BENCH_PG_PASSWORD"
 BODY = b"From: alice@contoso.test\r\nTo: bob@fabrikam.test\r\nSubject: bench\r\n\r\n" + b"x" * 4000 + b"\r\n"

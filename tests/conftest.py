@@ -1,25 +1,26 @@
-"""Shared fixtures: a relay built from a settings dict, and a recording upstream SMTP peer.
+"""Shared fixtures: the test CA and certificates, a recording upstream SMTP peer, a private PostgreSQL
+cluster per test session (per xdist worker). The helpers behind them are in tests/support.
 
-Everything listens on 127.0.0.1 with ports chosen by the kernel (port 0).
+The suite runs in parallel (pytest-xdist, ./scripts/test). What keeps a test safe there: files only
+under its own ``tmp_path`` (xdist gives each worker its own base), peers on 127.0.0.1 with ports the
+kernel chooses (port 0; ``free_port`` only for peers that cannot bind 0), session fixtures that are
+per worker (the PostgreSQL cluster: its own directory and port), no process-wide state left behind
+(``monkeypatch`` for the environment). A test that measures real time against a bound is marked
+``realtime``: ./scripts/test runs it alone after the parallel run. Tests marked ``slow`` (the ones
+that take longest, measured with --durations) are collected first, so that in parallel they start at
+once instead of finishing last.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import ssl
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trustme
-from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from relay365.service.relay import Relay
-from relay365.settings import Settings, parse_settings
-from tests.pgcluster import pg, pg_cluster  # noqa: F401  (fixtures: a private PostgreSQL cluster)
+from tests.support import RecordingUpstream
+from tests.support.pgcluster import pg, pg_cluster  # noqa: F401  (fixtures: a private PostgreSQL cluster)
 
 
 @pytest.fixture(scope="session")
@@ -45,190 +46,6 @@ def server_cert(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> tup
     return cert, key
 
 
-def merge_sections(data: dict[str, Any], sections: dict[str, Any]) -> dict[str, Any]:
-    """Test config defaults with ``sections`` applied: a table is extended, anything else replaced."""
-    for key, value in sections.items():
-        if isinstance(value, dict) and isinstance(data.get(key), dict):
-            data[key] = {**data[key], **value}
-        else:
-            data[key] = value
-    return data
-
-
-def make_settings(tmp_path: Path, **sections: Any) -> Settings:
-    """Settings from TOML-shaped dicts; the spool goes under tmp_path. Defaults: one STARTTLS listener
-    on port 0 and a device for 127.0.0.0/8."""
-    data: dict[str, Any] = {
-        "server": {"hostname": "relay.test", "spool_dir": str(tmp_path / "spool"), "auth_failure_delay": 0.0},
-        "listener": [{"name": "lan", "port": 0, "tls": "starttls"}],
-        "device": [{"name": "local", "ip_allow": ["127.0.0.0/8"]}],
-        "delivery": {"min_backoff": 60, "max_backoff": 600, "poll_interval": 0.2},
-    }
-    return parse_settings(merge_sections(data, sections), base=tmp_path)
-
-
-@contextlib.asynccontextmanager
-async def running_relay(settings: Settings, **kwargs: Any) -> AsyncIterator[Relay]:
-    relay = Relay(settings, **kwargs)
-    await relay.start()
-    try:
-        yield relay
-    finally:
-        await relay.stop(grace=5)
-
-
-@dataclass
-class Received:
-    mail_from: str
-    rcpt_tos: list[str]
-    content: bytes
-    peer: str
-    tls: bool
-    auth: Any = None
-    mail_options: list[str] = field(default_factory=list)
-
-
-@dataclass
-class UpstreamPlan:
-    """Replies to inject: stage ('mail' | 'rcpt:<addr>' | 'data') -> list of replies, used in order."""
-
-    replies: dict[str, list[str]] = field(default_factory=dict)
-    stall_after_data: float = 0.0
-
-    def take(self, stage: str) -> str | None:
-        queue = self.replies.get(stage)
-        if queue:
-            return queue.pop(0)
-        return None
-
-
-class _UpstreamHandler:
-    def __init__(self, upstream: RecordingUpstream) -> None:
-        self.up = upstream
-
-    async def handle_MAIL(
-        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
-    ) -> str:
-        reply = self.up.plan.take("mail")
-        if reply:
-            return reply
-        envelope.mail_from = address
-        envelope.mail_options.extend(options)
-        return "250 2.1.0 Ok"
-
-    async def handle_RCPT(
-        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
-    ) -> str:
-        reply = self.up.plan.take(f"rcpt:{address}") or self.up.plan.take("rcpt")
-        if reply:
-            return reply
-        envelope.rcpt_tos.append(address)
-        return "250 2.1.5 Ok"
-
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        if self.up.plan.stall_after_data:
-            await asyncio.sleep(self.up.plan.stall_after_data)
-        reply = self.up.plan.take("data")
-        if reply:
-            return reply
-        assert isinstance(envelope.original_content, bytes)
-        self.up.messages.append(
-            Received(
-                mail_from=envelope.mail_from or "",
-                rcpt_tos=list(envelope.rcpt_tos),
-                content=envelope.original_content,
-                peer=str(session.peer[0]),
-                tls=session.ssl is not None,
-                auth=session.auth_data,
-                mail_options=list(envelope.mail_options),
-            )
-        )
-        self.up.arrived.set()
-        return "250 2.0.0 Ok: stored"
-
-    async def handle_QUIT(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        self.up.quits += 1
-        return "221 2.0.0 Bye"
-
-
-class _LenientSMTP(SMTP):
-    """Accepts DATA lines longer than RFC 5322's 998 octets, as Exchange Online and Postfix do."""
-
-    line_length_limit = 1 << 20
-
-
-class RecordingUpstream:
-    """An aiosmtpd upstream on the test's own event loop that records what it receives."""
-
-    def __init__(
-        self,
-        *,
-        tls_context: ssl.SSLContext | None = None,
-        require_starttls: bool = False,
-        auth: Callable[[str, str], bool] | None = None,
-        smtputf8: bool = False,
-    ) -> None:
-        self.messages: list[Received] = []
-        self._smtputf8 = smtputf8
-        self.connections = 0
-        self.quits = 0  # sessions the relay ended with QUIT
-        self.plan = UpstreamPlan()
-        self.arrived = asyncio.Event()
-        self._tls = tls_context
-        self._require = require_starttls
-        self._auth = auth
-        self._server: asyncio.Server | None = None
-        self.port = 0
-
-    def _factory(self) -> SMTP:
-        self.connections += 1
-        kwargs: dict[str, Any] = {}
-        if self._auth is not None:
-            check = self._auth
-
-            def authenticator(
-                server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any
-            ) -> Any:
-                from aiosmtpd.smtp import AuthResult
-
-                ok = check(auth_data.login.decode(), auth_data.password.decode())
-                # handled=False: aiosmtpd then answers 535 itself (handled=True would leave it silent)
-                return AuthResult(
-                    success=ok, handled=False, auth_data=auth_data.login.decode() if ok else None
-                )
-
-            kwargs["authenticator"] = authenticator
-        return _LenientSMTP(
-            _UpstreamHandler(self),
-            hostname="upstream.test",
-            tls_context=self._tls,
-            require_starttls=self._require,
-            auth_require_tls=True,
-            enable_SMTPUTF8=self._smtputf8,
-            **kwargs,
-        )
-
-    async def start(self) -> RecordingUpstream:
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._factory, host="127.0.0.1", port=0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-
-    async def wait_for(self, count: int, timeout: float = 10.0) -> list[Received]:
-        async def until() -> None:
-            while len(self.messages) < count:
-                self.arrived.clear()
-                await self.arrived.wait()
-
-        await asyncio.wait_for(until(), timeout)
-        return self.messages
-
-
 @pytest.fixture
 async def upstream() -> AsyncIterator[RecordingUpstream]:
     up = await RecordingUpstream().start()
@@ -236,5 +53,6 @@ async def upstream() -> AsyncIterator[RecordingUpstream]:
     await up.stop()
 
 
-def smarthost(port: int, **extra: Any) -> dict[str, Any]:
-    return {"name": "up", "type": "smarthost", "host": "127.0.0.1", "port": port, "tls": "none", **extra}
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests marked ``slow`` first (a stable sort: the order is otherwise kept)."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -15,7 +15,7 @@ import httpx
 
 from relay365.admin.accounts import AccountStore, Role
 from relay365.service.relay import Relay
-from tests.conftest import make_settings, running_relay
+from tests.support import make_settings, running_relay
 
 OPERATOR = ("olga", "operator-pass-1")
 VIEWER = ("victor", "viewer-pass-1")

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import RecordingUpstream, smarthost
 from tests.console.support import OPERATOR, bearer, login, running_console, wait_for
-from tests.core.helpers import closed_port
+from tests.support import RecordingUpstream, closed_port, smarthost
 
 
 def send(port: int, rcpts: list[str], subject: str, sender: str = "scan@contoso.com") -> None:

@@ -11,11 +11,11 @@ import smtplib
 from pathlib import Path
 
 import httpx
+import pytest
 
 from relay365.service.relay import Relay
 from relay365.settings import load_settings
-from tests.conftest import RecordingUpstream, smarthost
-from tests.core.helpers import run_cli, write_config
+from tests.support import RecordingUpstream, run_cli, smarthost, write_config
 
 
 def send(port: int) -> None:
@@ -27,6 +27,7 @@ def send(port: int) -> None:
         s.rset()
 
 
+@pytest.mark.slow
 async def test_admin_accounts_tokens_and_trace_cli(tmp_path: Path) -> None:
     upstream = await RecordingUpstream().start()
     try:

@@ -11,9 +11,8 @@ from pathlib import Path
 import httpx
 
 from relay365.observability.tracking import EventKind, TraceQuery
-from tests.conftest import smarthost
 from tests.console.support import OPERATOR, VIEWER, bearer, login, running_console
-from tests.core.helpers import closed_port
+from tests.support import closed_port, smarthost
 
 HELD_UPSTREAM = {
     "transport": [smarthost(closed_port())],
@@ -155,7 +154,7 @@ async def test_login_lockout_per_account_and_per_address(tmp_path: Path) -> None
 
 
 async def test_lockout_ends_after_the_lockout_time(tmp_path: Path) -> None:
-    from tests.core.helpers import Clock
+    from tests.support import Clock
 
     clock = Clock()
     admin = {"login_failures": 2, "lockout_seconds": 60}

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from relay365.errors import ConfigError
-from tests.conftest import make_settings
+from tests.support import make_settings
 
 
 def test_defaults(tmp_path: Path) -> None:

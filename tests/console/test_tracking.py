@@ -23,7 +23,7 @@ from relay365.observability.tracking_sqlite import SqliteTrackingLog
 from relay365.spool.model import Envelope, QueueFilter, QueueState
 from relay365.spool.pg_connect import PgTarget
 from relay365.spool.sqlite import SqliteSpool
-from tests.core.helpers import T0, Clock
+from tests.support import T0, Clock
 
 
 @pytest.fixture(params=["sqlite", "memory", "postgres"])

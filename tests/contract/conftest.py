@@ -2,7 +2,7 @@
 
 A ``Backend`` opens handles on one shared store; each handle stands for one process (its own
 connection, its own owner). ``crash`` is that process's death: its lock goes, nothing is cleaned up.
-PostgreSQL gets a fresh database per test (tests/pgcluster.py: a private cluster for the session).
+PostgreSQL gets a fresh database per test (tests/support/pgcluster.py: a private cluster for the session).
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ from relay365.spool.contract import Spool
 from relay365.spool.memory import MemorySpool, MemoryStore
 from relay365.spool.postgres import PgSpool, PgTarget
 from relay365.spool.sqlite import SqliteSpool
-from tests.core.helpers import Clock
-from tests.pgcluster import PgDatabase
+from tests.support import Clock, PgDatabase
 
 
 class Backend:

@@ -23,7 +23,7 @@ from relay365.spool.model import (
     RecipientUpdate,
 )
 from tests.contract.conftest import Backend
-from tests.core.helpers import T0
+from tests.support import T0
 
 ENV = Envelope("scanner@contoso.com", ("a@contoso.com", "b@fabrikam.com"), device="printer", peer="10.0.0.9")
 BODY = b"Subject: scan\r\nMessage-ID: <scan@contoso.com>\r\n\r\n" + b"line of text\r\n" * 500

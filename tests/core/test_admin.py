@@ -10,8 +10,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay365.admin.accounts import AccountStore, Role
-from tests.conftest import make_settings, running_relay, smarthost
-from tests.core.helpers import closed_port
+from tests.support import closed_port, make_settings, running_relay, smarthost
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

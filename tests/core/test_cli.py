@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from relay365.credentials import hash_password, verify_password
-from tests.core.helpers import (
+from tests.support import (
     closed_port,
     run_cli,
     serving,
@@ -72,6 +72,7 @@ def test_device_passwd_from_stdin() -> None:
     assert empty.returncode == 2 and "empty password" in empty.stderr
 
 
+@pytest.mark.slow
 async def test_send_against_a_listener(tmp_path: Path) -> None:
     config = write_config(
         tmp_path,

@@ -8,8 +8,10 @@ import re
 import time
 from pathlib import Path
 
+import pytest
+
 from relay365.spool.sqlite import SqliteSpool
-from tests.core.helpers import (
+from tests.support import (
     body_files,
     closed_port,
     run_cli,
@@ -39,6 +41,7 @@ async def _wait_attempts(spool_dir: Path, qid: str, n: int, timeout: float = 15.
         await asyncio.sleep(0.1)
 
 
+@pytest.mark.slow
 async def test_queue_commands_while_serving(tmp_path: Path) -> None:
     spool_dir = tmp_path / "spool"
     config = write_config(

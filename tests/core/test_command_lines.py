@@ -18,8 +18,7 @@ import pytest
 
 from relay365.credentials import hash_password
 from relay365.service.relay import Relay
-from tests.conftest import RecordingUpstream, make_settings, running_relay, smarthost
-from tests.core.smtpraw import RawSMTP
+from tests.support import RawSMTP, RecordingUpstream, make_settings, running_relay, smarthost
 
 
 @pytest.fixture

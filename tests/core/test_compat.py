@@ -21,8 +21,8 @@ import relay365
 from relay365.errors import DependencyVersionError
 from relay365.ingress import compat
 from relay365.ingress.compat import SessionReader, retype
-from tests.conftest import RecordingUpstream, make_settings, running_relay, smarthost
 from tests.core.internals import private_names, project_sources, violations
+from tests.support import RecordingUpstream, make_settings, running_relay, smarthost
 
 ROOT = Path(__file__).resolve().parents[2]
 # The compat module itself, and the tests that compare its shortcuts with aiosmtpd's own code.

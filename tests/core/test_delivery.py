@@ -6,80 +6,27 @@ no bounce of a bounce, a stalled upstream, session reuse.
 from __future__ import annotations
 
 import asyncio
-import email
 import logging
-from email.message import Message
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from relay365.service.relay import Relay
 from relay365.spool.model import Envelope, RcptState
-from tests.conftest import Received, RecordingUpstream, make_settings, running_relay, smarthost
-from tests.core.helpers import (
+from tests.support import (
     Clock,
+    Received,
+    RecordingUpstream,
     body_files,
     body_of,
     closed_port,
-    send_message,
+    running_relay,
+    smarthost,
     wait_gone,
     wait_state,
     wait_until,
 )
-
-ORIGINAL = (
-    b"From: Scanner <scanner@contoso.com>\r\nTo: alice@contoso.com\r\n"
-    b"Subject: quarterly report\r\nMessage-ID: <scan-42@contoso.com>\r\n\r\nSee attachment.\r\n"
-)
-NO_TLS = [{"name": "lan", "port": 0, "tls": "none"}]
-
-
-def settings_for(tmp_path: Path, port: int, **extra: Any) -> Any:
-    extra.setdefault("transport", [smarthost(port)])
-    return make_settings(tmp_path, listener=NO_TLS, **extra)
-
-
-async def send(relay: Relay, **kwargs: Any) -> str:
-    kwargs.setdefault("body", ORIGINAL)
-    return await asyncio.to_thread(send_message, relay.ports["lan"], **kwargs)
-
-
-def _parts(msg: Message) -> list[Message]:
-    payload = msg.get_payload()
-    assert isinstance(payload, list)
-    return [p for p in payload if isinstance(p, Message)]
-
-
-def parse_dsn(received: Received) -> tuple[Message, list[Message], bytes]:
-    """Check the RFC 3464 structure; return (message, per-recipient status blocks, original headers)."""
-    assert received.mail_from in ("", "<>")  # from the null sender (aiosmtpd records "<>")
-    msg = email.message_from_bytes(received.content)
-    assert msg.get_content_type() == "multipart/report"
-    assert msg.get_param("report-type") == "delivery-status"
-    assert msg["Auto-Submitted"] == "auto-replied"
-    parts = _parts(msg)
-    assert [p.get_content_type() for p in parts] == [
-        "text/plain",
-        "message/delivery-status",
-        "text/rfc822-headers",
-    ]
-    blocks = _parts(parts[1])
-    assert blocks[0]["Reporting-MTA"] == "dns; relay.test"
-    assert blocks[0]["Arrival-Date"]
-    headers = parts[2].get_payload(decode=True)
-    assert isinstance(headers, bytes)
-    return msg, blocks[1:], headers
-
-
-async def settle(relay: Relay, clock: Clock, passes: int = 4, step: float = 3600.0) -> None:
-    """Move the clock and let the scheduler run several passes (poll interval 0.2 s)."""
-    for _ in range(passes):
-        clock.advance(step)
-        relay.scheduler.wake()  # type: ignore[union-attr]
-        await asyncio.sleep(0.3)
-        assert relay.scheduler is not None
-        await relay.scheduler.drain()
+from tests.support.delivery import ORIGINAL, parse_dsn, parts_of, send, settings_for, settle
 
 
 async def test_delivered_and_removed(tmp_path: Path, upstream: RecordingUpstream) -> None:
@@ -156,7 +103,7 @@ async def test_5xx_bounces_with_one_rfc3464_dsn(tmp_path: Path, upstream: Record
         assert b"Message-ID: <scan-42@contoso.com>\r\n" in headers
         assert f"id {qid}".encode() in headers  # our Received header is part of the original's
         assert b"See attachment." not in headers  # headers only
-        text = _parts(msg)[0].get_payload()
+        text = parts_of(msg)[0].get_payload()
         assert isinstance(text, str)
         assert "<bob@contoso.com>: 550 5.1.1" in text
         await wait_gone(relay.spool, qid)

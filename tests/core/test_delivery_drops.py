@@ -11,9 +11,17 @@ from pathlib import Path
 from relay365.delivery.holds import DROPS_BEFORE_HOLD
 from relay365.service.relay import Relay
 from relay365.spool.model import RcptState
-from tests.conftest import running_relay
-from tests.core.helpers import Clock, SmtpSink, send_message, smtp_sink, wait_gone, wait_state, wait_until
 from tests.core.test_delivery_sink import settings_for
+from tests.support import (
+    Clock,
+    SmtpSink,
+    running_relay,
+    send_message,
+    smtp_sink,
+    wait_gone,
+    wait_state,
+    wait_until,
+)
 
 RCPT = "alice@contoso.com"
 

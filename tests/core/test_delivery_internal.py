@@ -14,9 +14,17 @@ import pytest
 
 from relay365.spool.model import RcptState
 from relay365.transports.base import OutboundMessage, RecipientResult, Transport
-from tests.conftest import RecordingUpstream, running_relay
-from tests.core.helpers import Clock, run_cli, wait_gone, wait_state, wait_until, write_config
-from tests.core.test_delivery import NO_TLS, parse_dsn, send, settings_for, settle
+from tests.support import (
+    Clock,
+    RecordingUpstream,
+    run_cli,
+    running_relay,
+    wait_gone,
+    wait_state,
+    wait_until,
+    write_config,
+)
+from tests.support.delivery import NO_TLS, parse_dsn, send, settings_for, settle
 
 RCPT = "alice@contoso.com"
 LIFETIME = {"queue_lifetime": 3600, "min_backoff": 60, "max_backoff": 600}

@@ -11,8 +11,18 @@ import pytest
 
 from relay365.service.relay import Relay
 from relay365.spool.model import RcptState
-from tests.conftest import make_settings, running_relay, smarthost
-from tests.core.helpers import Clock, SmtpSink, send_message, smtp_sink, wait_gone, wait_state, wait_until
+from tests.support import (
+    Clock,
+    SmtpSink,
+    make_settings,
+    running_relay,
+    send_message,
+    smarthost,
+    smtp_sink,
+    wait_gone,
+    wait_state,
+    wait_until,
+)
 
 BODY = b"Subject: sink test\r\n\r\nscan attached\r\n"
 RCPT = "alice@contoso.com"

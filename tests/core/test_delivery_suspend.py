@@ -6,8 +6,7 @@ import asyncio
 import smtplib
 from pathlib import Path
 
-from tests.conftest import RecordingUpstream, make_settings, running_relay, smarthost
-from tests.core.helpers import closed_port
+from tests.support import RecordingUpstream, closed_port, make_settings, running_relay, smarthost
 
 
 def send(port: int, n: int) -> None:

@@ -16,8 +16,15 @@ import trustme
 
 from relay365.ingress.tls import self_signed
 from relay365.spool.model import RcptState
-from tests.conftest import RecordingUpstream, make_settings, running_relay, smarthost
-from tests.core.helpers import Clock, send_message, wait_state
+from tests.support import (
+    Clock,
+    RecordingUpstream,
+    make_settings,
+    running_relay,
+    send_message,
+    smarthost,
+    wait_state,
+)
 
 PASSWORD = "Sm4rthost-pw-0917"
 USER = "relay@contoso.com"

@@ -21,7 +21,7 @@ import pytest
 
 from relay365.spool.model import new_owner_id
 from relay365.spool.sqlite import SqliteSpool
-from tests.core.helpers import (
+from tests.support import (
     ServeProcess,
     body_files,
     body_of,

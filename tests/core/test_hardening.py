@@ -10,8 +10,7 @@ from typing import Any
 import pytest
 
 from relay365.service.relay import Relay
-from tests.conftest import RecordingUpstream, make_settings, running_relay, smarthost
-from tests.core.smtpraw import RawSMTP, client_context
+from tests.support import RawSMTP, RecordingUpstream, client_context, make_settings, running_relay, smarthost
 
 SMUGGLING = [b"\n.\n", b"\n.\r\n", b"\r.\r", b"\r.\n", b"\r\n\x00.\r\n", b"\r\n.\r\r\n"]
 

@@ -20,9 +20,7 @@ import pytest
 
 from relay365.credentials import hash_password
 from relay365.service.relay import Relay
-from tests.conftest import RecordingUpstream, make_settings, running_relay, smarthost
-from tests.core.helpers import Clock
-from tests.core.smtpraw import RawSMTP
+from tests.support import Clock, RawSMTP, RecordingUpstream, make_settings, running_relay, smarthost
 
 ATTACKER_PW, VICTIM_PW = "attacker-own-pw", "victim-Secret-9"
 DEVICES = [

@@ -18,8 +18,7 @@ import trustme
 
 from relay365.credentials import hash_password
 from relay365.service.relay import Relay
-from tests.conftest import RecordingUpstream, make_settings, running_relay, smarthost
-from tests.core.smtpraw import RawSMTP, client_context
+from tests.support import RawSMTP, RecordingUpstream, client_context, make_settings, running_relay, smarthost
 
 PASSWORD = "Pr1nter-Secret!"
 HASH = hash_password(PASSWORD)

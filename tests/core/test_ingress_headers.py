@@ -19,8 +19,7 @@ from typing import Any
 import pytest
 
 from relay365.service.relay import Relay
-from tests.conftest import RecordingUpstream, make_settings, running_relay, smarthost
-from tests.core.smtpraw import RawSMTP
+from tests.support import RawSMTP, RecordingUpstream, make_settings, running_relay, smarthost
 
 MAILBOX = "scanner@contoso.com"
 REWRITE = {"name": "mfp", "ip_allow": ["127.0.0.1/32"], "rewrite_sender": MAILBOX}

@@ -10,9 +10,15 @@ from typing import Any
 import pytest
 
 from relay365.service.relay import Relay
-from tests.conftest import RecordingUpstream, make_settings, running_relay, smarthost
-from tests.core.helpers import body_files, body_of
-from tests.core.smtpraw import RawSMTP
+from tests.support import (
+    RawSMTP,
+    RecordingUpstream,
+    body_files,
+    body_of,
+    make_settings,
+    running_relay,
+    smarthost,
+)
 
 
 @pytest.fixture

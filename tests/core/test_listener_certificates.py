@@ -14,8 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from tests.conftest import RecordingUpstream, make_settings, running_relay, smarthost
-from tests.core.smtpraw import RawSMTP, client_context
+from tests.support import RawSMTP, RecordingUpstream, client_context, make_settings, running_relay, smarthost
 
 LEGACY = {"name": "legacy", "port": 0, "legacy": True, "min_tls_version": "1.0"}
 

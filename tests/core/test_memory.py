@@ -10,7 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.core.smtpraw import RawSMTP
+import pytest
+
+from tests.support import RawSMTP
 
 SESSIONS = 50  # reliability.md: 50 concurrent 30 MiB messages
 MESSAGE = 30 * 1024 * 1024  # 30 MiB each: 1.5 GiB in flight at once
@@ -42,6 +44,7 @@ async def one_message(port: int, line: bytes) -> str:
     return reply
 
 
+@pytest.mark.slow
 async def test_concurrent_large_messages_memory_is_bounded(tmp_path: Path) -> None:
     config = tmp_path / "relay365.toml"
     config.write_text(f"""

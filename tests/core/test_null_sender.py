@@ -21,9 +21,15 @@ import pytest
 from relay365.delivery.router import NoRoute, Router
 from relay365.service.relay import Relay
 from relay365.settings import RouteSettings
-from tests.conftest import RecordingUpstream, make_settings, running_relay, smarthost
-from tests.core.helpers import closed_port, wait_gone
-from tests.core.smtpraw import RawSMTP
+from tests.support import (
+    RawSMTP,
+    RecordingUpstream,
+    closed_port,
+    make_settings,
+    running_relay,
+    smarthost,
+    wait_gone,
+)
 
 MAILBOX = "scanner@contoso.com"
 

@@ -22,8 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from relay365.errors import PreflightError
 from relay365.service.preflight import preflight_for
 from relay365.settings import Settings
-from tests.conftest import make_settings
-from tests.core.helpers import run_cli, serving, smarthost_cfg, write_config
+from tests.support import make_settings, run_cli, serving, smarthost_cfg, write_config
 
 SECRET = "Upstream-s3cret-8812"
 UNSET = "RELAY365_TEST_SURELY_UNSET"

@@ -17,8 +17,16 @@ import pytest
 from relay365.admin.accounts import AccountStore, Role
 from relay365.spool.model import Envelope, QueueFilter, QueueState, RcptState
 from relay365.spool.sqlite import SqliteSpool
-from tests.conftest import make_settings, running_relay, smarthost
-from tests.core.helpers import T0, Clock, closed_port, run_cli, write_config
+from tests.support import (
+    T0,
+    Clock,
+    closed_port,
+    make_settings,
+    run_cli,
+    running_relay,
+    smarthost,
+    write_config,
+)
 
 COUNT = 20_000
 BUSY = "451 4.7.500 Server busy. Please try again later"
@@ -156,6 +164,7 @@ def cli_json(*args: str) -> dict[str, object]:
     return out
 
 
+@pytest.mark.slow
 async def test_queue_list_and_retry_by_filter_on_20000_messages(
     tmp_path: Path, big_queue: tuple[Path, list[Row]]
 ) -> None:

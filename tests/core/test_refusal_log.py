@@ -13,9 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay365.credentials import hash_password
-from tests.conftest import make_settings, running_relay, smarthost
-from tests.core.helpers import closed_port
-from tests.core.smtpraw import RawSMTP
+from tests.support import RawSMTP, closed_port, make_settings, running_relay, smarthost
 
 LINE = re.compile(
     r"refused peer=(?P<peer>\S+) device=(?P<device>\S+) listener=(?P<listener>\S+)"

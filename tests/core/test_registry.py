@@ -18,7 +18,7 @@ from relay365.transports.registry import (
     null_sender_transports,
     recipient_rules,
 )
-from tests.conftest import make_settings
+from tests.support import make_settings
 
 
 def test_every_configurable_type_has_a_kind() -> None:

@@ -23,8 +23,7 @@ from relay365.service.notify import Notifier
 from relay365.service.relay import Relay
 from relay365.service.serve import Reloader
 from relay365.settings import Settings
-from tests.conftest import RecordingUpstream, make_settings, running_relay, smarthost
-from tests.core.helpers import free_port, wait_until
+from tests.support import RecordingUpstream, free_port, make_settings, running_relay, smarthost, wait_until
 
 LAN = {"name": "lan", "port": 0, "tls": "none", "allow_plaintext_auth": True}
 PRINTER = {"name": "printer", "ip_allow": ["127.0.0.2/32"]}

@@ -22,7 +22,7 @@ from relay365.settings import DeliverySettings, RouteSettings
 from relay365.spool.memory import MemorySpool, MemoryStore
 from relay365.spool.model import Envelope, RcptState
 from relay365.transports.base import OutboundMessage, Outcome, RecipientResult
-from tests.core.helpers import Clock, wait_until
+from tests.support import Clock, wait_until
 
 ENV = Envelope("scanner@contoso.com", ("alice@contoso.com",), device="printer")
 SETTINGS = DeliverySettings(concurrency=4, min_backoff=60, max_backoff=600, poll_interval=0.05, lease=60)

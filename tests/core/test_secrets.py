@@ -21,8 +21,7 @@ import pytest
 from relay365.credentials import hash_password, load_secret
 from relay365.errors import SecretError
 from relay365.settings import SecretRef
-from tests.conftest import RecordingUpstream
-from tests.core.helpers import ServeProcess, run_cli, spool_files, write_config
+from tests.support import RecordingUpstream, ServeProcess, run_cli, spool_files, write_config
 
 DEVICE_SECRET = "Dev1ce-pw-7319-Kx"
 WRONG_SECRET = "Wr0ng-pw-4410-Zq"

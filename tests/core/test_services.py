@@ -27,9 +27,7 @@ from relay365.service.relay import Relay
 from relay365.spool.memory import MemorySpool
 from relay365.spool.model import Envelope, QueuePage, QueueQuery, QueueStats
 from relay365.transports.registry import build_transport
-from tests.conftest import RecordingUpstream, make_settings, smarthost
-from tests.core.helpers import free_port, wait_gone
-from tests.core.smtpraw import RawSMTP
+from tests.support import RawSMTP, RecordingUpstream, free_port, make_settings, smarthost, wait_gone
 
 NO_TLS = {"name": "lan", "port": 0, "tls": "none"}
 MESSAGE = b"From: scanner@contoso.com\r\nSubject: scan\r\n\r\nhello\r\n"

@@ -11,8 +11,7 @@ import asyncio
 from pathlib import Path
 
 from relay365.spool.sqlite import SqliteSpool
-from tests.core.helpers import ServeProcess, closed_port, smarthost_cfg, write_config
-from tests.core.smtpraw import RawSMTP
+from tests.support import RawSMTP, ServeProcess, closed_port, smarthost_cfg, write_config
 
 GOODBYE = "421 4.3.2 Service shutting down"
 

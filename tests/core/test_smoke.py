@@ -6,7 +6,7 @@ import asyncio
 import smtplib
 from pathlib import Path
 
-from tests.conftest import RecordingUpstream, make_settings, running_relay, smarthost
+from tests.support import RecordingUpstream, make_settings, running_relay, smarthost
 
 
 async def test_message_flows_to_upstream(tmp_path: Path, upstream: RecordingUpstream) -> None:

@@ -17,9 +17,15 @@ import pytest
 from relay365.errors import PermanentDeliveryError
 from relay365.netdns import make_async_resolver
 from relay365.transports.mx import mx_host
-from tests.conftest import RecordingUpstream, make_settings, running_relay, smarthost
-from tests.core.helpers import closed_port, wait_gone
-from tests.core.smtpraw import RawSMTP
+from tests.support import (
+    RawSMTP,
+    RecordingUpstream,
+    closed_port,
+    make_settings,
+    running_relay,
+    smarthost,
+    wait_gone,
+)
 
 
 async def session(port: int) -> RawSMTP:

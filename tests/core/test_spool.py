@@ -13,8 +13,17 @@ import pytest
 from relay365.errors import QueueEntryNotFound
 from relay365.spool.model import Envelope, RcptState, RecipientUpdate
 from relay365.spool.sqlite import SqliteSpool
-from tests.conftest import make_settings, running_relay, smarthost
-from tests.core.helpers import T0, Clock, body_files, body_of, closed_port, send_message
+from tests.support import (
+    T0,
+    Clock,
+    body_files,
+    body_of,
+    closed_port,
+    make_settings,
+    running_relay,
+    send_message,
+    smarthost,
+)
 
 ENV = Envelope(
     mail_from="scanner@contoso.com",

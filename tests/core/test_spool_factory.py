@@ -14,8 +14,17 @@ from relay365.spool.memory import MemorySpool
 from relay365.spool.model import Envelope
 from relay365.spool.postgres import PgSpool
 from relay365.spool.sqlite import SqliteSpool
-from tests.conftest import RecordingUpstream, make_settings, running_relay, smarthost
-from tests.core.helpers import closed_port, run_cli, send_message, wait_until, write_config
+from tests.support import (
+    RecordingUpstream,
+    closed_port,
+    make_settings,
+    run_cli,
+    running_relay,
+    send_message,
+    smarthost,
+    wait_until,
+    write_config,
+)
 
 
 def test_default_is_sqlite_in_the_spool_dir(tmp_path: Path) -> None:

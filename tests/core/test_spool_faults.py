@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 
 from relay365.service.relay import Relay
-from tests.conftest import make_settings, running_relay, smarthost
-from tests.core.helpers import body_files, body_of, closed_port
+from tests.support import body_files, body_of, closed_port, make_settings, running_relay, smarthost
 
 SMALL = b"Subject: small\r\n\r\nhello\r\n"
 

@@ -22,7 +22,7 @@ import pytest
 
 from relay365.spool.model import Envelope
 from relay365.spool.sqlite import SqliteSpool
-from tests.core.helpers import body_files, run_cli, write_config
+from tests.support import body_files, run_cli, write_config
 
 CHILD = r"""
 import asyncio, json, sys, time

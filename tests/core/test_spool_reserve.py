@@ -26,10 +26,18 @@ import pytest
 from relay365.errors import ConfigError
 from relay365.service.relay import Relay
 from relay365.spool.model import RcptState
-from tests.conftest import RecordingUpstream, make_settings, running_relay, smarthost
-from tests.core.helpers import Clock, body_files, send_message, wait_until
 from tests.core.test_admin import samples
 from tests.core.test_spool_faults import SMALL, deliver, fill
+from tests.support import (
+    Clock,
+    RecordingUpstream,
+    body_files,
+    make_settings,
+    running_relay,
+    send_message,
+    smarthost,
+    wait_until,
+)
 
 RESERVE = 1 << 20  # 1 MiB on an 8 MiB file system
 N = 30

@@ -31,9 +31,15 @@ from relay365.ingress.handshake import (
 from relay365.ingress.tls import server_context
 from relay365.service.relay import Relay
 from relay365.settings import ListenerSettings
-from tests.conftest import RecordingUpstream, make_settings, running_relay, smarthost
-from tests.core.helpers import Clock
-from tests.core.smtpraw import RawSMTP, client_context
+from tests.support import (
+    Clock,
+    RawSMTP,
+    RecordingUpstream,
+    client_context,
+    make_settings,
+    running_relay,
+    smarthost,
+)
 
 LOGGER = "relay365.ingress.handshake"
 

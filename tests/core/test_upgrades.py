@@ -20,8 +20,8 @@ from relay365.observability.tracking_sqlite import SqliteTrackingLog
 from relay365.spool import sqlite_schema
 from relay365.spool.schema_version import Schema, migrate, read_version
 from relay365.spool.sqlite import SqliteSpool
-from tests.core.helpers import run_cli, serving, smarthost_cfg, smtp_sink, write_config
 from tests.core.old_databases import OldMessage, OldRecipient, first_release_queue, first_tracking_log
+from tests.support import run_cli, serving, smarthost_cfg, smtp_sink, write_config
 
 BODY = b"Subject: scan from before the upgrade\r\n\r\npage 1\r\n"
 HELD = b"Subject: held before the upgrade\r\n\r\nheld\r\n"
@@ -107,6 +107,7 @@ def newer(db: Path, version: int = 7) -> dict[str, str]:
     return sha([db, db.with_name(db.name + "-wal")])
 
 
+@pytest.mark.slow
 def test_a_queue_of_a_newer_relay365_is_refused_and_left_untouched(tmp_path: Path) -> None:
     db = first_release_spool(tmp_path / "spool")
     asyncio.run(_open_close(tmp_path / "spool"))  # now a current queue (version 1)

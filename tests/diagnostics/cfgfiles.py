@@ -6,10 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from relay365.sandbox.runner import Sandbox
-from tests.conftest import merge_sections
-from tests.core.helpers import toml_dumps
-from tests.m365.conftest import APP_ID, APP_SECRET, SECRET_ENV, oauth
-from tests.m365.conftest import submission as m365_submission
+from tests.support import APP_ID, APP_SECRET, SECRET_ENV, merge_sections, oauth, toml_dumps
+from tests.support import submission as m365_submission
 
 __all__ = ["APP_ID", "APP_SECRET", "SECRET_ENV", "direct_send", "graph", "submission", "write_config"]
 

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from relay365.cli import app
 from relay365.diagnostics.sendas import send_as_risks, sender_risk
 from relay365.settings import Settings, parse_settings
-from tests.core.helpers import toml_dumps
+from tests.support import toml_dumps
 
 O365 = {
     "name": "o365",

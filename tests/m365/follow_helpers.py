@@ -14,8 +14,7 @@ from typing import Any
 from relay365.sandbox.runner import Sandbox
 from relay365.sandbox.tenant import EXAMPLE_TENANT_PATH, Tenant, load_tenant
 from relay365.service.relay import Relay
-from tests.core.helpers import run_cli
-from tests.m365.conftest import direct_send, submission
+from tests.support import direct_send, run_cli, submission
 
 FABRIKAM_SPF = '"fabrikam.test" = "v=spf1 include:spf.protection.outlook.com -all"'
 FABRIKAM_SPF_FIXED = '"fabrikam.test" = "v=spf1 ip4:203.0.113.5 include:spf.protection.outlook.com -all"'

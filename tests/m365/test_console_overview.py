@@ -11,7 +11,7 @@ import pytest
 
 from relay365.sandbox.runner import Sandbox
 from tests.console.support import running_console, wait_for
-from tests.m365.conftest import SECRET_ENV, submission
+from tests.support import SECRET_ENV, submission
 
 
 def send(port: int) -> None:

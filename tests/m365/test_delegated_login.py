@@ -14,8 +14,8 @@ from relay365.oauth import SMTP_SCOPE, token_source
 from relay365.sandbox.runner import Sandbox
 from relay365.sandbox.tenant import example_tenant
 from relay365.settings import parse_settings
-from tests.conftest import make_settings, running_relay
-from tests.m365.test_smtp_transports import send, wait_until
+from tests.support import make_settings, running_relay
+from tests.support.m365 import send, wait_until
 
 PUBLIC_APP = "66666666-7777-8888-9999-000000000000"
 

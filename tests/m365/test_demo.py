@@ -17,10 +17,12 @@ import urllib.parse
 from pathlib import Path
 
 import httpx
+import pytest
 
-from tests.core.helpers import free_port
+from tests.support import free_port
 
 
+@pytest.mark.slow
 def test_demo_without_config_delivers_what_swaks_sends(tmp_path: Path) -> None:
     port = free_port()
     env = {**os.environ, "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}

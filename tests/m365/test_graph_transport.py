@@ -12,9 +12,8 @@ from typing import Any
 
 from relay365.sandbox.runner import Sandbox
 from relay365.service.relay import Relay
-from tests.conftest import make_settings, running_relay
-from tests.m365.conftest import oauth
-from tests.m365.test_smtp_transports import send, wait_until
+from tests.support import make_settings, oauth, running_relay
+from tests.support.m365 import send, wait_until
 
 
 def graph(sb: Sandbox, **extra: Any) -> dict[str, Any]:
@@ -128,7 +127,7 @@ async def test_graph_send_as_denied_bounces(tmp_path: Path, sandbox: Sandbox) ->
 async def test_graph_split_message_reaches_only_its_envelope(tmp_path: Path, sandbox: Sandbox) -> None:
     """To: names alice (internal, Direct Send route) and partner (external, Graph route): Graph must
     not deliver to alice a second time, so the draft's recipients are set to the envelope."""
-    from tests.m365.conftest import direct_send
+    from tests.support import direct_send
 
     settings = make_settings(
         tmp_path,
@@ -161,7 +160,7 @@ async def test_graph_split_message_reaches_only_its_envelope(tmp_path: Path, san
 async def test_fallback_to_connector_when_graph_is_refused(
     tmp_path: Path, sandbox: Sandbox, monkeypatch: Any
 ) -> None:
-    from tests.m365.conftest import connector
+    from tests.support import connector
 
     monkeypatch.setenv("RELAY365_TEST_APP_SECRET", "revoked-secret")
     cert = sandbox.ctx.tls.issue_client_certificate("relay.contoso.test")

@@ -12,9 +12,8 @@ import pytest
 
 from relay365.sandbox.runner import Sandbox
 from relay365.sandbox.tenant import example_tenant
-from tests.conftest import make_settings, running_relay
-from tests.m365.conftest import APP_SECRET, SECRET_ENV, submission
-from tests.m365.test_smtp_transports import send, wait_until
+from tests.support import APP_SECRET, SECRET_ENV, make_settings, running_relay, submission
+from tests.support.m365 import send, wait_until
 
 # 5 messages per 15 s: 11 messages need at least 30 s. The window is not shorter because the 1.05x
 # bound must leave room for the relay's scheduling latency at each window boundary on a loaded 2-core
@@ -23,6 +22,7 @@ LIMIT, WINDOW, PER_MAILBOX = 5, 15, 11
 MAILBOXES = ("scanner@contoso.test", "alice@contoso.test")
 
 
+@pytest.mark.realtime  # the one real-time pacing test: the other timing tests run on controlled clocks
 async def test_pacing_drains_at_the_limit_without_throttling(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

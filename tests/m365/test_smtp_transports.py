@@ -3,35 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import smtplib
 from pathlib import Path
 
 from relay365.sandbox.runner import Sandbox
-from relay365.service.relay import Relay
-from tests.conftest import make_settings, running_relay
-from tests.m365.conftest import connector, direct_send, submission
-
-
-async def send(relay: Relay, mail_from: str, rcpts: list[str], body: bytes) -> str:
-    def client() -> str:
-        with smtplib.SMTP("127.0.0.1", relay.ports["lan"], timeout=10) as s:
-            s.ehlo("printer.lan")
-            s.mail(mail_from)
-            for r in rcpts:
-                s.rcpt(r)
-            code, reply = s.data(body)
-            assert code == 250, reply
-            return reply.decode().split()[-1]
-
-    return await asyncio.to_thread(client)
-
-
-async def wait_until(predicate, timeout: float = 15.0) -> None:  # type: ignore[no-untyped-def]
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < deadline, "timed out"
-        await asyncio.sleep(0.05)
+from tests.support import connector, direct_send, make_settings, running_relay, submission
+from tests.support.m365 import send, wait_until
 
 
 async def test_submission_xoauth2_to_internal_and_external(tmp_path: Path, sandbox: Sandbox) -> None:

@@ -12,9 +12,8 @@ import pytest
 from relay365.sandbox.faults import Fault
 from relay365.sandbox.runner import Sandbox
 from relay365.service.relay import Relay
-from tests.conftest import make_settings, running_relay
-from tests.m365.conftest import submission
-from tests.m365.test_smtp_transports import send, wait_until
+from tests.support import make_settings, running_relay, submission
+from tests.support.m365 import send, wait_until
 
 FAST_RETRY = {"min_backoff": 0.5, "max_backoff": 1, "poll_interval": 0.2}
 
@@ -65,7 +64,7 @@ async def test_concurrency_limit_reply_slows_down_not_bounces(tmp_path: Path, sa
 
 async def test_dns_outage_defers_direct_send(tmp_path: Path, sandbox: Sandbox) -> None:
     from relay365.diagnostics.dnsserver import DnsServer
-    from tests.m365.conftest import direct_send
+    from tests.support import direct_send
 
     zone: dict[str, Any] = {"contoso.test": "SERVFAIL"}
     async with DnsServer(zone) as dns:
@@ -83,7 +82,7 @@ async def test_dns_outage_defers_direct_send(tmp_path: Path, sandbox: Sandbox) -
 
 async def test_direct_send_finds_the_mx_endpoint_in_dns(tmp_path: Path, sandbox: Sandbox) -> None:
     from relay365.diagnostics.dnsserver import DnsServer
-    from tests.m365.conftest import direct_send
+    from tests.support import direct_send
 
     async with DnsServer({"contoso.test": {"MX": [(0, "localhost")]}}) as dns:
         transport = direct_send(sandbox, host="", nameservers=[dns.nameserver])

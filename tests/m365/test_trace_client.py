@@ -128,6 +128,7 @@ async def send_batch(sb: Sandbox, messages: list[tuple[str, list[str], EmailMess
     await asyncio.gather(*(session(messages[i::4]) for i in range(4)))
 
 
+@pytest.mark.slow
 async def test_two_thousand_messages_traced_without_a_single_429(
     sandbox: Sandbox, client_for: Callable[..., MessageTraceClient]
 ) -> None:

@@ -29,8 +29,6 @@ from relay365.settings import load_settings
 from relay365.tracing.follower import LEASE, TraceFollower
 from relay365.tracing.work_sqlite import SqliteFollowStore
 from tests.console.support import bearer, make_accounts
-from tests.core.helpers import closed_port, run_cli, write_config
-from tests.m365.conftest import APP_SECRET, SECRET_ENV, oauth, submission
 from tests.m365.follow_helpers import (
     MAIL_ONLY,
     follow_sections,
@@ -40,6 +38,7 @@ from tests.m365.follow_helpers import (
     trace_json,
     until,
 )
+from tests.support import APP_SECRET, SECRET_ENV, closed_port, oauth, run_cli, submission, write_config
 
 pytestmark = pytest.mark.timeout(300)
 SPF_RECORD = "v=spf1 ip4:203.0.113.5 include:spf.protection.outlook.com ~all"

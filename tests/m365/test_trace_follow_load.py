@@ -27,9 +27,8 @@ from relay365.sandbox.tenant import load_tenant
 from relay365.settings import Settings
 from relay365.tracing.follower import TraceFollower
 from relay365.tracing.work_sqlite import SqliteFollowStore
-from tests.conftest import make_settings
-from tests.m365.conftest import APP_SECRET, SECRET_ENV
 from tests.m365.follow_helpers import follow_sections, tenant_file
+from tests.support import APP_SECRET, SECRET_ENV, make_settings
 
 pytestmark = pytest.mark.timeout(600)
 MESSAGES = 2000
@@ -109,6 +108,7 @@ async def passes(f: TraceFollower, clock: ManualClock, limit: int) -> int:
     return done
 
 
+@pytest.mark.slow
 async def test_two_thousand_messages_followed_within_the_quota_across_a_restart(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

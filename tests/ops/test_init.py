@@ -18,7 +18,7 @@ import pytest
 from relay365.credentials import verify_password
 from relay365.setup.example import example_config_text
 from relay365.setup.init import default_spool
-from tests.core.helpers import run_cli
+from tests.support import run_cli
 
 CLIENT_ID = "11111111-2222-3333-4444-555555555555"
 PASSWORDS = ("Mfp-pw-4471-Lq", "Erp-pw-8820-Zt")
@@ -208,6 +208,7 @@ def test_service_config_spools_in_the_state_directory() -> None:
     assert default_spool(Path("relay365.toml")) == "var/spool"
 
 
+@pytest.mark.slow
 def test_config_example_prints_and_writes_the_shipped_file(tmp_path: Path) -> None:
     r = run_cli("config", "example")
     assert r.returncode == 0 and r.stdout == example_config_text()

@@ -26,7 +26,7 @@ from relay365.logformats import (
     make_formatter,
     syslog_priority,
 )
-from tests.core.helpers import RELAY365, closed_port, run_cli, smarthost_cfg, write_config
+from tests.support import RELAY365, closed_port, run_cli, smarthost_cfg, write_config
 
 SECRET = "Cl13nt-s3cret-9931-Rw"
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from relay365.service.notify import Notifier, socket_address, watchdog_interval
-from tests.core.helpers import RELAY365, closed_port, smarthost_cfg, write_config
+from tests.support import RELAY365, closed_port, smarthost_cfg, write_config
 
 
 @contextmanager

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 import relay365
-from tests.core.helpers import free_port
+from tests.support import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = (
@@ -68,6 +68,7 @@ def build(tmp_path: Path) -> tuple[Path, Path]:
     return sdist, wheel
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_wheel_installs_and_runs_in_a_fresh_venv(tmp_path: Path) -> None:
     sdist, wheel = build(tmp_path)

@@ -19,8 +19,8 @@ import pytest
 import trustme
 
 from relay365.credentials import hash_password
-from tests.core.helpers import ServeProcess, SmtpSink, smarthost_cfg, smtp_sink, write_config
 from tests.ops.test_notify import notify_socket, receive
+from tests.support import ServeProcess, SmtpSink, smarthost_cfg, smtp_sink, write_config
 
 LAN = {"name": "lan", "port": 0, "tls": "none", "allow_plaintext_auth": True}
 PRINTER = {"name": "printer", "ip_allow": ["127.0.0.2/32"]}

@@ -18,7 +18,7 @@ import pytest
 
 from relay365.setup.install import interpreter_of
 from relay365.setup.unit import UnitOptions, hidden_by_sandbox, render_unit
-from tests.core.helpers import run_cli, write_config
+from tests.support import run_cli, write_config
 
 EXPOSURE_MAX = 2.0  # "OK" in systemd-analyze security's scale (issue 14)
 RELAY365_EXEC = str(Path(sys.executable).parent / "relay365")

@@ -13,9 +13,7 @@ from relay365.diagnostics.checks.result import Status
 from relay365.spool.model import Bounce, Envelope, PaceEvent, QueueEntry, RcptState, RecipientUpdate
 from relay365.spool.postgres import PgSpool, PgTarget
 from relay365.spool.sqlite import SqliteSpool
-from tests.conftest import make_settings
-from tests.core.helpers import T0, Clock, run_cli
-from tests.pgcluster import PgDatabase
+from tests.support import T0, Clock, PgDatabase, make_settings, run_cli
 
 ENV = Envelope(
     "scanner@contoso.com",

@@ -9,10 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_settings, running_relay, smarthost
 from tests.console.support import bearer, running_console, wait_for
-from tests.core.helpers import closed_port
-from tests.pgcluster import PgDatabase
+from tests.support import PgDatabase, closed_port, make_settings, running_relay, smarthost
 
 PASSWORD_ENV = "RELAY365_TEST_PG_PASSWORD"
 NO_TLS = [{"name": "lan", "port": 0, "tls": "none"}]

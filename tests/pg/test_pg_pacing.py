@@ -21,8 +21,7 @@ from relay365.spool.memory import MemorySpool
 from relay365.spool.model import Envelope
 from relay365.spool.postgres import PgSpool, PgTarget
 from relay365.transports.base import PaceLimits
-from tests.core.helpers import T0, Clock
-from tests.pgcluster import PgDatabase
+from tests.support import T0, Clock, PgDatabase
 
 KEY = "mailbox:scanner@contoso.com"
 

@@ -1,6 +1,6 @@
 """The PostgreSQL spool beyond the contract suite: a relay on it end to end, durability settings, the
 schema's version check, an outage of the database, a 35 MB body streamed in chunks, and the sweep that
-hands a dead node's messages to the others. Every test runs a real PostgreSQL (tests/pgcluster.py)."""
+hands a dead node's messages to the others. Every test runs a real PostgreSQL (tests/support/pgcluster.py)."""
 
 from __future__ import annotations
 
@@ -18,9 +18,19 @@ from relay365.errors import LeaseLost, SpoolSchemaError
 from relay365.spool.model import Envelope, RcptState, RecipientUpdate
 from relay365.spool.pg_schema import CURRENT, migrate_url
 from relay365.spool.postgres import PgSpool, PgTarget
-from tests.conftest import RecordingUpstream, make_settings, running_relay, smarthost
-from tests.core.helpers import closed_port, run_cli, send_message, wait_until, write_config
-from tests.pgcluster import PgDatabase, PostgresCluster
+from tests.support import (
+    PgDatabase,
+    PostgresCluster,
+    RecordingUpstream,
+    closed_port,
+    make_settings,
+    run_cli,
+    running_relay,
+    send_message,
+    smarthost,
+    wait_until,
+    write_config,
+)
 
 PASSWORD_ENV = "RELAY365_TEST_PG_PASSWORD"
 NO_TLS = [{"name": "lan", "port": 0, "tls": "none"}]

@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sandbox_helpers import make_tenant
 
 from relay365.sandbox.runner import Sandbox
+from tests.sandbox.sandbox_helpers import make_tenant
 
 
 @pytest.fixture

@@ -14,12 +14,12 @@ from pathlib import Path
 import aiosmtplib
 import httpx
 import pytest
-from sandbox_helpers import ALICE, SCANNER, make_tenant, message, xoauth2
 from typer.testing import CliRunner
 
 from relay365.sandbox.cli import app
 from relay365.sandbox.runner import Sandbox
-from tests.core.helpers import free_port
+from tests.sandbox.sandbox_helpers import ALICE, SCANNER, make_tenant, message, xoauth2
+from tests.support import free_port
 
 pytestmark = pytest.mark.timeout(90)
 

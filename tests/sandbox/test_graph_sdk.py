@@ -26,7 +26,6 @@ import aiosmtplib
 import httpx
 import pytest
 from azure.identity.aio import ClientSecretCredential
-from http_fixtures import ALICE, BOB, SCANNER, SECRET, SECRET_APP, TENANT_ID, make_tenant
 from kiota_abstractions.method import Method
 from kiota_abstractions.request_information import RequestInformation
 from kiota_authentication_azure.azure_identity_authentication_provider import (
@@ -49,6 +48,7 @@ from msgraph.generated.users.item.send_mail.send_mail_post_request_body import S
 from msgraph_core import GraphClientFactory
 
 from relay365.sandbox.runner import Sandbox
+from tests.sandbox.http_fixtures import ALICE, BOB, SCANNER, SECRET, SECRET_APP, TENANT_ID, make_tenant
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -10,7 +10,8 @@ from typing import Any
 
 import httpx
 import pytest
-from http_fixtures import (
+
+from tests.sandbox.http_fixtures import (
     ALICE,
     ALICE_PASSWORD,
     CERT_APP,

@@ -9,7 +9,8 @@ from email.utils import parsedate_to_datetime
 
 import httpx
 import pytest
-from http_fixtures import ALICE, SCANNER, SECRET, SECRET_APP, HttpSandbox, http_sandbox
+
+from tests.sandbox.http_fixtures import ALICE, SCANNER, SECRET, SECRET_APP, HttpSandbox, http_sandbox
 
 __all__ = ["http_sandbox"]
 

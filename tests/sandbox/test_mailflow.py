@@ -14,7 +14,14 @@ from typing import Any
 import aiosmtplib
 import httpx
 import pytest
-from sandbox_helpers import (
+from typer.testing import CliRunner
+
+from relay365.errors import ConfigError
+from relay365.sandbox.cli import app as cli_app
+from relay365.sandbox.runner import Sandbox
+from relay365.sandbox.tenant import EXAMPLE_TENANT_PATH, InboundConnector, example_tenant, load_tenant
+from relay365.sandbox.tenant_mailflow import MailFlowRule
+from tests.sandbox.sandbox_helpers import (
     ALICE,
     BOB,
     EXTERNAL,
@@ -25,14 +32,7 @@ from sandbox_helpers import (
     message,
     xoauth2,
 )
-from trace_helpers import direct_send, tls, trace_rows
-from typer.testing import CliRunner
-
-from relay365.errors import ConfigError
-from relay365.sandbox.cli import app as cli_app
-from relay365.sandbox.runner import Sandbox
-from relay365.sandbox.tenant import EXAMPLE_TENANT_PATH, InboundConnector, example_tenant, load_tenant
-from relay365.sandbox.tenant_mailflow import MailFlowRule
+from tests.sandbox.trace_helpers import direct_send, tls, trace_rows
 
 pytestmark = pytest.mark.timeout(60)
 

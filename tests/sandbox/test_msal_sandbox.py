@@ -11,7 +11,9 @@ import msal
 import pytest
 import requests
 from cryptography import x509
-from http_fixtures import (
+
+from relay365.sandbox.tokens import has_smtp_permission, may_use_mailbox
+from tests.sandbox.http_fixtures import (
     ALICE,
     ALICE_PASSWORD,
     APP_CERT_PEM,
@@ -24,8 +26,6 @@ from http_fixtures import (
     HttpSandbox,
     http_sandbox,
 )
-
-from relay365.sandbox.tokens import has_smtp_permission, may_use_mailbox
 
 __all__ = ["http_sandbox"]
 

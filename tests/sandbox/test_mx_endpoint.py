@@ -12,7 +12,11 @@ from typing import Any
 import aiosmtplib
 import pytest
 import trustme
-from sandbox_helpers import (
+
+from relay365.sandbox.faults import Fault
+from relay365.sandbox.runner import Sandbox
+from relay365.sandbox.tenant import InboundConnector
+from tests.sandbox.sandbox_helpers import (
     ALICE,
     CERT_NAME,
     EXTERNAL,
@@ -23,10 +27,6 @@ from sandbox_helpers import (
     smtplib_session,
     swaks,
 )
-
-from relay365.sandbox.faults import Fault
-from relay365.sandbox.runner import Sandbox
-from relay365.sandbox.tenant import InboundConnector
 
 pytestmark = pytest.mark.timeout(60)
 

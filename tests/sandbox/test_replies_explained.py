@@ -13,13 +13,13 @@ from pathlib import Path
 
 import aiosmtplib
 import pytest
-from sandbox_helpers import ALICE, BOB, SCANNER, app_token, client_tls, message, xoauth2
 
 import relay365.sandbox
 from relay365.diagnostics.explain import explain
 from relay365.replies import Category
 from relay365.sandbox.http import _graph_code
 from relay365.sandbox.runner import Sandbox
+from tests.sandbox.sandbox_helpers import ALICE, BOB, SCANNER, app_token, client_tls, message, xoauth2
 
 SANDBOX = Path(relay365.sandbox.__file__).parent
 _REPLY = re.compile(r"^[45]\d\d[ -]")

@@ -8,10 +8,19 @@ from typing import Any
 
 import aiosmtplib
 import pytest
-from sandbox_helpers import ALICE, BOB, EXTERNAL, SCANNER, app_token, client_tls, message, xoauth2
 
 from relay365.sandbox.faults import Fault
 from relay365.sandbox.runner import Sandbox
+from tests.sandbox.sandbox_helpers import (
+    ALICE,
+    BOB,
+    EXTERNAL,
+    SCANNER,
+    app_token,
+    client_tls,
+    message,
+    xoauth2,
+)
 
 pytestmark = pytest.mark.timeout(60)
 

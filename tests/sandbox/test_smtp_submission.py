@@ -12,7 +12,9 @@ from typing import Any
 
 import aiosmtplib
 import pytest
-from sandbox_helpers import (
+
+from relay365.sandbox.runner import Sandbox
+from tests.sandbox.sandbox_helpers import (
     ALICE,
     APP,
     BOB,
@@ -34,8 +36,6 @@ from sandbox_helpers import (
     swaks,
     xoauth2,
 )
-
-from relay365.sandbox.runner import Sandbox
 
 pytestmark = pytest.mark.timeout(60)
 

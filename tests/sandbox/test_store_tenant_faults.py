@@ -7,7 +7,6 @@ import threading
 from pathlib import Path
 
 import pytest
-from sandbox_helpers import ALICE, EXTERNAL, SCANNER, make_tenant
 
 from relay365.errors import ConfigError
 from relay365.sandbox.clock import Clock
@@ -15,6 +14,7 @@ from relay365.sandbox.faults import Fault, FaultError, Faults
 from relay365.sandbox.runner import Sandbox
 from relay365.sandbox.store import MailStore, MessageNotFound
 from relay365.sandbox.tenant import EXAMPLE_TENANT_PATH, example_tenant, load_tenant
+from tests.sandbox.sandbox_helpers import ALICE, EXTERNAL, SCANNER, make_tenant
 
 RAW = (
     b"From: Scanner <scanner@contoso.test>\r\nTo: alice@contoso.test\r\n"

@@ -10,7 +10,16 @@ from typing import Any
 import httpx
 import jwt
 import pytest
-from http_fixtures import (
+
+from relay365.sandbox.clock import Clock
+from relay365.sandbox.tokens import (
+    AccessClaims,
+    InvalidToken,
+    TokenIssuer,
+    has_smtp_permission,
+    may_use_mailbox,
+)
+from tests.sandbox.http_fixtures import (
     ALICE,
     ALICE_PASSWORD,
     APP_KEY_PEM,
@@ -22,15 +31,6 @@ from http_fixtures import (
     HttpSandbox,
     http_sandbox,
     make_tenant,
-)
-
-from relay365.sandbox.clock import Clock
-from relay365.sandbox.tokens import (
-    AccessClaims,
-    InvalidToken,
-    TokenIssuer,
-    has_smtp_permission,
-    may_use_mailbox,
 )
 
 __all__ = ["http_sandbox"]
@@ -95,7 +95,8 @@ def test_correlation_id_is_echoed(http_sandbox: HttpSandbox, client: httpx.Clien
 def assertion(sandbox: HttpSandbox, **overrides: Any) -> str:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
-    from http_fixtures import APP_CERT_PEM
+
+    from tests.sandbox.http_fixtures import APP_CERT_PEM
 
     cert = x509.load_pem_x509_certificate(APP_CERT_PEM.encode())
     import base64

@@ -6,7 +6,8 @@ import ssl
 from pathlib import Path
 
 import httpx
-from http_fixtures import ALICE, ALICE_PASSWORD, PUBLIC_APP, make_tenant, serve_http
+
+from tests.sandbox.http_fixtures import ALICE, ALICE_PASSWORD, PUBLIC_APP, make_tenant, serve_http
 
 SCOPE = "https://outlook.office.com/SMTP.Send offline_access"
 

@@ -12,12 +12,12 @@ from urllib.parse import quote
 
 import httpx
 import pytest
-from sandbox_helpers import ALICE, BOB, EXTERNAL, SCANNER, message
-from trace_helpers import MAIL_APP, TRACES, direct_send, graph_token, tls, trace_tenant
 
 from relay365.sandbox.clock import ManualClock
 from relay365.sandbox.runner import Sandbox
 from relay365.sandbox.tenant_mailflow import MailFlowRule
+from tests.sandbox.sandbox_helpers import ALICE, BOB, EXTERNAL, SCANNER, message
+from tests.sandbox.trace_helpers import MAIL_APP, TRACES, direct_send, graph_token, tls, trace_tenant
 
 pytestmark = pytest.mark.timeout(120)
 

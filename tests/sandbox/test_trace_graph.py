@@ -26,10 +26,10 @@ from msgraph.generated.admin.exchange.tracing.message_traces.message_traces_requ
 )
 from msgraph.generated.models.exchange_message_trace_status import ExchangeMessageTraceStatus
 from msgraph_core import GraphClientFactory
-from sandbox_helpers import ALICE, BOB, EXTERNAL, GRAPH_APP, SCANNER, message
-from trace_helpers import SECRET, TRACE_APP, direct_send, trace_rows, trace_tenant
 
 from relay365.sandbox.runner import Sandbox
+from tests.sandbox.sandbox_helpers import ALICE, BOB, EXTERNAL, GRAPH_APP, SCANNER, message
+from tests.sandbox.trace_helpers import SECRET, TRACE_APP, direct_send, trace_rows, trace_tenant
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -8,10 +8,10 @@ from typing import Any
 
 import aiosmtplib
 import httpx
-from sandbox_helpers import make_tenant
 
 from relay365.sandbox.runner import Sandbox
 from relay365.sandbox.tenant import AppRegistration, Tenant
+from tests.sandbox.sandbox_helpers import make_tenant
 
 TRACE_APP = "99999999-8888-4777-8666-555555555555"  # ExchangeMessageTrace.Read.All
 MAIL_APP = "77777777-6666-4555-8444-333333333333"  # Mail.Send only: no trace permission

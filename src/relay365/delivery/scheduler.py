@@ -6,8 +6,10 @@ Transports raise the ``DeliveryError`` family. Anything else escaping an attempt
 an unreadable message file, a failing DSN hint) is logged with its traceback and recorded like a 4xx:
 ``451 4.3.0 internal error: <type>: <text>`` on each recipient it left without an outcome, with the
 normal back-off and queue lifetime, ending in one DSN. Nothing retries silently.
-Outcomes are written through the ``OutcomeRecorder``, which stops all delivery while the spool
-cannot record them (recorder.py); unreachable upstreams are held back by ``UpstreamHolds``.
+The decisions (which recipients, which route, what a result means) are pure functions in plan.py;
+this module does the I/O around them. Outcomes are written through the ``OutcomeRecorder``, which
+stops all delivery while the spool cannot record them (recorder.py); unreachable upstreams are
+held back by ``UpstreamHolds``.
 
 Messages are taken with the spool's claims (``Claims``: one owner per process, leases renewed while
 a delivery runs), so several processes on one spool never deliver the same message at once. The
@@ -26,19 +28,19 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from relay365.delivery import backoff
+from relay365.delivery import plan
 from relay365.delivery.claims import Claims
-from relay365.delivery.dsn import Failure, build_dsn, original_headers, status_of
+from relay365.delivery.dsn import Failure, build_dsn, original_headers
 from relay365.delivery.holds import HoldBoard, NoBoard, UpstreamHolds
 from relay365.delivery.inuse import TransportUse
 from relay365.delivery.pacestore import LocalPaceStore, PaceStore, Reservation
-from relay365.delivery.pacing import Headroom, is_throttle_reply
+from relay365.delivery.pacing import Headroom
+from relay365.delivery.plan import internal_reply
 from relay365.delivery.recorder import PROBE_INTERVAL, AttemptRecord, OutcomeRecorder
-from relay365.delivery.router import NoRoute, Router
+from relay365.delivery.router import Router
 from relay365.errors import (
     ConnectionLostError,
     PermanentDeliveryError,
-    Relay365Error,
     SpoolError,
     TransientDeliveryError,
     UpstreamUnreachableError,
@@ -68,26 +70,7 @@ from relay365.transports.base import (
 )
 
 log = logging.getLogger(__name__)
-NO_ROUTE_REPLY = "554 5.4.4 No route configured for this recipient"
 HOLDS_READ_EVERY = 1.0  # seconds between reads of the other relays' hold-backs
-_OPEN = (RcptState.QUEUED, RcptState.DEFERRED)
-
-
-def internal_reply(error: BaseException) -> str:
-    """The recorded reply for an exception that is not a ``DeliveryError`` (RFC 3463 X.3.0: other
-    or undefined mail system status), one line, readable in ``relay365 queue show``."""
-    text = " ".join(str(error).split())[:500]
-    if isinstance(error, Relay365Error):  # the relay's own, already worded for the admin
-        return f"451 4.3.0 {text}"
-    return f"451 4.3.0 internal error: {type(error).__name__}: {text}"
-
-
-def route_level(reply: str) -> bool:
-    """A failure of the way (auth, permission, attribution, connection, throttling) rather than of
-    the recipient (RFC 3463 x.1.x addressing, Exchange's 5.4.1 "recipient address rejected"): only
-    those move on to a route's fallback transport."""
-    status = status_of(reply)
-    return not (status[2:].startswith("1.") or status.endswith(".4.1"))
 
 
 @dataclass
@@ -314,7 +297,7 @@ class Scheduler:
     async def _deliver(self, entry: QueueEntry) -> None:
         ok = False
         now = self._clock()
-        attempt = _Attempt(entry, [r for r in entry.recipients if r.state in _OPEN and r.next_attempt <= now])
+        attempt = _Attempt(entry, plan.due_recipients(entry, now))
         try:
             try:
                 await self._attempt(attempt, now)
@@ -323,7 +306,7 @@ class Scheduler:
                 reply = internal_reply(e)
                 for r in attempt.unsettled():
                     res = RecipientResult(r.rcpt, Outcome.TRANSIENT, reply)
-                    attempt.updates.append(self._update(entry, res, r.attempts, attempt.failures))
+                    attempt.updates.append(self._settle(entry, res, r.attempts, attempt.failures))
             bounce = await self._bounce(entry, attempt.failures)
             await self._recorder.record(
                 AttemptRecord(entry.queue_id, tuple(attempt.updates), bounce, tuple(attempt.events))
@@ -344,28 +327,15 @@ class Scheduler:
             self._claims.done(entry.queue_id)
             self._wake.set()
 
-    def _groups(
-        self, entry: QueueEntry, due: list[Recipient]
-    ) -> tuple[dict[tuple[str, tuple[str, ...]], list[str]], list[tuple[str, str]]]:
-        groups: dict[tuple[str, tuple[str, ...]], list[str]] = {}
-        unroutable: list[tuple[str, str]] = []
-        for r in due:
-            try:
-                choice = self._router.choose(
-                    rcpt=r.rcpt,
-                    sender=entry.envelope.mail_from,
-                    device=entry.envelope.device,
-                    size=entry.size,
-                )
-            except NoRoute as e:
-                log.warning("%s: %s", entry.queue_id, e)
-                unroutable.append((r.rcpt, str(e)))
-                continue
-            groups.setdefault((choice.transport, choice.fallbacks), []).append(r.rcpt)
+    def _route(self, entry: QueueEntry, due: list[Recipient]) -> plan.RoutePlan:
+        routes = plan.route(self._router, entry, due)
+        for _rcpt, why in routes.unroutable:
+            log.warning("%s: %s", entry.queue_id, why)
+        for rcpt, choice in routes.choices:
             self._track(
-                entry, EventKind.ROUTED, r.rcpt, choice.transport, detail=f"{choice.route}: {choice.reason}"
+                entry, EventKind.ROUTED, rcpt, choice.transport, detail=f"{choice.route}: {choice.reason}"
             )
-        return groups, unroutable
+        return routes
 
     async def _send(self, transport: Transport, entry: QueueEntry, rcpts: list[str]) -> list[RecipientResult]:
         message = OutboundMessage(
@@ -381,54 +351,38 @@ class Scheduler:
                 results = await transport.deliver(message)
         except UpstreamUnreachableError as e:
             self._holds.unreachable(transport.name, e.reply)
-            return [RecipientResult(r, Outcome.TRANSIENT, e.reply, e.retry_after) for r in rcpts]
+            return plan.results_for_error(rcpts, e)
         except ConnectionLostError as e:
             self._holds.lost(transport.name, e.reply)
-            return [RecipientResult(r, Outcome.TRANSIENT, e.reply, e.retry_after) for r in rcpts]
-        except TransientDeliveryError as e:
+            return plan.results_for_error(rcpts, e)
+        except (TransientDeliveryError, PermanentDeliveryError) as e:
             self._holds.answered(transport.name)
-            return [RecipientResult(r, Outcome.TRANSIENT, e.reply, e.retry_after) for r in rcpts]
-        except PermanentDeliveryError as e:
-            self._holds.answered(transport.name)
-            return [RecipientResult(r, Outcome.PERMANENT, e.reply) for r in rcpts]
+            return plan.results_for_error(rcpts, e)
         except Exception as e:  # not the contract: a bug in the transport, recorded as this attempt's
             log.exception("%s: transport %s raised an internal error", entry.queue_id, transport.name)
-            return [RecipientResult(r, Outcome.TRANSIENT, internal_reply(e)) for r in rcpts]
+            return plan.results_for_bug(rcpts, e)
         self._holds.answered(transport.name)
-        missing = set(rcpts) - {r.rcpt for r in results}
-        results += [
-            RecipientResult(r, Outcome.TRANSIENT, "451 4.3.0 no result from transport")
-            for r in sorted(missing)
-        ]
-        return results
+        return plan.complete(rcpts, results)
 
     async def _attempt(self, attempt: _Attempt, now: float) -> None:
         entry = attempt.entry
-        groups, unroutable = self._groups(entry, attempt.due)
+        routes = self._route(entry, attempt.due)
         states = {r.rcpt: r for r in entry.recipients}
         updates, failures, events = attempt.updates, attempt.failures, attempt.events
-        for rcpt, why in unroutable:
-            failures.append(Failure(rcpt, f"{NO_ROUTE_REPLY} ({why})"))
-            updates.append(RecipientUpdate(rcpt, RcptState.BOUNCED, failures[-1].reply))
-        pending = [(name, fallbacks, rcpts) for (name, fallbacks), rcpts in groups.items()]
+        bounced, no_route = routes.no_route()
+        updates += bounced
+        failures += no_route
+        pending = [(g.transport, g.fallbacks, list(g.rcpts)) for g in routes.groups]
         while pending:
             name, fallbacks, rcpts = pending.pop(0)
             transport = self._transports.get(name)
             if transport is None:  # removed by a reload after the route was chosen: routed again now
-                updates += [
-                    RecipientUpdate(r, states[r].state, states[r].last_reply, now, counts_attempt=False)
-                    for r in rcpts
-                ]
+                updates += plan.postponed(entry, rcpts, now)
                 continue
             paced = transport if isinstance(transport, PacedTransport) else None
             held_until = self._holds.until(name)
             if held_until > now:
-                updates += [
-                    RecipientUpdate(
-                        r, states[r].state, states[r].last_reply, held_until, counts_attempt=False
-                    )
-                    for r in rcpts
-                ]
+                updates += plan.postponed(entry, rcpts, held_until)
                 continue
             reservation: Reservation | None = None
             if paced is not None:
@@ -440,16 +394,7 @@ class Scheduler:
                 if not isinstance(got, Reservation):
                     # Not a failure: the recipients stay as they are and become due when allowed.
                     reply = f"paced: {paced.pacing_key} is at its limit, next try in {got:.1f}s"
-                    updates += [
-                        RecipientUpdate(
-                            r,
-                            states[r].state,
-                            states[r].last_reply or reply,
-                            max(now, self._clock()) + got,
-                            counts_attempt=False,
-                        )
-                        for r in rcpts
-                    ]
+                    updates += plan.postponed(entry, rcpts, max(now, self._clock()) + got, reply=reply)
                     continue
                 reservation = got
             for r in rcpts:
@@ -466,7 +411,6 @@ class Scheduler:
                         events.append(event)
             if paced is not None:
                 await self._slow_down(paced, results)
-            retry: list[str] = []
             for res in results:
                 self._metrics.results.labels(name, res.outcome.value).inc()
                 log.info(
@@ -477,11 +421,10 @@ class Scheduler:
                     res.outcome.value,
                     res.reply,
                 )
-                if res.outcome is not Outcome.DELIVERED and fallbacks and route_level(res.reply):
-                    retry.append(res.rcpt)
-                else:
-                    update = self._update(entry, res, states[res.rcpt].attempts, failures)
-                    updates.append(replace(update, transport=name))
+            retry, final = plan.split_fallback(results, fallbacks)
+            for res in final:
+                update = self._settle(entry, res, states[res.rcpt].attempts, failures)
+                updates.append(replace(update, transport=name))
             if retry:
                 log.warning(
                     "%s: %s refused %d recipient(s); falling back to %s",
@@ -523,40 +466,26 @@ class Scheduler:
 
     async def _slow_down(self, paced: PacedTransport, results: list[RecipientResult]) -> None:
         """A throttling reply pauses the mailbox (Retry-After, or one window)."""
-        for res in results:
-            if is_throttle_reply(res.reply):
-                pause = res.retry_after or paced.pacing.window
-                log.warning(
-                    "%s: upstream throttles (%s); pausing it %.0fs", paced.pacing_key, res.reply, pause
-                )
-                await self._pace.pause(paced.pacing_key, pause)
-                return
+        if (pause := plan.throttle_pause(results, paced.pacing.window)) is not None:
+            seconds, reply = pause
+            log.warning("%s: upstream throttles (%s); pausing it %.0fs", paced.pacing_key, reply, seconds)
+            await self._pace.pause(paced.pacing_key, seconds)
 
-    def _update(
+    def _settle(
         self, entry: QueueEntry, res: RecipientResult, attempts: int, failures: list[Failure]
     ) -> RecipientUpdate:
-        if res.outcome is Outcome.DELIVERED:
-            return RecipientUpdate(res.rcpt, RcptState.DELIVERED, res.reply)
-        if res.outcome is Outcome.PERMANENT:
-            failures.append(Failure(res.rcpt, res.reply))
-            return RecipientUpdate(res.rcpt, RcptState.BOUNCED, res.reply)
-        if backoff.expired(entry.received_at, self._clock(), lifetime=self._settings.queue_lifetime):
-            failures.append(Failure(res.rcpt, res.reply, expired=True))
-            return RecipientUpdate(res.rcpt, RcptState.BOUNCED, res.reply)
-        when = backoff.next_attempt(
-            self._clock(),
-            attempts + 1,
-            minimum=self._settings.min_backoff,
-            maximum=self._settings.max_backoff,
-            retry_after=res.retry_after,
+        update, failure = plan.settle(
+            res, attempts=attempts, received_at=entry.received_at, now=self._clock(), settings=self._settings
         )
-        return RecipientUpdate(res.rcpt, RcptState.DEFERRED, res.reply, when)
+        if failure is not None:
+            failures.append(failure)
+        return update
 
     async def _bounce(self, entry: QueueEntry, failures: list[Failure]) -> Bounce | None:
         if not failures:
             return None
-        sender = entry.envelope.mail_from
-        if not sender or entry.envelope.is_dsn:
+        sender = plan.bounce_to(entry, failures)
+        if sender is None:
             log.warning(
                 "%s: not bouncing a message from <> (%d failed recipient(s))", entry.queue_id, len(failures)
             )

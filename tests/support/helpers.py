@@ -25,7 +25,7 @@ from typing import Any
 
 from relay365.spool.contract import QueueAdmin, Spool
 from relay365.spool.model import QueueEntry, RcptState
-from tests.conftest import merge_sections
+from tests.support.relay import merge_sections
 
 RELAY365 = [sys.executable, "-c", "from relay365.cli import main; main()"]
 T0 = 1_800_000_000.0  # a fixed start for controllable clocks (2027-01-15)
@@ -82,7 +82,7 @@ def toml_dumps(data: dict[str, Any]) -> str:
 
 
 def config_data(tmp_path: Path, **sections: Any) -> dict[str, Any]:
-    """The same defaults as ``tests.conftest.make_settings``, as a dict to write to a file."""
+    """The same defaults as ``make_settings`` (relay.py), as a dict to write to a file."""
     data: dict[str, Any] = {
         "server": {
             "hostname": "relay.test",
