@@ -3,8 +3,8 @@
 
 With a PostgreSQL spool several relay nodes deliver from one queue and write one tracking log, so every
 node's follower takes in the same ``delivered`` events: the rows must be shared too, or each node
-would ask Microsoft about every message (and spend the tenant's 100 trace requests per 5 minutes,
-https://learn.microsoft.com/en-us/graph/api/resources/exchangemessagetrace, several times over).
+would ask Microsoft about every message and spend the tenant's quota (100 trace requests per 5
+minutes, budget.py) several times over.
 
 - ``add``: one ``INSERT ... ON CONFLICT DO NOTHING`` per batch (the same event taken in by two nodes
   makes one row);
