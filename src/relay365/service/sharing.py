@@ -27,7 +27,6 @@ from relay365.settings import Settings
 from relay365.spool.contract import Spool
 from relay365.spool.postgres import PgSpool
 from relay365.tracing.work import FollowStore, MemoryFollowStore
-from relay365.tracing.work_pg import PgFollowStore
 from relay365.tracing.work_sqlite import SqliteFollowStore
 
 
@@ -69,5 +68,7 @@ def follow_store(settings: Settings, spool: Spool) -> FollowStore:
     if not t.enabled:
         return MemoryFollowStore()
     if isinstance(spool, PgSpool):
+        from relay365.tracing.work_pg import PgFollowStore  # psycopg: only for a PostgreSQL spool
+
         return PgFollowStore(spool.target)
     return SqliteFollowStore(t.path or settings.server.spool_dir / "tracking.db")
