@@ -8,13 +8,15 @@ import asyncio
 import csv
 import html
 import io
+import json
 import smtplib
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from tests.console.support import OPERATOR, bearer, login, running_console, wait_for
-from tests.support import RecordingUpstream, closed_port, smarthost
+from tests.support import RecordingUpstream, closed_port, run_cli, smarthost, write_config
 
 
 def send(port: int, rcpts: list[str], subject: str, sender: str = "scan@contoso.com") -> None:
@@ -229,3 +231,33 @@ async def test_bad_form_bodies_and_unknown_pages(tmp_path: Path) -> None:
             await http.get("/nowhere")
         except httpx.HTTPError:
             raise AssertionError("the console closed the connection") from None
+
+
+async def test_the_api_and_queue_show_json_give_an_entry_in_one_shape(tmp_path: Path) -> None:
+    """``/api/queue/ID``'s entry is what ``relay365 queue show ID --json`` prints (both are
+    ``spool.model.entry_dict``), each recipient with the reply's explanation besides."""
+    async with running_console(tmp_path, **DOWN) as c, c.client(headers=bearer(c.token)) as http:
+        await asyncio.to_thread(
+            send, c.relay.ports["lan"], ["user@contoso.com", "boss@fabrikam.com"], "one shape"
+        )
+
+        async def deferred() -> list[dict[str, Any]]:
+            page = (await http.get("/api/queue", params={"state": "deferred"})).json()
+            return list(page["messages"])
+
+        [listed] = await wait_for(deferred, what="a deferred message")
+        entry = (await http.get(f"/api/queue/{listed['queue_id']}")).json()["entry"]
+        config = write_config(tmp_path, "cli.toml", **DOWN)  # the same spool directory
+        shown = await asyncio.to_thread(
+            run_cli, "queue", "show", entry["queue_id"], "--json", "-c", str(config)
+        )
+        assert shown.returncode == 0, shown.stderr
+        cli = json.loads(shown.stdout)
+        explanations = [r.pop("explanation") for r in entry["recipients"]]
+        assert all(explanations) and entry["recipients"][0]["last_reply"].startswith("451 4.4.1")
+        cli.pop("microsoft")  # queue show's part from the tracking log (none: nothing delivered)
+        assert cli == entry
+        for rcpt in listed["recipients"]:  # the list has the same shape as the message view
+            rcpt.pop("explanation")
+        assert listed == entry
+        assert entry["subject"] == "one shape" and entry["message_id"] == "one-shape@mfp"

@@ -204,6 +204,7 @@ async def test_queue_list_and_retry_by_filter_on_20000_messages(
         "state": "deferred",
         "attempts": 1,
         "next_attempt": T0 + 3600,
+        "transport": "",  # (entry_dict: one shape with the console; no transport recorded here)
         "last_reply": BUSY,
     }
     out = await asyncio.to_thread(

@@ -23,7 +23,16 @@ from relay365.service.notify import Notifier
 from relay365.service.relay import Relay
 from relay365.service.serve import Reloader
 from relay365.settings import Settings
-from tests.support import RecordingUpstream, free_port, make_settings, running_relay, smarthost, wait_until
+from tests.support import (
+    RecordingUpstream,
+    free_port,
+    issue_pair,
+    make_settings,
+    running_relay,
+    smarthost,
+    trusting,
+    wait_until,
+)
 
 LAN = {"name": "lan", "port": 0, "tls": "none", "allow_plaintext_auth": True}
 PRINTER = {"name": "printer", "ip_allow": ["127.0.0.2/32"]}
@@ -323,38 +332,23 @@ async def test_a_config_that_fails_the_preflight_is_refused(
         await asyncio.to_thread(device.close)
 
 
-def issue(ca: trustme.CA, directory: Path) -> tuple[Path, Path]:
-    leaf = ca.issue_cert("relay.test", "127.0.0.1")
-    cert, key = directory / "relay.crt", directory / "relay.key"
-    leaf.cert_chain_pems[0].write_to_path(str(cert))
-    leaf.private_key_pem.write_to_path(str(key))
-    return cert, key
-
-
-def client(ca: trustme.CA) -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    ca.configure_trust(ctx)
-    ctx.check_hostname = False
-    return ctx
-
-
 async def test_a_renewed_certificate_is_served_to_new_connections(
     tmp_path: Path, upstream: RecordingUpstream
 ) -> None:
     """The certificate files are replaced at the same path (a renewal) and the relay reloaded: new
     connections get the new one; a connection that did STARTTLS before goes on with the old one."""
     first, renewed = trustme.CA(), trustme.CA()
-    cert, key = issue(first, tmp_path)
+    cert, key = issue_pair(first, tmp_path)
     listener = {"name": "lan", "port": 0, "tls": "starttls", "cert_file": str(cert), "key_file": str(key)}
     s1 = make_settings(tmp_path, listener=[listener], transport=[smarthost(upstream.port)])
     async with running_relay(s1) as relay:
         port = relay.ports["lan"]
-        before = await connect(port, tls=client(first))
-        issue(renewed, tmp_path)
+        before = await connect(port, tls=trusting(first))
+        issue_pair(renewed, tmp_path)
         await relay.reload(make_settings(tmp_path, listener=[listener], transport=[smarthost(upstream.port)]))
-        after = await connect(port, tls=client(renewed))  # verifies against the new CA only
+        after = await connect(port, tls=trusting(renewed))  # verifies against the new CA only
         with pytest.raises(ssl.SSLCertVerificationError):
-            await connect(port, tls=client(first))
+            await connect(port, tls=trusting(first))
         for device, subject in ((before, "old certificate"), (after, "new certificate")):
             assert (await device.send("a@contoso.com", subject))[0] == 250
             await asyncio.to_thread(device.close)

@@ -20,7 +20,15 @@ import trustme
 
 from relay365.credentials import hash_password
 from tests.ops.test_notify import notify_socket, receive
-from tests.support import ServeProcess, SmtpSink, smarthost_cfg, smtp_sink, write_config
+from tests.support import (
+    ServeProcess,
+    SmtpSink,
+    issue_pair,
+    smarthost_cfg,
+    smtp_sink,
+    trusting,
+    write_config,
+)
 
 LAN = {"name": "lan", "port": 0, "tls": "none", "allow_plaintext_auth": True}
 PRINTER = {"name": "printer", "ip_allow": ["127.0.0.2/32"]}
@@ -146,22 +154,6 @@ def test_sighup_reloads_without_dropping_the_open_connection_and_refuses_a_broke
     assert "Traceback" not in log
 
 
-def issue(ca: trustme.CA, directory: Path) -> tuple[Path, Path]:
-    leaf = ca.issue_cert("relay.test", "127.0.0.1")
-    cert, key = directory / "relay.crt", directory / "relay.key"
-    leaf.cert_chain_pems[0].write_to_path(str(cert))
-    leaf.private_key_pem.write_to_path(str(key))
-    key.chmod(0o600)
-    return cert, key
-
-
-def trusting(ca: trustme.CA) -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    ca.configure_trust(ctx)
-    ctx.check_hostname = False
-    return ctx
-
-
 def wait_for_log(server: ServeProcess, text: str, count: int = 1, timeout: float = 30.0) -> str:
     deadline = time.monotonic() + timeout
     while server.log_text().count(text) < count:
@@ -173,7 +165,7 @@ def wait_for_log(server: ServeProcess, text: str, count: int = 1, timeout: float
 
 def test_sighup_serves_a_renewed_certificate_and_opens_a_new_listener(tmp_path: Path) -> None:
     first, renewed = trustme.CA(), trustme.CA()
-    cert, key = issue(first, tmp_path)
+    cert, key = issue_pair(first, tmp_path)
     lan = {"name": "lan", "port": 0, "tls": "starttls", "cert_file": str(cert), "key_file": str(key)}
     with smtp_sink() as sink:
         path = write_config(tmp_path, listener=[lan], transport=[smarthost_cfg(sink.port, timeout=5)])
@@ -181,7 +173,7 @@ def test_sighup_serves_a_renewed_certificate_and_opens_a_new_listener(tmp_path: 
         try:
             port = server.ports["lan"]
             before = device(port, tls=trusting(first))
-            issue(renewed, tmp_path)  # renewed in place, as certbot does
+            issue_pair(renewed, tmp_path)  # renewed in place, as certbot does
             write_config(
                 tmp_path,
                 listener=[lan, {"name": "submission", "port": 0, "tls": "implicit"}],

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from relay365.errors import LeaseLost, SpoolSchemaError
+from relay365.spool import pg_schema
 from relay365.spool.model import Envelope, RcptState, RecipientUpdate
 from relay365.spool.pg_schema import CURRENT, migrate_url
 from relay365.spool.postgres import PgSpool, PgTarget
@@ -133,6 +134,42 @@ async def test_the_schema_is_checked_and_migrated_by_command(
         )
         assert check.returncode != 0 and "relay365 spool migrate" in check.stderr
         assert pg_cluster.password not in check.stdout + check.stderr
+    finally:
+        pg_cluster.drop_database(name)
+
+
+async def test_a_version_1_database_is_upgraded_with_the_follow_tables_and_keeps_its_queue(
+    pg_cluster: PostgresCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database an earlier relay365 made (schema version 1, a message queued): nodes refuse it until
+    ``spool migrate`` applies the later versions (the trace follower's tables among them); the queued
+    message is still there."""
+    name = "t_v1_" + tmp_path.name[-12:].replace("-", "_").lower()
+    url = pg_cluster.create_database(name)
+    try:
+        with monkeypatch.context() as old:  # what relay365 with schema version 1 did
+            old.setattr(pg_schema, "MIGRATIONS", pg_schema.MIGRATIONS[:1])
+            old.setattr(pg_schema, "CURRENT", 1)
+            assert migrate_url(url, password=pg_cluster.password) == (None, 1)
+            spool = PgSpool(PgTarget(url=url, password=pg_cluster.password))
+            await spool.open()
+            qid = await spool.enqueue(ENV, b"Subject: queued by version 1\r\n\r\nx\r\n")
+            await spool.close()
+        with pytest.raises(SpoolSchemaError, match=f"at version 1, this relay365 needs {CURRENT}"):
+            await spool.open()
+        env = {"PGPASSWORD": pg_cluster.password}
+        done = await asyncio.to_thread(run_cli, "spool", "migrate", "--url", url, env=env)
+        assert done.returncode == 0, done.stderr
+        with pg_cluster.connect(name) as conn:
+            versions = [r[0] for r in conn.execute("SELECT version FROM relay365.schema_version ORDER BY 1")]
+            assert versions == list(range(1, CURRENT + 1))
+            row = conn.execute("SELECT count(*) FROM relay365.m365_follow").fetchone()
+            assert row is not None and row[0] == 0
+        await spool.open()
+        try:
+            assert (await spool.get(qid)).envelope.mail_from == ENV.mail_from
+        finally:
+            await spool.close()
     finally:
         pg_cluster.drop_database(name)
 

@@ -13,6 +13,7 @@ import shutil
 import signal
 import smtplib
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -22,6 +23,8 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import trustme
 
 from relay365.spool.contract import QueueAdmin, Spool
 from relay365.spool.model import QueueEntry, RcptState
@@ -325,3 +328,23 @@ def spool_files(spool_dir: Path) -> list[Path]:
 def smarthost_cfg(port: int, **extra: Any) -> dict[str, Any]:
     """A smart host transport section (plain SMTP to 127.0.0.1:port) for a config file."""
     return {"name": "up", "type": "smarthost", "host": "127.0.0.1", "port": port, "tls": "none", **extra}
+
+
+# -- certificates for reload tests ---------------------------------------------------------------------
+def issue_pair(ca: trustme.CA, directory: Path) -> tuple[Path, Path]:
+    """A certificate for relay.test / 127.0.0.1 from ``ca`` and its key (0600), written to
+    ``directory/relay.crt`` and ``relay.key`` (again: renewed in place, as certbot does)."""
+    leaf = ca.issue_cert("relay.test", "127.0.0.1")
+    cert, key = directory / "relay.crt", directory / "relay.key"
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    key.chmod(0o600)
+    return cert, key
+
+
+def trusting(ca: trustme.CA) -> ssl.SSLContext:
+    """A client context that trusts only ``ca`` (no host name check: the tests dial 127.0.0.1)."""
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    ctx.check_hostname = False
+    return ctx

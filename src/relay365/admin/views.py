@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from relay365.observability.tracking import MAX_PAGE, EventKind, TraceQuery, TrackingEvent
-from relay365.spool.model import PAGE_MAX, QueueEntry, QueueFilter, QueueQuery, QueueState
+from relay365.spool.model import PAGE_MAX, QueueEntry, QueueFilter, QueueQuery, QueueState, entry_dict
 from relay365.tracing.explain import event_dict
 
 Explain = Callable[[str], str | None]
@@ -109,30 +109,12 @@ def trace_query(q: Mapping[str, str], *, limit_max: int = MAX_PAGE) -> TraceQuer
 
 
 def entry_json(e: QueueEntry, explain: Explain) -> dict[str, Any]:
-    return {
-        "queue_id": e.queue_id,
-        "from": e.envelope.mail_from,
-        "subject": e.envelope.subject,
-        "message_id": e.envelope.message_id,
-        "device": e.envelope.device,
-        "peer": e.envelope.peer,
-        "listener": e.envelope.listener,
-        "size": e.size,
-        "received_at": e.received_at,
-        "held": e.held,
-        "recipients": [
-            {
-                "rcpt": r.rcpt,
-                "state": r.state.value,
-                "attempts": r.attempts,
-                "next_attempt": r.next_attempt,
-                "transport": r.transport,
-                "last_reply": r.last_reply,
-                "explanation": explain(r.last_reply) if r.last_reply else None,
-            }
-            for r in e.recipients
-        ],
-    }
+    """The entry as the CLI shows it (``spool.model.entry_dict``), each reply with the catalogue's
+    explanation."""
+    data = entry_dict(e)
+    for rcpt in data["recipients"]:
+        rcpt["explanation"] = explain(rcpt["last_reply"]) if rcpt["last_reply"] else None
+    return data
 
 
 def event_json(e: TrackingEvent, explain: Explain) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import socket
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from relay365.errors import Relay365Error
 from relay365.sandbox.clock import Clock
@@ -26,6 +26,9 @@ from relay365.sandbox.mx import mx_endpoint
 from relay365.sandbox.smtp_common import SmtpEndpoint
 from relay365.sandbox.submission import submission_endpoint
 from relay365.sandbox.tenant import Tenant
+
+if TYPE_CHECKING:
+    from starlette.applications import Starlette
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +74,7 @@ class Sandbox:
         self._ctx: SandboxContext | None = None
         self._http_sock: socket.socket | None = None
         self._http_server: Any = None
+        self.http_app: Starlette | None = None  # the HTTPS application (tests read its endpoints' state)
         self._http_task: asyncio.Task[None] | None = None
         self.submission: SmtpEndpoint | None = None
         self.mx: SmtpEndpoint | None = None
@@ -153,8 +157,9 @@ class Sandbox:
         from relay365.sandbox.http import create_app
 
         assert self._http_sock is not None
+        self.http_app = create_app(ctx, **self._http_app_options)
         config = uvicorn.Config(
-            create_app(ctx, **self._http_app_options),
+            self.http_app,
             ssl_certfile=str(ctx.tls.cert_path),
             ssl_keyfile=str(ctx.tls.key_path),
             log_level="warning",

@@ -59,7 +59,7 @@ from relay365.service.reload import (
     pin_restart_only,
     transport_fingerprints,
 )
-from relay365.service.sharing import delivery_shares, tracking_log
+from relay365.service.sharing import delivery_shares, follow_store, tracking_log
 from relay365.settings import Settings
 from relay365.spool.contract import Spool
 from relay365.spool.factory import make_spool
@@ -179,7 +179,11 @@ class Relay:
             )
             # Microsoft 365's side of each delivered message ([tracing]); None when nothing to follow
             self.follower = await start_follower(
-                s, tracking=self.tracking, metrics=self.metrics, clock=self._clock
+                s,
+                tracking=self.tracking,
+                store=follow_store(s, self.spool),
+                metrics=self.metrics,
+                clock=self._clock,
             )
             if self.follower is not None:
                 stack.push_async_callback(self.follower.stop)

@@ -1,10 +1,13 @@
-"""What relays that share one spool share besides the queue: pacing, hold-backs of dead upstreams and
-the tracking log. The spool decides: on the PostgreSQL spool all three live in its database (so
-Microsoft's per-mailbox limits hold for all nodes together, one node's discovery of a dead upstream
-spares the others, and the message trace shows every node's events); on SQLite and memory they stay
-in the process (pacing history persisted with the outcomes) and the tracking log in ``tracking.db``.
+"""What relays that share one spool share besides the queue: pacing, hold-backs of dead upstreams, the
+tracking log and the trace follower's work. The spool decides: on the PostgreSQL spool all four live
+in its database (so Microsoft's per-mailbox limits hold for all nodes together, one node's discovery
+of a dead upstream spares the others, the message trace shows every node's events, and each delivered
+recipient is looked up in Microsoft's trace by one node only); on SQLite and memory pacing and holds
+stay in the process (pacing history persisted with the outcomes), the tracking log and the follower's
+work in ``tracking.db``.
 
-The composition root asks here and only here (``Relay``: ``delivery_shares``, ``tracking_log``).
+The composition root asks here and only here (``Relay``: ``delivery_shares``, ``tracking_log``,
+``follow_store``).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from relay365.observability.tracking_sqlite import SqliteTrackingLog
 from relay365.settings import Settings
 from relay365.spool.contract import Spool
 from relay365.spool.postgres import PgSpool
+from relay365.tracing.work import FollowStore, MemoryFollowStore
+from relay365.tracing.work_sqlite import SqliteFollowStore
 
 
 class DeliveryShares(TypedDict):
@@ -54,3 +59,16 @@ def tracking_log(settings: Settings, spool: Spool, *, clock: Callable[[], float]
         clock=clock,
         log_events=t.log_events,
     )
+
+
+def follow_store(settings: Settings, spool: Spool) -> FollowStore:
+    """The trace follower's work (not yet opened), beside the tracking log: in the PostgreSQL spool's
+    database, in ``tracking.db``, or in memory when the tracking log is switched off."""
+    t = settings.tracking
+    if not t.enabled:
+        return MemoryFollowStore()
+    if isinstance(spool, PgSpool):
+        from relay365.tracing.work_pg import PgFollowStore  # psycopg: only for a PostgreSQL spool
+
+        return PgFollowStore(spool.target)
+    return SqliteFollowStore(t.path or settings.server.spool_dir / "tracking.db")

@@ -153,11 +153,16 @@ class QueuePage:
 
 
 def entry_dict(e: QueueEntry) -> dict[str, Any]:
-    """A queue entry as JSON-ready data (``relay365 queue list --json`` and ``/api/queue``)."""
+    """A queue entry as JSON-ready data, one shape for every tool: ``relay365 queue list|show --json``,
+    and ``/api/queue`` and the console (``admin/views.entry_json`` adds each reply's explanation)."""
     return {
         "queue_id": e.queue_id,
         "from": e.envelope.mail_from,
+        "subject": e.envelope.subject,
+        "message_id": e.envelope.message_id,
         "device": e.envelope.device,
+        "peer": e.envelope.peer,
+        "listener": e.envelope.listener,
         "size": e.size,
         "received_at": e.received_at,
         "held": e.held,
@@ -167,6 +172,7 @@ def entry_dict(e: QueueEntry) -> dict[str, Any]:
                 "state": r.state.value,
                 "attempts": r.attempts,
                 "next_attempt": r.next_attempt,
+                "transport": r.transport,
                 "last_reply": r.last_reply,
             }
             for r in e.recipients

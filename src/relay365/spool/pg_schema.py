@@ -139,6 +139,45 @@ CREATE INDEX tracking_sender ON relay365.tracking_events (lower(sender));
 CREATE INDEX tracking_device ON relay365.tracking_events (device);
 """,
     ),
+    # Version 2: the message trace follower's work (tracing/work_pg.py), shared by the nodes as the
+    # tracking log is: one row per recipient handed to Microsoft 365, claimed with owner and lease;
+    # the intake's cursor; the one node that asks Microsoft's trace at a time.
+    (
+        2,
+        """
+CREATE TABLE relay365.m365_follow (
+    queue_id text NOT NULL,
+    recipient text NOT NULL,
+    message_id text NOT NULL,
+    sender text NOT NULL,
+    subject text NOT NULL,
+    device text NOT NULL,
+    transport text NOT NULL,
+    route text NOT NULL,
+    sent_at double precision NOT NULL,
+    due double precision NOT NULL,
+    status text NOT NULL,
+    trace_id text NOT NULL,
+    received_at double precision NOT NULL,
+    from_ip text NOT NULL,
+    checks integer NOT NULL,
+    done boolean NOT NULL,
+    details_due boolean NOT NULL,
+    owner text NOT NULL DEFAULT '',
+    lease_until double precision NOT NULL DEFAULT 0,
+    PRIMARY KEY (queue_id, recipient)
+);
+CREATE INDEX m365_follow_due ON relay365.m365_follow (due, queue_id, recipient) WHERE NOT done;
+CREATE INDEX m365_follow_sent ON relay365.m365_follow (sent_at);
+CREATE INDEX m365_follow_owner ON relay365.m365_follow (owner) WHERE owner <> '';
+CREATE TABLE relay365.m365_follow_state (name text PRIMARY KEY, value double precision NOT NULL);
+CREATE TABLE relay365.m365_follow_leader (
+    name text PRIMARY KEY,
+    owner text NOT NULL,
+    lease_until double precision NOT NULL
+);
+""",
+    ),
 )
 CURRENT = MIGRATIONS[-1][0]
 MIN_SERVER_VERSION = 120000  # PostgreSQL 12 (FOR UPDATE SKIP LOCKED, DROP DATABASE ... FORCE is 13)

@@ -11,7 +11,8 @@
     follower.py     TraceFollower and start_follower(), the composition root's one call
     apps.py         which transports are followed, with which app registration (one per tenant)
     intake.py       delivered events of the tracking log -> rows to follow
-    work.py         FollowItem, the FollowStore contract, MemoryFollowStore; work_sqlite.py: in tracking.db
+    work.py         FollowItem, the FollowStore contract, MemoryFollowStore; work_sqlite.py: in tracking.db;
+                    work_pg.py: in the PostgreSQL spool's database (service/sharing.py picks one)
     lookup.py       one pass of questions to one tenant's trace, within the request budget
     decide.py       what one answer changes for one row, and the events it records (pure)
     explain.py      reasons, relay365's advice (advice.toml), one timeline of both halves

@@ -43,8 +43,7 @@ from relay365.tracing.decide import UNRESOLVED, Found, Settled, later, settle
 from relay365.tracing.graph_trace import MessageTraceClient
 from relay365.tracing.intake import take_in
 from relay365.tracing.lookup import DetailBudget, ask
-from relay365.tracing.work import FollowItem, FollowStore, MemoryFollowStore
-from relay365.tracing.work_sqlite import SqliteFollowStore
+from relay365.tracing.work import FollowItem, FollowStore
 
 log = logging.getLogger(__name__)
 LEASE = 1800.0  # a claim outlasts any pass (a 429 makes the client wait up to 15 minutes)
@@ -276,24 +275,17 @@ class TraceFollower:
                 self.metrics.m365_unresolved.labels(s.item.route, s.item.transport).inc()
 
 
-def follow_store(settings: Settings) -> FollowStore:
-    """The store beside the tracking log: its SQLite file (the tracking log in memory: in memory)."""
-    t = settings.tracking
-    if not t.enabled:
-        return MemoryFollowStore()
-    return SqliteFollowStore(t.path or settings.server.spool_dir / "tracking.db")
-
-
 async def start_follower(
     settings: Settings,
     *,
     tracking: TrackingLog,
     metrics: Metrics | None = None,
+    store: FollowStore,
     clock: Callable[[], float] = time.time,
-    store: FollowStore | None = None,
 ) -> TraceFollower | None:
-    """The composition root's one call: a running follower, or None (switched off, nothing to follow,
-    or no tracking log to write into; the log says why)."""
+    """The composition root's one call: a running follower on ``store`` (``service/sharing.py``
+    picks it with the spool), or None (switched off, nothing to follow, or no tracking log to write
+    into; the log says why)."""
     if not settings.tracing.enabled:
         return None
     if not settings.tracking.enabled:
@@ -305,7 +297,7 @@ async def start_follower(
             log.info("message trace: transport %s is not followed: %s", name, why)
         return None
     follower = TraceFollower(
-        settings=settings, tracking=tracking, store=store or follow_store(settings), metrics=metrics,
+        settings=settings, tracking=tracking, store=store, metrics=metrics,
         clock=clock,
     )  # fmt: skip
     await follower.start()

@@ -4,8 +4,8 @@ A :class:`FollowItem` is made when the tracking log shows a ``delivered`` event 
 (Microsoft said 250 or 202) and lives until Microsoft's trace gives the recipient a final status or
 ``[tracing] horizon`` passes; settled rows stay (``done``) for the overview's counts until purged.
 
-The :class:`FollowStore` contract (SQLite in ``work_sqlite.py``, :class:`MemoryFollowStore` here; a
-PostgreSQL one beside a PostgreSQL tracking log implements the same):
+The :class:`FollowStore` contract (SQLite in ``work_sqlite.py``, PostgreSQL in ``work_pg.py`` beside a
+PostgreSQL tracking log, :class:`MemoryFollowStore` here):
 
 - ``add`` is idempotent: a row that exists (same queue id and recipient) is kept as it is, so the same
   ``delivered`` event read twice, by one process or by several, makes one row;
@@ -18,7 +18,7 @@ PostgreSQL one beside a PostgreSQL tracking log implements the same):
   relay's: two relays asking at once would each spend their own 80 of the same 100 requests); the
   others keep taking in and wait, and one of them leads when the leader's lease runs out;
 - ``release`` gives back an owner's claims when it stops, so its rows do not wait for the lease;
-- what ``add``, ``settle`` and ``set_cursor`` wrote survives a restart (SQLite: a transaction each).
+- what ``add``, ``settle`` and ``set_cursor`` wrote survives a restart (a transaction each).
 """
 
 from __future__ import annotations

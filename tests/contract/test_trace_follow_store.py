@@ -1,8 +1,10 @@
 """The follow store contract (relay365.tracing.work), run against every backend: idempotent intake,
 claims with owner and lease, settle only while holding the claim, what survives a reopen.
 
-Two ``SqliteFollowStore`` objects on one file are two processes to SQLite (two connections): the
-claims are tested across them, as relays sharing a spool directory would use them.
+Two ``SqliteFollowStore`` objects on one file are two processes to SQLite (two connections), two
+``PgFollowStore`` objects on one database two relay nodes on one PostgreSQL spool (two pools, a fresh
+database per test from tests/pgcluster.py): the claims are tested across them, as relays sharing a
+spool would use them.
 """
 
 from __future__ import annotations
@@ -13,8 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from relay365.spool.pg_connect import PgTarget
 from relay365.tracing.work import FollowItem, FollowStore, MemoryFollowStore
+from relay365.tracing.work_pg import PgFollowStore
 from relay365.tracing.work_sqlite import SqliteFollowStore
+from tests.support import PgDatabase
 
 T0 = 1_800_000_000.0
 Pair = tuple[FollowStore, FollowStore]
@@ -28,24 +33,60 @@ def item(n: int, *, sent: float = T0, route: str = "scans", **changes: object) -
     return base.but(**changes)
 
 
-async def _memory(tmp_path: Path) -> Pair:
+class Place:
+    """Where a backend keeps its rows: a directory (SQLite's file), a database (PostgreSQL's)."""
+
+    def __init__(self, tmp_path: Path, pg: PgDatabase | None) -> None:
+        self.tmp_path = tmp_path
+        self.pg = pg
+
+    def store(self, backend: str) -> FollowStore:
+        """A new store object on the same rows (another process / node); not opened."""
+        if backend == "sqlite":
+            return SqliteFollowStore(self.tmp_path / "tracking.db")
+        assert backend == "postgres" and self.pg is not None
+        return PgFollowStore(PgTarget(url=self.pg.url, password=self.pg.password))
+
+
+async def _memory(place: Place) -> Pair:
     store = MemoryFollowStore()
     return store, store  # one object: "two processes" share it
 
 
-async def _sqlite(tmp_path: Path) -> Pair:
-    a, b = SqliteFollowStore(tmp_path / "tracking.db"), SqliteFollowStore(tmp_path / "tracking.db")
+async def _sqlite(place: Place) -> Pair:
+    return await _two(place, "sqlite")
+
+
+async def _postgres(place: Place) -> Pair:
+    return await _two(place, "postgres")
+
+
+async def _two(place: Place, backend: str) -> Pair:
+    a, b = place.store(backend), place.store(backend)
     await a.open()
     await b.open()
     return a, b
 
 
-FACTORIES: dict[str, Callable[[Path], Awaitable[Pair]]] = {"memory": _memory, "sqlite": _sqlite}
+FACTORIES: dict[str, Callable[[Place], Awaitable[Pair]]] = {
+    "memory": _memory,
+    "sqlite": _sqlite,
+    "postgres": _postgres,
+}
+LASTING = ["postgres", "sqlite"]  # the backends whose rows outlive the store object
+
+
+@pytest.fixture(params=LASTING)
+def lasting(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, Place]:
+    """A backend whose rows outlive the store object, and where it keeps them."""
+    pg = request.getfixturevalue("pg") if request.param == "postgres" else None
+    return request.param, Place(tmp_path, pg)
 
 
 @pytest.fixture(params=sorted(FACTORIES))
 async def stores(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Pair]:
-    a, b = await FACTORIES[request.param](tmp_path)
+    pg = request.getfixturevalue("pg") if request.param == "postgres" else None
+    a, b = await FACTORIES[request.param](Place(tmp_path, pg))
     yield a, b
     await a.close()
     if b is not a:
@@ -105,15 +146,16 @@ async def test_outcomes_count_per_route_transport_and_status(stores: Pair) -> No
     assert len(await a.for_message("Q4")) == 1
 
 
-async def test_rows_and_cursor_survive_a_reopen(tmp_path: Path) -> None:
-    store = SqliteFollowStore(tmp_path / "tracking.db")
+async def test_rows_and_cursor_survive_a_reopen(lasting: tuple[str, Place], tmp_path: Path) -> None:
+    backend, place = lasting
+    store = place.store(backend)
     await store.open()
     await store.add([item(1), item(2)])
     [row, _] = await store.claim(owner="A", now=T0 + 60, lease=600, limit=10)
     await store.settle([row.but(status="pending", trace_id="t-1", checks=2, due=T0 + 120)], owner="A")
     await store.set_cursor(T0 + 5)
     await store.close()  # the relay stops with Q2 claimed: its lease runs out
-    again = SqliteFollowStore(tmp_path / "tracking.db")
+    again = place.store(backend)
     await again.open()
     try:
         assert await again.cursor() == T0 + 5
@@ -124,14 +166,14 @@ async def test_rows_and_cursor_survive_a_reopen(tmp_path: Path) -> None:
         assert [i.queue_id for i in taken] == ["Q2", "Q1"]  # oldest due first
     finally:
         await again.close()
-    assert oct((tmp_path / "tracking.db").stat().st_mode & 0o777) == "0o600"
+    if backend == "sqlite":
+        assert oct((tmp_path / "tracking.db").stat().st_mode & 0o777) == "0o600"
 
 
-async def test_concurrent_claims_from_two_connections_never_overlap(tmp_path: Path) -> None:
-    """Two relays' passes at the same moment on one file: every row goes to exactly one of them."""
-    a, b = SqliteFollowStore(tmp_path / "tracking.db"), SqliteFollowStore(tmp_path / "tracking.db")
-    await a.open()
-    await b.open()
+async def test_concurrent_claims_from_two_connections_never_overlap(lasting: tuple[str, Place]) -> None:
+    """Two relays' passes at the same moment on one file or database: every row goes to exactly one
+    of them (PostgreSQL: ``FOR UPDATE SKIP LOCKED``)."""
+    a, b = await _two(lasting[1], lasting[0])
     try:
         await a.add([item(n) for n in range(400)])
         claims = await asyncio.gather(  # ten relays, five on each connection
