@@ -493,7 +493,7 @@ class RelaySMTP(CompatSMTP):
                 await self._close_with("421 4.4.2 Timeout during DATA, closing connection")
                 raise ConnectionResetError("DATA deadline exceeded")
             result = parser.feed(chunk)
-            size += len(result.content)
+            size += len(result.content) - result.dots  # the message's size, not its wire form's
             if failure is None and size > limit:
                 failure = "552 5.3.4 Message size exceeds fixed maximum message size"
             if failure is None and result.content:

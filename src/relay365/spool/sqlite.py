@@ -60,6 +60,7 @@ from relay365.spool.sqlite_files import (
     spool_error,
 )
 from relay365.spool.sqlite_owners import OwnerLock, check_owner, recover_dead
+from relay365.spool.wire import stuff
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -207,7 +208,7 @@ class SqliteSpool:
 
     async def enqueue(self, envelope: Envelope, body: bytes) -> str:
         msg = self.incoming()
-        msg.write(body)
+        msg.write(stuff(body))
         return await msg.commit(envelope)
 
     async def insert(self, queue_id: str, envelope: Envelope, size: int) -> None:

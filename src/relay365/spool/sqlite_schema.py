@@ -52,6 +52,8 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("messages", "message_id", "TEXT NOT NULL DEFAULT ''"),
     # the transport of each recipient's last attempt ('' before the first)
     ("recipients", "transport", "TEXT NOT NULL DEFAULT ''"),
+    # 1: the body is in wire form, dot-stuffed (spool/wire.py); 0: the message itself (before 3)
+    ("messages", "stuffed", "INTEGER NOT NULL DEFAULT 0"),
 )
 
 _AFTER_COLUMNS = """
@@ -62,12 +64,13 @@ INSERT OR IGNORE INTO control VALUES ('flush_generation', 0);
 
 MESSAGE_COLUMNS = (
     "m.queue_id, m.mail_from, m.device, m.peer, m.listener, m.smtputf8, m.is_dsn, m.size,"
-    " m.received_at, m.held, m.body_dir, m.lease_owner, m.lease_until, m.subject, m.message_id"
+    " m.received_at, m.held, m.body_dir, m.lease_owner, m.lease_until, m.subject, m.message_id,"
+    " m.stuffed"
 )
 RECIPIENT_COLUMNS = "rcpt, state, attempts, next_attempt, last_reply, transport"
 INSERT_MESSAGE = (
     "INSERT INTO messages (queue_id, mail_from, device, peer, listener, smtputf8, is_dsn, size,"
-    " received_at, body_dir, subject, message_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+    " received_at, body_dir, subject, message_id, stuffed) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,1)"
 )
 
 
