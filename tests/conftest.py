@@ -19,6 +19,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from relay365.service.relay import Relay
 from relay365.settings import Settings, parse_settings
+from tests.pgcluster import pg, pg_cluster  # noqa: F401  (fixtures: a private PostgreSQL cluster)
 
 
 @pytest.fixture(scope="session")
@@ -145,6 +146,10 @@ class _UpstreamHandler:
         self.up.arrived.set()
         return "250 2.0.0 Ok: stored"
 
+    async def handle_QUIT(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self.up.quits += 1
+        return "221 2.0.0 Bye"
+
 
 class _LenientSMTP(SMTP):
     """Accepts DATA lines longer than RFC 5322's 998 octets, as Exchange Online and Postfix do."""
@@ -166,6 +171,7 @@ class RecordingUpstream:
         self.messages: list[Received] = []
         self._smtputf8 = smtputf8
         self.connections = 0
+        self.quits = 0  # sessions the relay ended with QUIT
         self.plan = UpstreamPlan()
         self.arrived = asyncio.Event()
         self._tls = tls_context

@@ -345,9 +345,29 @@ def _show(e: QueueEntry) -> None:
 
 
 @queue_app.command("show")
-def queue_show(queue_id: str, config: ConfigOpt = DEFAULT_CONFIG) -> None:
-    """Envelope and per-recipient state of one message."""
-    _show(_with_spool(config, lambda spool: spool.get(queue_id)))
+def queue_show(
+    queue_id: str,
+    as_json: Annotated[bool, typer.Option("--json", help="as JSON")] = False,
+    config: ConfigOpt = DEFAULT_CONFIG,
+) -> None:
+    """Envelope and per-recipient state of one message, and for the recipients Microsoft 365 already
+    accepted what its message trace says happened to them (from the tracking log)."""
+    from relay365.console_cli import microsoft_side
+
+    entry = _with_spool(config, lambda spool: spool.get(queue_id))
+    microsoft = microsoft_side(_settings(config), entry.queue_id)
+    if as_json:
+        typer.echo(json.dumps({**entry_dict(entry), "microsoft": microsoft}, ensure_ascii=False))
+        return
+    _show(entry)
+    if microsoft:
+        table = Table(title="inside Microsoft 365 (message trace)")
+        for col in ("recipient", "status", "reason", "what to do"):
+            table.add_column(col, overflow="fold")
+        for row in microsoft:
+            cells = (row.get(k) or "" for k in ("recipient", "status", "reason", "advice"))
+            table.add_row(*(escape(str(c)) for c in cells))
+        console.print(table)
 
 
 @queue_app.command("hold")
@@ -456,8 +476,10 @@ def _register_subcommands() -> None:
     from relay365.sandbox.cli import app as sandbox_app
     from relay365.setup.cli import register as register_setup
     from relay365.setup.service_cli import register as register_service
+    from relay365.spool_cli import register as register_spool
 
     app.add_typer(sandbox_app, name="sandbox")
+    register_spool(app)
     register(app)
     register_console(app)
     register_setup(app, config_app)

@@ -1,5 +1,6 @@
 """``relay365 admin ...`` (console accounts and API tokens) and ``relay365 trace`` (the tracking log
-from the command line, as the console's Message trace page searches it)."""
+from the command line, as the console's Message trace page searches it: the relay's events and
+Microsoft 365's, from its message trace, in one timeline)."""
 
 from __future__ import annotations
 
@@ -20,9 +21,13 @@ from rich.table import Table
 from relay365.admin.accounts import AccountError, AccountStore, Role
 from relay365.admin.views import BadRequest, trace_query, when
 from relay365.errors import ConfigError, Relay365Error
-from relay365.observability.tracking import TraceQuery, TrackingEvent
+from relay365.observability.tracking import M365_KINDS, TraceQuery, TrackingEvent
+from relay365.observability.tracking_pg import PgTrackingLog
 from relay365.observability.tracking_sqlite import SqliteTrackingLog
+from relay365.service.sharing import tracking_log
 from relay365.settings import Settings, load_settings
+from relay365.spool.factory import make_spool
+from relay365.tracing.explain import event_advice, event_dict, microsoft_half, side, timeline
 
 admin_app = typer.Typer(help="Console accounts (Argon2id) and API tokens.", no_args_is_help=True)
 token_app = typer.Typer(help="API tokens for automation (stored hashed).", no_args_is_help=True)
@@ -137,6 +142,21 @@ def token_revoke(
     out.print(f"token {escape(token_id)} revoked", highlight=False)
 
 
+def _open_log(s: Settings) -> SqliteTrackingLog | PgTrackingLog:
+    """The tracking log where the spool keeps it (beside a SQLite queue, or in the PostgreSQL spool's
+    database); refused when it is switched off or the relay has not written one yet."""
+    path = s.tracking.path or s.server.spool_dir / "tracking.db"
+    try:
+        log = tracking_log(s, make_spool(s))
+    except Relay365Error as problem:
+        raise _fail(str(problem)) from None
+    if not isinstance(log, SqliteTrackingLog | PgTrackingLog):
+        raise _fail("the tracking log is switched off ([tracking] enabled = false)")
+    if isinstance(log, SqliteTrackingLog) and not path.exists():
+        raise _fail(f"no tracking log at {path} (has the server run yet, with [tracking] enabled?)")
+    return log
+
+
 def trace(
     sender: Annotated[str | None, typer.Option(help="address, @domain or pattern with *")] = None,
     recipient: Annotated[str | None, typer.Option(help="address, @domain or pattern with *")] = None,
@@ -154,11 +174,10 @@ def trace(
     as_csv: Annotated[bool, typer.Option("--csv", help="CSV with a header row")] = False,
     config: ConfigOpt = DEFAULT_CONFIG,
 ) -> None:
-    """Search the tracking log: what happened to a message, newest first (works while serving)."""
+    """Search the tracking log: what happened to a message, on the relay and inside Microsoft 365
+    (Exchange Online's status, its reason and what to do), newest first (works while serving)."""
     s = _settings(config)
-    path = s.tracking.path or s.server.spool_dir / "tracking.db"
-    if not path.exists():
-        raise _fail(f"no tracking log at {path} (has the server run yet, with [tracking] enabled?)")
+    log = _open_log(s)
     raw = {"sender": sender, "recipient": recipient, "subject": subject, "message_id": message_id,
            "queue_id": queue_id, "device": device, "kind": kind, "since": since, "until": until,
            "limit": str(limit)}  # fmt: skip
@@ -166,29 +185,56 @@ def trace(
         query = trace_query({k: v for k, v in raw.items() if v is not None}, limit_max=100_000)
     except BadRequest as bad:
         raise _fail(str(bad)) from None
-    events = asyncio.run(_search(path, query))
+    # One timeline: Microsoft's events carry Microsoft's times and are written after the relay's.
+    events = timeline(asyncio.run(_search(log, query)), newest_first=True)
     if as_json:
         for e in events:
-            typer.echo(json.dumps({**e.as_dict(), "kind": e.kind.value}, ensure_ascii=False))
+            typer.echo(json.dumps(event_dict(e), ensure_ascii=False))
     elif as_csv:
         writer = csv.writer(sys.stdout)
-        cols = list(events[0].as_dict()) if events else ["id", "at", "kind"]
+        cols = list(event_dict(events[0])) if events else ["id", "at", "kind"]
         writer.writerow(cols)
         for e in events:
-            writer.writerow([e.as_dict()[c] for c in cols])
+            row = event_dict(e)
+            writer.writerow([row[c] if row[c] is not None else "" for c in cols])
     else:
         table = Table(title=f"{len(events)} event(s), newest first")
-        for col in ("time (UTC)", "event", "queue id", "from", "to", "subject", "device", "via", "reply"):
+        for col in ("time (UTC)", "where", "event", "queue id", "from", "to", "subject", "device", "via",
+                    "reply / status"):  # fmt: skip
             table.add_column(col, overflow="fold")
         for e in events:
             who = f" by {e.actor}" if e.actor else ""
-            table.add_row(when(e.at), e.kind.value + who, e.queue_id, e.sender, e.recipient, e.subject,
-                          e.device or e.peer, e.transport, e.reply or e.detail)  # fmt: skip
+            table.add_row(when(e.at), "Microsoft 365" if side(e) == "microsoft" else "relay",
+                          e.kind.value + who, e.queue_id, e.sender, e.recipient, e.subject,
+                          e.device or e.peer, e.transport, escape(_outcome(e)))  # fmt: skip
         out.print(table)
 
 
-async def _search(path: Path, query: TraceQuery) -> list[TrackingEvent]:
-    log = SqliteTrackingLog(path, log_events=False)
+def _outcome(e: TrackingEvent) -> str:
+    """The reply (or Microsoft's status) with its detail, and relay365's advice for Microsoft's status."""
+    if side(e) == "relay":
+        return e.reply or e.detail
+    text = f"{e.reply}: {e.detail}" if e.detail else e.reply
+    advice = event_advice(e)
+    return f"{text}\nWhat to do: {advice.text}" if advice else text
+
+
+def microsoft_side(settings: Settings, queue_id: str) -> list[dict[str, object]]:
+    """Per recipient of one message: Microsoft 365's status, reason, advice and events, as the tracking
+    log has them (``relay365 queue show``); empty without a tracking log."""
+    path = settings.tracking.path or settings.server.spool_dir / "tracking.db"
+    if not settings.tracking.enabled:
+        return []
+    log = tracking_log(settings, make_spool(settings))
+    if not isinstance(log, SqliteTrackingLog | PgTrackingLog):
+        return []
+    if isinstance(log, SqliteTrackingLog) and not path.exists():
+        return []
+    query = TraceQuery(queue_id=queue_id.strip().upper(), kinds=tuple(M365_KINDS), limit=1000)
+    return microsoft_half(asyncio.run(_search(log, query)))
+
+
+async def _search(log: SqliteTrackingLog | PgTrackingLog, query: TraceQuery) -> list[TrackingEvent]:
     await log.open(purge_every=None)
     try:
         events: list[TrackingEvent] = []

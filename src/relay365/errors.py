@@ -9,7 +9,12 @@
      ├── DependencyVersionError      a pinned library whose internals relay365 uses has another version
      ├── SpoolError                  the spool could not store or read a message
      │    ├── SpoolFullError         no space left: ingress answers 452 4.3.1
-     │    └── SpoolIOError           any other I/O error: ingress answers 451 4.3.0
+     │    ├── SpoolIOError           any other I/O error: ingress answers 451 4.3.0
+     │    │    └── SpoolSchemaError  the PostgreSQL spool's schema is missing, older or newer than
+     │    │                          this build (``relay365 spool migrate``); the server is too old
+     ├── SchemaVersionError          a database (queue.db, tracking.db) was written by a newer relay365:
+     │                               refused, never misread (spool/schema_version.py)
+     ├── ReloadRefused               a reload (SIGHUP) was refused: the running configuration is kept
      ├── QueueEntryNotFound          a queue id that is not in the spool
      ├── LeaseLost                   a delivery's claim on a message was taken over or the message
      │                               is gone: its outcome is not written (spool/contract.py)
@@ -80,6 +85,26 @@ class SpoolFullError(SpoolError):
 
 class SpoolIOError(SpoolError):
     """Any other I/O error of the spool (EIO, permission, corrupt database)."""
+
+
+class SpoolSchemaError(SpoolIOError):
+    """The PostgreSQL spool's database has no relay365 schema, or one this build does not work with
+    (older: ``relay365 spool migrate``; newer: upgrade this node), or the server is too old."""
+
+
+class SchemaVersionError(Relay365Error):
+    """A database was written by a newer relay365 than this one: its layout may mean something this
+    release does not know, so it is not opened at all (the message says what to run instead)."""
+
+    def __init__(self, message: str, *, found: int, supported: int) -> None:
+        super().__init__(message)
+        self.found = found
+        self.supported = supported
+
+
+class ReloadRefused(Relay365Error):
+    """A new configuration was not applied (``Relay.reload``): the relay keeps running with the one it
+    has. The message says why (the config error, the preflight problems, a port that cannot be bound)."""
 
 
 class QueueEntryNotFound(Relay365Error):

@@ -98,6 +98,7 @@ class TokenSource:
         self._scopes = list(scopes)
         self._clock = clock
         self._token: str | None = None
+        self._refused = False  # the upstream refused the last token: msal's cached copy must not return
         self._expires_at = 0.0
         self._last_refresh: float | None = None
         self._last_error = ""
@@ -142,6 +143,10 @@ class TokenSource:
             app = self._client()
             if not self.delegated:
                 assert isinstance(app, msal.ConfidentialClientApplication)
+                if self._refused:
+                    # msal hands back its cached app token until it expires: after a 401 / 535 it must
+                    # fetch a new one (the old one may be revoked, or issued before a permission change).
+                    app.remove_tokens_for_client()
                 result = app.acquire_token_for_client(scopes=self._scopes)
                 return _raise_for(result, f"token for {self._s.client_id}")
             accounts = app.get_accounts(username=self._s.username)
@@ -184,6 +189,7 @@ class TokenSource:
                     log.critical("ALERT token: %s (mail waits in the queue)", e)
                     raise
                 self._token = str(result["access_token"])
+                self._refused = False
                 self._expires_at = now + float(result.get("expires_in", 3600))
                 self._last_refresh, self._last_error = now, ""
                 log.info("token for %s refreshed, valid %ds", self._s.client_id, int(self._expires_at - now))
@@ -193,8 +199,10 @@ class TokenSource:
         return TokenState(self._expires_at or None, self._last_refresh, self._last_error)
 
     def invalidate(self) -> None:
-        """Forget the cached token (after the upstream refused it)."""
+        """Forget the token (after the upstream refused it): the next ``token()`` fetches a new one from
+        the token endpoint, never msal's cached copy of the refused one."""
         self._token = None
+        self._refused = True
 
     def login_device_flow(self, prompt: Callable[[str], None]) -> str:
         """Interactive, once: the device code flow; the refresh token lands in the token cache."""

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
+from urllib.parse import parse_qsl, urlsplit
 
 from relay365.errors import ConfigError
 from relay365.logformats import LOG_FORMATS, LogFormat
@@ -106,9 +107,14 @@ class DeliverySettings:
 @dataclass(frozen=True, slots=True)
 class SpoolSettings:
     """``[spool] url``: where the queue lives. ``sqlite:PATH`` (the default: ``server.spool_dir``),
-    ``memory:`` (tests only: nothing survives a restart) or ``postgresql://...`` (issue 10)."""
+    ``memory:`` (tests only: nothing survives a restart) or ``postgresql://user@host:port/db`` (a
+    queue several relays share). PostgreSQL's password comes from ``password_env``/``password_file``
+    or libpq's ``PGPASSWORD``/``~/.pgpass``, never from the URL."""
 
     url: str = ""
+    password: SecretRef | None = None
+    pool_size: int = 10  # PostgreSQL connections per relay process (and two more of its own)
+    connect_timeout: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +143,20 @@ class TrackingSettings:
     retention_days: float = 30.0
     path: Path | None = None  # default: <spool_dir>/tracking.db
     log_events: bool = True  # also one structured log line per event
+
+
+@dataclass(frozen=True, slots=True)
+class TracingSettings:
+    """``[tracing]``: follow delivered mail into Microsoft 365's message trace (``relay365.tracing``).
+    ``app``: a submission or graph transport whose app registration (app-only credentials) reads the
+    trace for transports that have none (direct_send, connector); ``transports``: which transports to
+    follow (empty: every Microsoft 365 transport that has an app)."""
+
+    enabled: bool = True
+    horizon: float = 2 * 86400.0  # give up on a recipient without a final status after this long
+    poll_interval: float = 300.0
+    app: str | None = None
+    transports: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +235,7 @@ class Settings:
     admin: AdminSettings = AdminSettings()
     tracking: TrackingSettings = TrackingSettings()
     spool: SpoolSettings = SpoolSettings()
+    tracing: TracingSettings = TracingSettings()
 
     def transport(self, name: str) -> TransportSettings:
         for t in self.transports:
@@ -471,9 +492,44 @@ def _delivery(t: _Table) -> DeliverySettings:
 SPOOL_SCHEMES = ("sqlite:", "memory:", "postgresql://", "postgres://")
 
 
+def redact_url(url: str) -> str:
+    """A URL fit for a message or a log line: a password in it (user:password@ or ?password=) masked."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    head, q, query = rest.partition("?")
+    authority, slash, tail = head.partition("/")
+    userinfo, at, host = authority.rpartition("@")
+    if at and ":" in userinfo:
+        head = f"{userinfo.split(':', 1)[0]}:***@{host}{slash}{tail}"
+    if q:
+        pairs = [p.partition("=") for p in query.split("&")]
+        query = "&".join(f"{k}=***" if k.lower() == "password" else f"{k}{eq}{v}" for k, eq, v in pairs)
+    return f"{scheme}{sep}{head}{q}{query}"
+
+
+def check_postgres_url(url: str, *, key: str = "spool.url") -> None:
+    """``ConfigError`` for a PostgreSQL URL that carries a password or names no server."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres") or (not parts.netloc and not parts.path.strip("/")):
+        raise ConfigError(key, redact_url(url), "Use postgresql://user@host:port/database.")
+    try:
+        has_password = parts.password is not None
+    except ValueError:
+        has_password = False
+    if has_password or any(k.lower() == "password" for k, _ in parse_qsl(parts.query)):
+        raise ConfigError(
+            key,
+            redact_url(url),
+            "Do not put the password in the URL: use [spool] password_env or password_file, or"
+            " PGPASSWORD / ~/.pgpass.",
+        )
+
+
 def _spool(t: _Table, server: ServerSettings) -> SpoolSettings:
     """The URL as given, a relative ``sqlite:`` path made absolute against the config's folder;
-    which backends this build has is the spool factory's answer (spool/factory.py)."""
+    which backends this build has is the spool factory's answer (spool/factory.py). A PostgreSQL
+    URL with a password in it is refused (and the password masked in the message)."""
     url = t.get("url", str, "").strip()
     if not url or url == "sqlite:":
         url = f"sqlite:{server.spool_dir}"
@@ -482,8 +538,20 @@ def _spool(t: _Table, server: ServerSettings) -> SpoolSettings:
         url = f"sqlite:{path if path.is_absolute() else t._base / path}"
     elif not url.startswith(SPOOL_SCHEMES):
         raise ConfigError(t.key("url"), url, "Use sqlite:PATH, memory: or postgresql://user@host/db.")
+    postgres = url.startswith(("postgresql://", "postgres://"))
+    if postgres:
+        check_postgres_url(url, key=t.key("url"))
+    d = SpoolSettings()
+    s = SpoolSettings(
+        url=url,
+        password=t.secret("password"),
+        pool_size=t.positive("pool_size", int, d.pool_size),
+        connect_timeout=t.positive("connect_timeout", float, d.connect_timeout),
+    )
+    if s.password is not None and not postgres:
+        raise ConfigError(t.key("password_env"), "***", "A password is for a postgresql:// spool only.")
     t.done()
-    return SpoolSettings(url=url)
+    return s
 
 
 def _admin(t: _Table) -> AdminSettings:
@@ -523,6 +591,39 @@ def _tracking(t: _Table) -> TrackingSettings:
         path=t.path("path"),
         log_events=t.get("log_events", bool, d.log_events),
     )
+    t.done()
+    return s
+
+
+# Graph's message trace keeps 90 days (learn.microsoft.com/graph/api/messagetracingroot-list-messagetraces).
+TRACE_MAX_HORIZON = 90 * 86400.0
+
+
+def _tracing(t: _Table, transports: tuple[TransportSettings, ...]) -> TracingSettings:
+    d = TracingSettings()
+    s = TracingSettings(
+        enabled=t.get("enabled", bool, d.enabled),
+        horizon=t.positive("horizon", float, d.horizon),
+        poll_interval=t.positive("poll_interval", float, d.poll_interval),
+        app=t.opt("app", str),
+        transports=t.strings("transports"),
+    )
+    if not 600 <= s.horizon <= TRACE_MAX_HORIZON:
+        raise ConfigError(t.key("horizon"), s.horizon, "Must be from 600 seconds to 90 days (7776000).")
+    by_name = {x.name: x for x in transports}
+    for name in s.transports:
+        if name not in by_name:
+            raise ConfigError(t.key("transports"), name, "No transport of that name.")
+    if s.app is not None:
+        app = by_name.get(s.app)
+        if app is None:
+            raise ConfigError(t.key("app"), s.app, "No transport of that name.")
+        secret = app.m365.client_secret or app.m365.certificate_file
+        if app.type not in ("submission", "graph") or not secret:
+            raise ConfigError(
+                t.key("app"), s.app, "Name a submission or graph transport with app-only credentials"
+                " (client_secret_env/_file or certificate_file).",
+            )  # fmt: skip
     t.done()
     return s
 
@@ -635,13 +736,16 @@ def parse_settings(data: Mapping[str, Any], *, base: Path, source: Path | None =
     admin = _admin(root.table("admin"))
     tracking = _tracking(root.table("tracking"))
     spool = _spool(root.table("spool"), server)
+    tracing = _tracing(root.table("tracing"), transports)
     root.done()
     _check_unique("listener", [(x.name, (x.address, x.port or x.name)) for x in listeners])
     _check_unique("device", [(d.name, d.username or d.name) for d in devices])
     _check_unique("transport", [(t.name, t.name) for t in transports])
     if transports and not routes:
         routes = (RouteSettings(name="default", transport=transports[0].name),)
-    return Settings(server, listeners, devices, delivery, transports, routes, source, admin, tracking, spool)
+    return Settings(
+        server, listeners, devices, delivery, transports, routes, source, admin, tracking, spool, tracing
+    )
 
 
 def _check_unique(kind: str, items: list[tuple[str, object]]) -> None:

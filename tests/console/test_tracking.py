@@ -18,18 +18,25 @@ from relay365.observability.tracking import (
     TrackingEvent,
     TrackingLog,
 )
+from relay365.observability.tracking_pg import PgTrackingLog
 from relay365.observability.tracking_sqlite import SqliteTrackingLog
 from relay365.spool.model import Envelope, QueueFilter, QueueState
+from relay365.spool.pg_connect import PgTarget
 from relay365.spool.sqlite import SqliteSpool
 from tests.core.helpers import T0, Clock
 
 
-@pytest.fixture(params=["sqlite", "memory"])
+@pytest.fixture(params=["sqlite", "memory", "postgres"])
 async def tracking(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[TrackingLog]:
     if request.param == "memory":
         yield MemoryTrackingLog()
         return
-    log = SqliteTrackingLog(tmp_path / "tracking.db", log_events=False)
+    log: SqliteTrackingLog | PgTrackingLog
+    if request.param == "postgres":  # the spool's database (several relays: one message trace)
+        pg = request.getfixturevalue("pg")
+        log = PgTrackingLog(PgTarget(url=pg.url, password=pg.password), log_events=False)
+    else:
+        log = SqliteTrackingLog(tmp_path / "tracking.db", log_events=False)
     await log.open(purge_every=None)
     try:
         yield log

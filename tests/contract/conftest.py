@@ -2,7 +2,7 @@
 
 A ``Backend`` opens handles on one shared store; each handle stands for one process (its own
 connection, its own owner). ``crash`` is that process's death: its lock goes, nothing is cleaned up.
-The PostgreSQL spool (issue 10) adds one line to ``FACTORIES`` (its spool made for a ``Backend``).
+PostgreSQL gets a fresh database per test (tests/pgcluster.py: a private cluster for the session).
 """
 
 from __future__ import annotations
@@ -15,13 +15,16 @@ import pytest
 
 from relay365.spool.contract import Spool
 from relay365.spool.memory import MemorySpool, MemoryStore
+from relay365.spool.postgres import PgSpool, PgTarget
 from relay365.spool.sqlite import SqliteSpool
 from tests.core.helpers import Clock
+from tests.pgcluster import PgDatabase
 
 
 class Backend:
-    def __init__(self, name: str, tmp_path: Path) -> None:
+    def __init__(self, name: str, tmp_path: Path, pg: PgDatabase | None = None) -> None:
         self.name = name
+        self.pg = pg  # (the PostgreSQL backend's database: a fresh one per test)
         self.clock = Clock()
         self.tmp_path = tmp_path
         self.store = MemoryStore()  # (the memory backend's shared store)
@@ -55,12 +58,14 @@ class Backend:
 FACTORIES: dict[str, Callable[[Backend], Spool]] = {
     "memory": lambda b: MemorySpool(b.store, clock=b.clock),
     "sqlite": lambda b: SqliteSpool(b.tmp_path / "spool", clock=b.clock),
+    "postgres": lambda b: PgSpool(PgTarget(url=b.pg.url, password=b.pg.password), clock=b.clock),  # type: ignore[union-attr]
 }
 
 
 @pytest.fixture(params=list(FACTORIES))
 async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
-    b = Backend(request.param, tmp_path)
+    pg = request.getfixturevalue("pg") if request.param == "postgres" else None
+    b = Backend(request.param, tmp_path, pg)
     try:
         yield b
     finally:

@@ -17,6 +17,7 @@ from relay365.settings import (
     RouteSettings,
     SecretRef,
     ServerSettings,
+    TracingSettings,
     TransportSettings,
     load_settings,
 )
@@ -30,6 +31,7 @@ TABLES = {
     "[[device]]": DeviceSettings,
     "[delivery]": DeliverySettings,
     "[admin]": AdminSettings,
+    "[tracing]": TracingSettings,
     "[[transport]]": TransportSettings,
     "[[route]]": RouteSettings,
 }

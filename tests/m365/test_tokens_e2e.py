@@ -91,3 +91,21 @@ async def test_direct_send_finds_the_mx_endpoint_in_dns(tmp_path: Path, sandbox:
         async with running_relay(settings) as relay:
             await send(relay, "alice@contoso.test", ["alice@contoso.test"], b"Subject: mx\r\n\r\nx\r\n")
             await wait_until(lambda: len(sandbox.ctx.store.list(mailbox="alice@contoso.test")) == 1)
+
+
+async def test_a_refused_token_is_never_handed_out_again(tmp_path: Path, sandbox: Sandbox) -> None:
+    """After the upstream refused a token (``invalidate``), the next one comes from the token endpoint:
+    msal caches app tokens until they expire, and would otherwise hand the refused one back."""
+    from relay365.oauth import SMTP_SCOPE, token_source
+
+    settings = make_settings(tmp_path, transport=[submission(sandbox)])
+    source = token_source(settings.transport("submission"), scope=SMTP_SCOPE)
+    try:
+        first = await source.token()
+        assert await source.token() == first  # valid: reused, not fetched again
+        source.invalidate()
+        second = await source.token()
+        assert second != first
+        assert await source.token() == second
+    finally:
+        source.close()

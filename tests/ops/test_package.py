@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 SHIPPED = (
     "relay365/relay365.example.toml",
     "relay365/replies/catalogue.toml",
+    "relay365/tracing/advice.toml",
     "relay365/sandbox/example_tenant.toml",
     "relay365/py.typed",
 )

@@ -278,7 +278,7 @@ def _mail(m: MailboxMessage) -> dict[str, Any]:
 
 CSV_COLUMNS = (
     "id", "at", "kind", "queue_id", "message_id", "subject", "sender", "recipient", "device", "peer",
-    "listener", "transport", "reply", "explanation", "actor", "detail",
+    "listener", "transport", "reply", "explanation", "actor", "detail", "side", "advice",
 )  # fmt: skip
 
 

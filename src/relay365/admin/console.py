@@ -13,6 +13,19 @@ from relay365.admin.ports import ConsoleDeps
 from relay365.admin.views import entry_json, event_json, headers_of
 from relay365.errors import QueueEntryNotFound
 from relay365.observability.tracking import EventKind, TraceQuery
+from relay365.tracing.explain import microsoft_half, timeline
+from relay365.tracing.model import TraceStatus
+
+AWAITING = "awaiting trace"  # handed to Microsoft 365, its trace not read yet
+
+
+def _status_name(status: str) -> str:
+    """A follower row's status as the console shows it (Exchange's names)."""
+    if not status:
+        return AWAITING
+    if status == "unresolved":
+        return "Unresolved"
+    return TraceStatus.parse(status).display
 
 
 @dataclass(kw_only=True)
@@ -59,7 +72,25 @@ class Console:
             "listeners": d.status.listeners(),
             "connections": d.status.connections(),
             "transports": [dataclasses.asdict(t) for t in transports],
+            "post_acceptance": await self.post_acceptance(now - 86400),
         }
+
+    async def post_acceptance(self, since: float) -> list[dict[str, Any]] | None:
+        """Per route (and transport): what Microsoft 365 did with the recipients handed to it since
+        ``since``, by message trace status; None when no transport is followed."""
+        source = self.deps.post_acceptance
+        if source is None:
+            return None
+        rows: dict[tuple[str, str], dict[str, Any]] = {}
+        for c in await source.outcomes(since):
+            row = rows.setdefault(
+                (c.route, c.transport),
+                {"route": c.route or "-", "transport": c.transport, "total": 0, "statuses": {}},
+            )
+            name = _status_name(c.status)
+            row["statuses"][name] = row["statuses"].get(name, 0) + c.count
+            row["total"] += c.count
+        return list(rows.values())
 
     async def message(self, queue_id: str) -> dict[str, Any]:
         """The queue entry (if still queued) and its whole trace; KeyError if neither exists."""
@@ -74,7 +105,8 @@ class Console:
         except QueueEntryNotFound:
             pass
         page = await d.tracking.search(TraceQuery(queue_id=qid, limit=1000))
-        events = [event_json(ev, self.explain) for ev in reversed(page.events)]
+        ordered = timeline(page.events)  # relay and Microsoft 365 events in the order they happened
+        events = [event_json(ev, self.explain) for ev in ordered]
         if entry is None and not events:
             raise KeyError(qid)
         first = next((ev for ev in events if ev["kind"] == "received"), events[0] if events else None)
@@ -89,4 +121,20 @@ class Console:
             "events": events,
             "routes": list(routes.values()),
             "dsn_sent_to": sender if bounced and sender else None,
+            "microsoft": await self._microsoft(qid, ordered),
         }
+
+    async def _microsoft(self, qid: str, events: list[Any]) -> list[dict[str, Any]]:
+        """Per recipient handed to Microsoft 365: its last status in the trace with reason and advice,
+        or that relay365 is still waiting for it."""
+        half = {row["recipient"]: row for row in microsoft_half(events)}
+        source = self.deps.post_acceptance
+        for item in await source.for_message(qid) if source is not None else []:
+            if item.recipient not in half:
+                half[item.recipient] = {
+                    "queue_id": qid, "recipient": item.recipient, "transport": item.transport,
+                    "status": _status_name(item.status), "at": None, "reason": "", "from_ip": item.from_ip,
+                    "advice": None, "advice_source": None, "unresolved": False, "events": [],
+                    "next_check": None if item.done else item.due,
+                }  # fmt: skip
+        return sorted(half.values(), key=lambda row: str(row["recipient"]))

@@ -25,7 +25,8 @@ _TRACE_FILTERS = {
     "queue_id": "queue id",
     "device": "device name",
     "transport": "transport name",
-    "kind": "comma-separated event kinds (received, refused, routed, attempted, delivered, ...)",
+    "kind": "comma-separated event kinds (received, refused, routed, attempted, delivered, ..., "
+    "m365_status, m365_event, m365_unresolved: Microsoft 365's message trace)",
     "since": "ISO 8601 time (UTC unless an offset is given) or Unix seconds",
     "until": "ISO 8601 time or Unix seconds",
     "before": "next_cursor of the previous page (newest first)",
@@ -40,14 +41,23 @@ ENDPOINTS: tuple[tuple[str, str, str, str, dict[str, str], dict[str, str]], ...]
     (
         "get",
         "/api/overview",
-        "Counts for the last hour and day, queue, transports, tokens, pacing",
+        "Counts for the last hour and day, queue, transports, tokens, pacing, and per route what "
+        "Microsoft 365 did with the mail it accepted (post_acceptance)",
         "viewer",
         {},
         {},
     ),
     ("get", "/api/queue", "Queued messages, filtered and paged", "viewer", _QUEUE_FILTERS, {}),
     ("post", "/api/queue/actions", "hold/release/retry/delete by ids or by filter", "operator", {}, {}),
-    ("get", "/api/queue/{queue_id}", "One message: envelope, headers, recipients, trace", "viewer", {}, _QID),
+    (
+        "get",
+        "/api/queue/{queue_id}",
+        "One message: envelope, headers, recipients, trace (relay and Microsoft 365), and per recipient "
+        "Microsoft 365's status, reason and advice (microsoft)",
+        "viewer",
+        {},
+        _QID,
+    ),
     ("get", "/api/queue/{queue_id}/raw", "The message as spooled (message/rfc822)", "operator", {}, _QID),
     ("post", "/api/queue/{queue_id}/hold", "Hold a message", "operator", {}, _QID),
     ("post", "/api/queue/{queue_id}/release", "Release a held message", "operator", {}, _QID),
@@ -56,7 +66,7 @@ ENDPOINTS: tuple[tuple[str, str, str, str, dict[str, str], dict[str, str]], ...]
     (
         "get",
         "/api/trace",
-        "Search the tracking log (message trace and audit log)",
+        "Search the tracking log (message trace, Microsoft 365's side of it, audit log)",
         "viewer",
         _TRACE_FILTERS,
         {},

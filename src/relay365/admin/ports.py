@@ -9,7 +9,9 @@ running relay); tests may build them from anything. The console reads:
 * ``DeviceActivitySource`` (``relay365.observability.activity``): what each device did lately;
 * :class:`SetupSource`: the doctor report and the SPF record (tools: only the adapter imports them);
 * :class:`MailboxSource`: the sandbox's mailboxes, when the demo runs;
-* ``explain``: a reply's meaning and fix from the reply-code catalogue.
+* ``explain``: a reply's meaning and fix from the reply-code catalogue;
+* :class:`PostAcceptanceSource`: what the message trace follower knows of mail Microsoft 365 accepted
+  (relay365.tracing), when ``[tracing]`` follows any transport.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Protocol
 from relay365.observability.activity import DeviceActivitySource
 from relay365.observability.tracking import TrackingLog
 from relay365.spool.model import QueueEntry, QueuePage, QueueQuery, QueueStats
+from relay365.tracing.work import FollowItem, OutcomeCount
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +152,18 @@ class MailboxSource(Protocol):
         ...
 
 
+class PostAcceptanceSource(Protocol):
+    """The follower's rows (``relay365.tracing.work.FollowStore`` answers both)."""
+
+    async def outcomes(self, since: float) -> list[OutcomeCount]:
+        """Recipients handed over since ``since``, counted per route, transport and trace status."""
+        ...
+
+    async def for_message(self, queue_id: str) -> list[FollowItem]:
+        """The followed recipients of one message (waiting for Microsoft's trace, or settled)."""
+        ...
+
+
 def no_explanation(reply: str) -> str | None:
     return None
 
@@ -162,3 +177,4 @@ class ConsoleDeps:
     setup: SetupSource | None = None
     mailboxes: MailboxSource | None = None
     explain: Callable[[str], str | None] = field(default=no_explanation)
+    post_acceptance: PostAcceptanceSource | None = None

@@ -11,6 +11,7 @@ from typing import Any
 
 from relay365.observability.tracking import MAX_PAGE, EventKind, TraceQuery, TrackingEvent
 from relay365.spool.model import PAGE_MAX, QueueEntry, QueueFilter, QueueQuery, QueueState
+from relay365.tracing.explain import event_dict
 
 Explain = Callable[[str], str | None]
 
@@ -135,8 +136,9 @@ def entry_json(e: QueueEntry, explain: Explain) -> dict[str, Any]:
 
 
 def event_json(e: TrackingEvent, explain: Explain) -> dict[str, Any]:
-    data = e.as_dict()
-    data["kind"] = e.kind.value
+    """The event, the side it comes from (relay / microsoft), for Microsoft's status relay365's advice,
+    and for an SMTP reply the catalogue's explanation."""
+    data = event_dict(e)
     data["explanation"] = explain(e.reply) if e.reply and e.reply[:1] in "45" else None
     return data
 

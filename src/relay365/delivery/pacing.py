@@ -6,6 +6,10 @@ rolling 24 hours and 3 concurrent connections per mailbox; Graph 4 concurrent re
 counted as a failed attempt: it stays queued and becomes due exactly when the window allows it.
 Throttling replies (432 4.3.2, 451 4.7.5xx, 554 5.2.0, Graph 429) pause the mailbox further.
 The sent-message history is persisted with the delivery outcome, so the windows survive a restart.
+
+The limits hold for the mailbox, not for the relay: where several relays share one PostgreSQL spool,
+the windows, sessions and pauses live there (delivery/pacestore_pg.py). Both decide with the same
+pure function, ``wait_for``; the ``PaceStore`` seam (delivery/pacestore.py) is what the scheduler uses.
 """
 
 from __future__ import annotations
@@ -49,25 +53,15 @@ class Pacer:
         """0 when a message with ``recipients`` recipients may go now, else seconds to wait.
         Messages still in flight count: they may reach Microsoft at any moment."""
         now = self._clock()
-        waits = [self._paused_until.get(key, 0.0) - now]
-        if self._active.get(key, 0) >= limits.concurrency:
-            waits.append(0.2)  # a session ends soon; the scheduler is woken when it does
         q = self._history(key, limits, now)
-        in_window = sorted(t for t, _ in q if t > now - limits.window)
-        if len(in_window) >= limits.messages_per_window:
-            # The oldest message of the window must leave it before another may go.
-            waits.append(in_window[-limits.messages_per_window] + limits.window - now)
-        total = sum(n for _, n in q)
-        if total + recipients > limits.recipients_per_day and q:
-            # Wait until enough of the oldest recipients have left the rolling day.
-            excess = total + recipients - limits.recipients_per_day
-            freed = 0.0
-            for t, n in sorted(q):
-                freed += n
-                if freed >= excess:
-                    waits.append(t + limits.day - now)
-                    break
-        return max(0.0, *waits)
+        return wait_for(
+            now=now,
+            limits=limits,
+            recipients=recipients,
+            sent=[(t, n) for t, n in q],
+            active=self._active.get(key, 0),
+            paused_until=self._paused_until.get(key, 0.0),
+        )
 
     def begin(self, key: str, recipients: int) -> Slot:
         self._active[key] = self._active.get(key, 0) + 1
@@ -96,13 +90,62 @@ class Pacer:
         """What ``key`` may still send now (read-only: the console's pacing column)."""
         now = self._clock()
         q = self._history(key, limits, now)
-        in_window = sum(1 for t, _ in q if t > now - limits.window)
-        return Headroom(
-            messages_left=max(0, limits.messages_per_window - in_window),
-            recipients_left=max(0, limits.recipients_per_day - int(sum(n for _, n in q))),
-            sessions_in_use=self._active.get(key, 0),
-            paused_until=max(self._paused_until.get(key, 0.0), 0.0),
+        return headroom_of(
+            now=now,
+            limits=limits,
+            sent=[(t, n) for t, n in q],
+            active=self._active.get(key, 0),
+            paused_until=self._paused_until.get(key, 0.0),
         )
+
+
+SESSION_WAIT = 0.2  # all sessions busy: one ends soon (in this process it also wakes the scheduler)
+
+
+def wait_for(
+    *,
+    now: float,
+    limits: PaceLimits,
+    recipients: int,
+    sent: Iterable[tuple[float, float]],
+    active: int,
+    paused_until: float,
+) -> float:
+    """0 when a message with ``recipients`` recipients may go at ``now``, else seconds to wait, given
+    the messages ``sent`` in the last day as (time, recipients) (those in flight included, at the
+    time they started), the sessions ``active`` and a pause after a throttling reply."""
+    waits = [paused_until - now]
+    if active >= limits.concurrency:
+        waits.append(SESSION_WAIT)
+    day = sorted((t, n) for t, n in sent if t > now - limits.day)
+    in_window = [t for t, _ in day if t > now - limits.window]
+    if len(in_window) >= limits.messages_per_window:
+        # The oldest message of the window must leave it before another may go.
+        waits.append(in_window[-limits.messages_per_window] + limits.window - now)
+    total = sum(n for _, n in day)
+    if total + recipients > limits.recipients_per_day and day:
+        # Wait until enough of the oldest recipients have left the rolling day.
+        excess = total + recipients - limits.recipients_per_day
+        freed = 0.0
+        for t, n in day:
+            freed += n
+            if freed >= excess:
+                waits.append(t + limits.day - now)
+                break
+    return max(0.0, *waits)
+
+
+def headroom_of(
+    *, now: float, limits: PaceLimits, sent: Iterable[tuple[float, float]], active: int, paused_until: float
+) -> Headroom:
+    day = [(t, n) for t, n in sent if t > now - limits.day]
+    in_window = sum(1 for t, _ in day if t > now - limits.window)
+    return Headroom(
+        messages_left=max(0, limits.messages_per_window - in_window),
+        recipients_left=max(0, limits.recipients_per_day - int(sum(n for _, n in day))),
+        sessions_in_use=active,
+        paused_until=max(paused_until, 0.0),
+    )
 
 
 @dataclass(frozen=True, slots=True)

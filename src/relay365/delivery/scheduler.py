@@ -22,15 +22,17 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from relay365.delivery import backoff
 from relay365.delivery.claims import Claims
 from relay365.delivery.dsn import Failure, build_dsn, original_headers, status_of
-from relay365.delivery.holds import UpstreamHolds
-from relay365.delivery.pacing import Headroom, Pacer, is_throttle_reply
+from relay365.delivery.holds import HoldBoard, NoBoard, UpstreamHolds
+from relay365.delivery.inuse import TransportUse
+from relay365.delivery.pacestore import LocalPaceStore, PaceStore, Reservation
+from relay365.delivery.pacing import Headroom, is_throttle_reply
 from relay365.delivery.recorder import PROBE_INTERVAL, AttemptRecord, OutcomeRecorder
 from relay365.delivery.router import NoRoute, Router
 from relay365.errors import (
@@ -62,11 +64,13 @@ from relay365.transports.base import (
     Outcome,
     PacedTransport,
     RecipientResult,
+    SessionHolder,
     Transport,
 )
 
 log = logging.getLogger(__name__)
 NO_ROUTE_REPLY = "554 5.4.4 No route configured for this recipient"
+HOLDS_READ_EVERY = 1.0  # seconds between reads of the other relays' hold-backs
 _OPEN = (RcptState.QUEUED, RcptState.DEFERRED)
 
 
@@ -116,9 +120,12 @@ class Scheduler:
         metrics: Metrics | None = None,
         tracking: TrackingLog | None = None,
         owner: str | None = None,
+        pace: PaceStore | None = None,
+        holds_board: HoldBoard | None = None,
     ) -> None:
         """``owner``: who this process is to the spool (``recover`` was called with it); a new one
-        if not given."""
+        if not given. ``pace`` and ``holds_board``: where pacing and hold-backs live when several
+        relays share the spool (in this process if not given)."""
         self._spool = spool
         self._tracking: TrackingLog = tracking or MemoryTrackingLog()
         self._metrics = metrics or Metrics()
@@ -133,10 +140,27 @@ class Scheduler:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._background: list[asyncio.Task[None]] = []
         self._stopping = False
-        self._pacer = Pacer(clock=clock)
+        self._pace: PaceStore = pace or LocalPaceStore(clock=clock)
         self._holds = UpstreamHolds(clock=clock, min_backoff=settings.min_backoff)
+        self._board: HoldBoard = holds_board or NoBoard()
+        self._holds_read = -HOLDS_READ_EVERY
         self._recorder = OutcomeRecorder(spool=spool, owner=self._claims.owner)
         self._flush_seen = spool.flush_generation()
+        self.in_use = TransportUse()
+
+    def reconfigure(
+        self, *, router: Router, settings: DeliverySettings, hostname: str, rebuilt: Iterable[str] = ()
+    ) -> None:
+        """A reload: the routes, limits and back-off for every attempt from now on (the transports
+        mapping is the caller's, changed in place); ``rebuilt`` transports start without a hold.
+        Deliveries under way finish as they began; the pacing windows are kept (they count per
+        mailbox, whichever transport object sends)."""
+        self._router, self._settings, self._hostname = router, settings, hostname
+        self._claims.lease = settings.lease
+        self._holds.set_min_backoff(settings.min_backoff)
+        for name in rebuilt:
+            self._holds.forget(name)
+        self._wake.set()
 
     @property
     def owner(self) -> str:
@@ -147,7 +171,7 @@ class Scheduler:
 
     async def load_pacing(self) -> None:
         """Restore the pacing windows from the spool (they survive a restart)."""
-        self._pacer.load(await self._spool.pace_events(self._clock() - 86_400.0))
+        await self._pace.restore(self._spool)
 
     async def run(self) -> None:
         self._background = [
@@ -213,9 +237,9 @@ class Scheduler:
             return poll
         return max(0.05, min(poll, nxt - self._clock()))
 
-    def headroom(self, transport: PacedTransport) -> Headroom:
+    async def headroom(self, transport: PacedTransport) -> Headroom:
         """Pacing headroom of a paced transport's mailbox (read-only, for the console)."""
-        return self._pacer.headroom(transport.pacing_key, transport.pacing)
+        return await self._pace.headroom(transport.pacing_key, transport.pacing)
 
     def suspended(self) -> dict[str, float]:
         """Transports held back as unreachable, with the time their hold ends."""
@@ -231,6 +255,7 @@ class Scheduler:
         if free <= 0 or self._stopping or self._recorder.holding():
             return 0
         self._check_flush()
+        await self._sync_holds()
         if self._holds.all_held(self._transports) is not None:
             return 0
         try:
@@ -244,6 +269,22 @@ class Scheduler:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         return len(entries)
+
+    async def _sync_holds(self) -> None:
+        """Publish the hold-backs decided here, adopt those of the other relays (a shared spool; read
+        at most every ``HOLDS_READ_EVERY`` seconds)."""
+        try:
+            fresh = self._holds.take_fresh()
+            if fresh:
+                await self._board.publish(fresh)
+            if time.monotonic() - self._holds_read < HOLDS_READ_EVERY:
+                return
+            self._holds_read = time.monotonic()
+            for name, until in (await self._board.current()).items():
+                if name in self._transports:
+                    self._holds.adopt(name, until)
+        except SpoolError as e:
+            log.debug("hold-backs not shared now: %s", e)
 
     async def drain(self) -> None:
         """Wait until every delivery started so far has finished (tests and shutdown)."""
@@ -260,6 +301,7 @@ class Scheduler:
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
         await self._stop_background()
+        await self._pace.close()
         if not await self._recorder.recover():
             lost = self._recorder.lost_on_stop()
             log.error(
@@ -338,7 +380,8 @@ class Scheduler:
             smtputf8=entry.envelope.smtputf8,
         )
         try:
-            results = await transport.deliver(message)
+            with self.in_use.using(transport):  # a reload closes a replaced transport after this
+                results = await transport.deliver(message)
         except UpstreamUnreachableError as e:
             self._holds.unreachable(transport.name, e.reply)
             return [RecipientResult(r, Outcome.TRANSIENT, e.reply, e.retry_after) for r in rcpts]
@@ -373,7 +416,13 @@ class Scheduler:
         pending = [(name, fallbacks, rcpts) for (name, fallbacks), rcpts in groups.items()]
         while pending:
             name, fallbacks, rcpts = pending.pop(0)
-            transport = self._transports[name]
+            transport = self._transports.get(name)
+            if transport is None:  # removed by a reload after the route was chosen: routed again now
+                updates += [
+                    RecipientUpdate(r, states[r].state, states[r].last_reply, now, counts_attempt=False)
+                    for r in rcpts
+                ]
+                continue
             paced = transport if isinstance(transport, PacedTransport) else None
             held_until = self._holds.until(name)
             if held_until > now:
@@ -384,35 +433,42 @@ class Scheduler:
                     for r in rcpts
                 ]
                 continue
+            reservation: Reservation | None = None
             if paced is not None:
-                wait = self._pacer.wait_time(paced.pacing_key, paced.pacing, len(rcpts))
-                if wait > 0:
+                try:
+                    got = await self._pace.reserve(paced.pacing_key, paced.pacing, len(rcpts))
+                except SpoolError as e:  # the shared pacing state is out of reach: not a failure either
+                    log.warning("%s: pacing of %s unavailable: %s", entry.queue_id, paced.pacing_key, e)
+                    got = PROBE_INTERVAL
+                if not isinstance(got, Reservation):
                     # Not a failure: the recipients stay as they are and become due when allowed.
-                    reply = f"paced: {paced.pacing_key} is at its limit, next try in {wait:.1f}s"
+                    reply = f"paced: {paced.pacing_key} is at its limit, next try in {got:.1f}s"
                     updates += [
                         RecipientUpdate(
                             r,
                             states[r].state,
                             states[r].last_reply or reply,
-                            now + wait,
+                            max(now, self._clock()) + got,
                             counts_attempt=False,
                         )
                         for r in rcpts
                     ]
                     continue
-            slot = self._pacer.begin(paced.pacing_key, len(rcpts)) if paced is not None else None
+                reservation = got
             for r in rcpts:
                 self._track(entry, EventKind.ATTEMPTED, r, name)
             results: list[RecipientResult] = []
             try:
                 results = await self._send(transport, entry, rcpts)
             finally:
-                if slot is not None:
+                if reservation is not None:
+                    if self._pace.shared and isinstance(transport, SessionHolder):
+                        await transport.release_idle()  # the slot ends with the session (base.py)
                     delivered = sum(1 for r in results if r.outcome is Outcome.DELIVERED)
-                    if (event := self._pacer.end(slot, delivered=delivered)) is not None:
+                    if (event := await self._pace.settle(reservation, delivered=delivered)) is not None:
                         events.append(event)
             if paced is not None:
-                self._slow_down(paced, results)
+                await self._slow_down(paced, results)
             retry: list[str] = []
             for res in results:
                 self._metrics.results.labels(name, res.outcome.value).inc()
@@ -468,7 +524,7 @@ class Scheduler:
             )
         )
 
-    def _slow_down(self, paced: PacedTransport, results: list[RecipientResult]) -> None:
+    async def _slow_down(self, paced: PacedTransport, results: list[RecipientResult]) -> None:
         """A throttling reply pauses the mailbox (Retry-After, or one window)."""
         for res in results:
             if is_throttle_reply(res.reply):
@@ -476,7 +532,7 @@ class Scheduler:
                 log.warning(
                     "%s: upstream throttles (%s); pausing it %.0fs", paced.pacing_key, res.reply, pause
                 )
-                self._pacer.pause(paced.pacing_key, pause)
+                await self._pace.pause(paced.pacing_key, pause)
                 return
 
     def _update(

@@ -14,6 +14,11 @@ Starting restores the pacing windows from the spool (Exchange Online's per-mailb
 restart) and starts the scheduler task. The transports are handed over by the composition root (built
 from the registry by the preflight, ``transports/registry.py``): the service closes each one when it
 stops, also when it fails to start, and empties the mapping it was given.
+
+A reload (``reload``) puts the new routes, delivery settings and changed transports in place for every
+attempt that starts from then on. A transport that was replaced or removed takes no new delivery; the
+deliveries it carries finish on it, then it is closed (its connections to the old upstream end with
+QUIT). Transports that did not change keep running: their connections, tokens and pacing stay.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Protocol, Self
 
+from relay365.delivery.holds import HoldBoard
+from relay365.delivery.pacestore import PaceStore
 from relay365.delivery.pacing import Headroom
 from relay365.delivery.router import NoRoute, Router
 from relay365.delivery.scheduler import Scheduler
@@ -59,8 +66,8 @@ class DeliveryStatus(Protocol):
         """Why all delivery is stopped (the spool cannot record outcomes), or None."""
         ...
 
-    def headroom(self, transport: PacedTransport) -> Headroom:
-        """How much a paced transport's mailbox may still send now."""
+    async def headroom(self, transport: PacedTransport) -> Headroom:
+        """How much a paced transport's mailbox may still send now (shared pacing: across nodes)."""
         ...
 
     def wake(self, queue_id: str = "") -> None:
@@ -84,9 +91,13 @@ class DeliveryService:
         tracking: TrackingLog,
         clock: Callable[[], float] = time.time,
         explain: Callable[[str], str | None] = lambda reply: None,
+        pace: PaceStore | None = None,
+        holds_board: HoldBoard | None = None,
     ) -> None:
         """``owner``: this process to the spool's claims (``recover`` was called with it);
-        ``explain(reply)``: the hint a DSN gives for a reply (the reply-code catalogue)."""
+        ``explain(reply)``: the hint a DSN gives for a reply (the reply-code catalogue); ``pace`` and
+        ``holds_board``: what this relay shares with others on the same spool (service/sharing.py;
+        default: in this process)."""
         s = settings
         self._transports = transports
         self._metrics = metrics
@@ -102,10 +113,13 @@ class DeliveryService:
             metrics=metrics,
             tracking=tracking,
             owner=owner,
+            pace=pace,
+            holds_board=holds_board,
         )
         # how long deliveries in flight get to finish at shutdown (``Relay.stop(grace=)`` may change it)
         self.grace = s.server.shutdown_grace
         self._task: asyncio.Task[None] | None = None
+        self._retiring: set[asyncio.Task[None]] = set()
 
     # -- lifecycle -------------------------------------------------------------------------------------
     async def __aenter__(self) -> Self:
@@ -126,7 +140,42 @@ class DeliveryService:
             if self._task is not None:
                 self._task.cancel()
                 await asyncio.gather(self._task, return_exceptions=True)
+            # replaced transports close once their last delivery is over: the scheduler stopped them all
+            await asyncio.gather(*self._retiring, return_exceptions=True)
             await self._close_transports()
+
+    # -- reload ----------------------------------------------------------------------------------------
+    def reload(self, settings: Settings, changed: Mapping[str, Transport]) -> list[str]:
+        """From now on: ``settings``' routes and delivery settings; ``changed`` (built from ``settings``)
+        replaces or adds those transports, the others of ``settings`` keep running, and transports no
+        longer configured are removed. Returns the names retired (replaced or removed)."""
+        s = settings
+        running = self._transports
+        keep = {t.name: changed[t.name] if t.name in changed else running[t.name] for t in s.transports}
+        retired = [(n, t) for n, t in self._transports.items() if keep.get(n) is not t]
+        self.router = Router(s.routes, accepts=recipient_rules(s), null_sender=null_sender_transports(s))
+        self._transports.clear()  # the scheduler's own mapping: changed in place, in one step
+        self._transports.update(keep)
+        self.scheduler.reconfigure(
+            router=self.router, settings=s.delivery, hostname=s.server.hostname, rebuilt=changed
+        )
+        self.grace = s.server.shutdown_grace
+        for name, transport in retired:
+            task = asyncio.create_task(self._retire(name, transport), name=f"retire-{name}")
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+        return [name for name, _ in retired]
+
+    async def _retire(self, name: str, transport: Transport) -> None:
+        """Close a replaced transport once no delivery uses it."""
+        busy = self.scheduler.in_use.in_use(transport)
+        if busy:
+            log.info("transport %s: replaced; closing it after its %d delivery(ies) in flight", name, busy)
+        await self.scheduler.in_use.idle(transport)
+        try:
+            await transport.close()
+        except Exception:
+            log.exception("closing the replaced transport %s failed", name)
 
     async def _close_transports(self) -> None:
         for transport in self._transports.values():
@@ -150,8 +199,8 @@ class DeliveryService:
     def delivery_stopped(self) -> str | None:
         return self.scheduler.delivery_stopped()
 
-    def headroom(self, transport: PacedTransport) -> Headroom:
-        return self.scheduler.headroom(transport)
+    async def headroom(self, transport: PacedTransport) -> Headroom:
+        return await self.scheduler.headroom(transport)
 
     def wake(self, queue_id: str = "") -> None:
         self.scheduler.wake(queue_id)

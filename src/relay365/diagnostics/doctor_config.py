@@ -1,8 +1,9 @@
 """``relay365 doctor --config relay365.toml``: every check derived from a real relay configuration.
 
 Order of the report: relay365 itself (config, listener certificates, spool, queue), then per transport
-its network reach and TLS, then auth (token, XOAUTH2 or the Graph probe), then the optional test
-message. Checks of different transports run concurrently.
+its network reach and TLS, then auth (token, XOAUTH2 or the Graph probe), then whether Microsoft 365's
+message trace can be read (``[tracing]``), then the optional test message. Checks of different
+transports run concurrently.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from relay365.diagnostics.checks.relaycfg import (
     SPOOL_WARN_BYTES,
     check_config,
     check_listener_cert,
+    check_postgres,
     check_queue,
     check_spool_dir,
 )
@@ -38,6 +40,7 @@ from relay365.diagnostics.checks.result import CheckResult, Status, failed, pass
 from relay365.diagnostics.checks.smtp import check_ehlo
 from relay365.diagnostics.checks.spf_check import check_spf
 from relay365.diagnostics.checks.tls import _certificate_result, check_tls, verifying_context
+from relay365.diagnostics.checks.trace_check import check_message_trace
 from relay365.diagnostics.doctor import _soften
 from relay365.diagnostics.sendas import SendAsRisk, send_as_risks
 from relay365.diagnostics.sendcheck import SendTestOptions, send_test_checks
@@ -183,6 +186,7 @@ async def relay_checks(settings: Settings, opts: ConfigDoctorOptions) -> list[Ch
     results += check_spool_dir(
         settings.server.spool_dir, warn_bytes=opts.spool_warn_bytes, fail_bytes=opts.spool_fail_bytes
     )
+    results += await check_postgres(settings)
     results += await check_queue(settings)
     return results
 
@@ -213,6 +217,7 @@ async def run_config_doctor(opts: ConfigDoctorOptions) -> list[CheckResult]:
     risks = send_as_risks(settings)
     jobs: list[Awaitable[list[CheckResult]]] = [relay_checks(settings, opts)]
     jobs += [_transport(t, opts, risks) for t in settings.transports]
+    jobs.append(check_message_trace(settings, timeout_s=opts.timeout_s))
     if opts.check_dns:
         jobs += _dns_jobs(settings, opts)
     batches = await asyncio.gather(*jobs)

@@ -267,14 +267,3 @@ class ImplicitTLSAcceptor(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._ended = True
-
-
-def implicit_tls(
-    session: Callable[[], asyncio.Protocol],
-    *,
-    context: ssl.SSLContext,
-    listener: ListenerSettings,
-    failures: HandshakeLog,
-) -> Callable[[], asyncio.Protocol]:
-    """The protocol factory of an implicit TLS listener: ``loop.create_server(implicit_tls(...))``."""
-    return lambda: ImplicitTLSAcceptor(session=session, context=context, listener=listener, failures=failures)

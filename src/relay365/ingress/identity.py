@@ -89,6 +89,13 @@ class DeviceDirectory:
                 return d
         return None
 
+    def login_still_valid(self, device: DeviceSettings, listener: str) -> DeviceSettings | None:
+        """After a reload: the entry a session that logged in as ``device`` now has, if its login still
+        holds (the same name, user name and password hash, still allowed on ``listener``), else None."""
+        d = self._by_user.get((device.username or "").lower())
+        same = d is not None and (d.name, d.password_hash) == (device.name, device.password_hash)
+        return d if same and d is not None and self._on(d, listener) else None
+
     async def by_password(self, username: str, password: str, listener: str) -> DeviceSettings | None:
         """Argon2id verify runs in a thread; an unknown user costs the same (no enumeration)."""
         d = self._by_user.get(username.lower())
@@ -106,6 +113,10 @@ class ConnectionLimiter:
         self._total, self._per_ip = total, per_ip
         self._count = 0
         self._by_ip: dict[str, int] = {}
+
+    def configure(self, *, total: int, per_ip: int) -> None:
+        """New caps (a reload): connections already open count against them, none is closed."""
+        self._total, self._per_ip = total, per_ip
 
     def admit(self, ip: str) -> str | None:
         if self._count >= self._total:
@@ -138,6 +149,9 @@ class _Failures:
         self._clock = clock
         self._counts: dict[str, tuple[int, float]] = {}  # key -> (failures, time of the last one)
         self._pending: dict[str, int] = {}  # key -> passwords being verified right now
+
+    def set_window(self, window: float) -> None:
+        self._window = window
 
     def count(self, key: str) -> int:
         count, last = self._counts.get(key, (0, 0.0))
@@ -211,6 +225,13 @@ class AuthGuard:
         self._delay = settings.auth_failure_delay
         self._by_address = _Failures(window=settings.auth_block_seconds, clock=clock)
         self._by_user = _Failures(window=settings.auth_block_seconds, clock=clock)
+
+    def configure(self, settings: ServerSettings) -> None:
+        """New limits (a reload); the failures counted so far are kept: a reload lifts no block."""
+        self._limit = settings.auth_failures_before_block
+        self._delay = settings.auth_failure_delay
+        self._by_address.set_window(settings.auth_block_seconds)
+        self._by_user.set_window(settings.auth_block_seconds)
 
     @staticmethod
     def _user(username: str) -> str:

@@ -16,7 +16,6 @@ import asyncio
 import collections
 import logging
 import ssl
-from collections.abc import Callable
 from typing import AnyStr
 
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
@@ -28,9 +27,8 @@ from relay365.ingress.compat import CompatHandler, CompatSMTP, SessionReader
 from relay365.ingress.context import IngressContext
 from relay365.ingress.data import DataParser
 from relay365.ingress.facts import HeaderFacts
-from relay365.ingress.handshake import implicit_tls
 from relay365.ingress.headers import HeaderEditor, received_field
-from relay365.ingress.identity import peer_certificate
+from relay365.ingress.identity import DeviceDirectory, PeerCertificate, peer_certificate
 from relay365.ingress.lines import SHUTTING_DOWN, CommandReader
 from relay365.settings import NULL_SENDER, DeviceSettings, ListenerSettings
 from relay365.spool.model import Envelope, IncomingMessage
@@ -100,6 +98,8 @@ class RelaySMTP(CompatSMTP):
         self.ip_device: DeviceSettings | None = None
         self.cert_device: DeviceSettings | None = None
         self.login_device: DeviceSettings | None = None
+        self._cert: PeerCertificate | None = None
+        self._directory: DeviceDirectory | None = None  # the device table the devices above came from
         self._raw_arg = ""
         self._lines: CommandReader | None = None
         self._close_after_reply = False
@@ -136,7 +136,8 @@ class RelaySMTP(CompatSMTP):
                 return
             self._admitted = True
             self.ctx.sessions.add(self)
-            self.ip_device = self.ctx.devices.by_ip(self.peer_ip, self.listener.name)
+            self._directory = self.ctx.devices
+            self.ip_device = self._directory.by_ip(self.peer_ip, self.listener.name)
             self._seen(self.ip_device)
         super().connection_made(transport)
         if self.tls_active:
@@ -162,6 +163,7 @@ class RelaySMTP(CompatSMTP):
         self.sess().ssl = {"cipher": ssl_object.cipher(), "version": ssl_object.version()}
         cert = peer_certificate(ssl_object.getpeercert(binary_form=True), ssl_object.getpeercert())
         if cert is not None:
+            self._cert = cert
             self.cert_device = self.ctx.devices.by_certificate(cert, self.listener.name)
             log.info(
                 "client certificate peer=%s subject=%s device=%s",
@@ -192,6 +194,23 @@ class RelaySMTP(CompatSMTP):
 
     def device(self) -> DeviceSettings | None:
         return self.login_device or self.cert_device or self.ip_device
+
+    def _identify_again(self) -> None:
+        """At MAIL after a reload, the device by the new table (README, "Reload"): a removed device, or
+        one whose password changed, starts no new transaction; a login that no longer holds is undone."""
+        directory = self.ctx.devices
+        if directory is self._directory:
+            return
+        self._directory, name = directory, self.listener.name
+        self.ip_device = directory.by_ip(self.peer_ip, name)
+        if self._cert is not None:
+            self.cert_device = directory.by_certificate(self._cert, name)
+        if self.login_device is not None:
+            login = directory.login_still_valid(self.login_device, name)
+            if login is None:
+                log.info("login of %s peer=%s void after the reload", self.login_device.name, self.peer_ip)
+                self.sess().authenticated = False
+            self.login_device = login
 
     def _protocol(self) -> str:
         return "ESMTP" + ("S" if self.tls_active else "") + ("A" if self.login_device else "")
@@ -379,6 +398,7 @@ class RelaySMTP(CompatSMTP):
         await super().smtp_RCPT(arg)
 
     def on_mail(self, envelope: SmtpEnvelope, address: str, options: list[str]) -> str:
+        self._identify_again()
         device = self.device()
         if device is None:
             if self.listener.auth:
@@ -573,16 +593,3 @@ def _spool_reply(error: SpoolError) -> str:
     if isinstance(error, SpoolFullError):
         return "452 4.3.1 Insufficient system storage"
     return "451 4.3.0 Local error in processing, try again later"
-
-
-async def start_listener(
-    ctx: IngressContext, listener: ListenerSettings, tls_context: ssl.SSLContext | None
-) -> asyncio.Server:
-    loop = asyncio.get_running_loop()
-    factory: Callable[[], asyncio.Protocol] = lambda: RelaySMTP(ctx, listener, tls_context)  # noqa: E731
-    if listener.tls == "implicit":  # the handshake runs in the relay's code (ingress/handshake.py)
-        assert tls_context is not None
-        factory = implicit_tls(factory, context=tls_context, listener=listener, failures=ctx.tls_failures)
-    return await loop.create_server(
-        factory, host=listener.address, port=listener.port, reuse_address=True, backlog=1024
-    )

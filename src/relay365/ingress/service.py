@@ -10,8 +10,13 @@
 
 Starting binds the listeners in config order, each with its TLS context (the configured certificate, or
 a self-signed one under ``spool_dir/tls``) and, for implicit TLS, the relay's own handshake acceptor
-(``handshake.implicit_tls``). If one cannot be bound (an address in use, not on this host), those
+(``handshake.ImplicitTLSAcceptor``). If one cannot be bound (an address in use, not on this host), those
 already bound are closed again and the error propagates: nothing is left listening.
+
+A reload (``prepare_reload``, then ``apply`` or the change's ``rollback``) binds and closes listeners as
+``listeners.py`` describes and, at ``apply``, puts the new device table, connection caps, AUTH limits
+and host name in place. A session keeps its listener's settings to its end and follows the new device
+table from its next MAIL (``RelaySMTP._identify_again``).
 """
 
 from __future__ import annotations
@@ -28,8 +33,8 @@ from typing import Protocol, Self
 from relay365.ingress.context import IngressContext, shutdown
 from relay365.ingress.handshake import HandshakeLog
 from relay365.ingress.identity import AuthGuard, ConnectionLimiter, DeviceDirectory
+from relay365.ingress.listeners import Endpoint, ListenerChange, Listeners
 from relay365.ingress.policy import RateLimiter
-from relay365.ingress.server import start_listener
 from relay365.ingress.tls import self_signed_chains, server_context
 from relay365.observability.activity import DeviceActivity
 from relay365.observability.metrics import Metrics
@@ -92,14 +97,12 @@ class IngressService:
         )
         # how long open sessions get to finish at shutdown (``Relay.stop(grace=)`` may change it)
         self.grace = s.server.shutdown_grace
-        self._servers: list[asyncio.Server] = []
-        self._ports: dict[str, int] = {}
+        self._listeners = Listeners(self.context)
 
     # -- lifecycle -------------------------------------------------------------------------------------
     async def __aenter__(self) -> Self:
         try:
-            for listener in self._settings.listeners:
-                await self._bind(listener)
+            await self._listeners.open([self._endpoint(x) for x in self._settings.listeners])
         except BaseException:
             await self._close()
             raise
@@ -110,46 +113,55 @@ class IngressService:
     ) -> None:
         await self._close()
 
-    async def _bind(self, listener: ListenerSettings) -> None:
-        server = await start_listener(self.context, listener, self._tls(listener))
-        self._servers.append(server)
-        self._ports[listener.name] = server.sockets[0].getsockname()[1]
-        log.info(
-            "listening on %s:%d (%s, tls=%s)",
-            listener.address,
-            self._ports[listener.name],
-            listener.name,
-            listener.tls,
-        )
+    def _endpoint(self, listener: ListenerSettings, settings: Settings | None = None) -> Endpoint:
+        return Endpoint(listener, self._tls(listener, settings or self._settings))
 
-    def _tls(self, listener: ListenerSettings) -> ssl.SSLContext | None:
+    @staticmethod
+    def _tls(listener: ListenerSettings, settings: Settings) -> ssl.SSLContext | None:
         if listener.tls == "none":
             return None
         if listener.cert_file and listener.key_file:
             chains = [(listener.cert_file, listener.key_file)]
         else:
-            s = self._settings.server
+            s = settings.server
             chains = self_signed_chains(s.spool_dir / "tls", s.hostname, listener)
         return server_context(listener, chains=chains)
 
     async def _close(self) -> None:
         """Stop accepting, tell open sessions 421 4.3.2 (a message in DATA finishes first, within
         ``grace``), wait for the connections and for the work they left in the background."""
-        for server in self._servers:
-            server.close()
+        servers = self._listeners.close()
         await shutdown(self.context, grace=self.grace)
-        for server in self._servers:
+        for server in servers:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(server.wait_closed(), self.grace)
-        self._servers.clear()
         self.context.tls_failures.close()
         if self.context.background:
             await asyncio.gather(*self.context.background, return_exceptions=True)
 
+    # -- reload ----------------------------------------------------------------------------------------
+    async def prepare_reload(self, settings: Settings) -> ListenerChange:
+        """Build every listener's TLS context from ``settings`` and bind the new or moved listeners;
+        nothing else changes yet. Raises (``OSError``, ``ssl.SSLError``) with nothing changed."""
+        endpoints = [self._endpoint(x, settings) for x in settings.listeners]
+        return await self._listeners.prepare(endpoints)
+
+    def apply(self, settings: Settings, change: ListenerChange) -> None:
+        """Commit a prepared reload: the listeners, then what every new session and MAIL reads."""
+        change.commit()
+        s, ctx = settings, self.context
+        self._settings = settings
+        ctx.devices = DeviceDirectory(s.devices)
+        ctx.limiter.configure(total=s.server.max_connections, per_ip=s.server.max_connections_per_ip)
+        ctx.guard.configure(s.server)
+        ctx.hostname = s.server.hostname
+        ctx.activity.configure(tuple(d.name for d in s.devices))
+        self.grace = s.server.shutdown_grace
+
     # -- status ----------------------------------------------------------------------------------------
     @property
     def ports(self) -> Mapping[str, int]:
-        return self._ports
+        return self._listeners.ports
 
     def connections(self) -> int:
         return self.context.limiter.active

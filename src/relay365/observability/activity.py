@@ -71,6 +71,15 @@ class DeviceActivity:
     def now(self) -> float:
         return self._clock()
 
+    def configure(self, configured: tuple[str, ...]) -> None:
+        """The configured devices changed (a reload): new ones are listed, removed ones that were
+        never seen go; a removed device that sent something keeps its record until the restart."""
+        for name in configured:
+            self._devices.setdefault(name, _Record(name))
+        for name, rec in list(self._devices.items()):
+            if name not in configured and not rec.last_seen:
+                del self._devices[name]
+
     def _get(self, device: str | None, address: str) -> _Record:
         if device:
             rec = self._devices.get(device)

@@ -55,6 +55,28 @@ class Metrics:
             ["transport"],
             registry=r,
         )
+        # Post-acceptance (relay365.tracing's follower): what Microsoft 365 did with mail it accepted.
+        # An alert on status="FilteredAsSpam" fires when scans start landing in Junk Email.
+        self.m365_outcomes = Counter(
+            "relay365_m365_outcomes",
+            "Recipients whose final status in Microsoft 365's message trace was read, by that status "
+            "(Delivered, FilteredAsSpam, Quarantined, Failed, Expanded, ...), route and transport",
+            ["status", "route", "transport"],
+            registry=r,
+        )
+        self.m365_unresolved = Counter(
+            "relay365_m365_unresolved",
+            "Recipients without a final status in Microsoft 365's message trace within [tracing] horizon",
+            ["route", "transport"],
+            registry=r,
+        )
+        self.m365_trace_allowed = Gauge(
+            "relay365_m365_trace_allowed",
+            "1 while the app registration may read Microsoft 365's message trace, 0 after a 403 "
+            "(ExchangeMessageTrace.Read.All missing)",
+            ["app"],
+            registry=r,
+        )
         self.delivery_stopped = Gauge(
             "relay365_delivery_stopped",
             "1 while all delivery is stopped because the spool cannot record delivery outcomes",

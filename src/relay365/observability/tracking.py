@@ -1,8 +1,10 @@
 """The tracking log: what happened to every message, searchable like Exchange's message trace.
 
 One :class:`TrackingEvent` per step of a message's life (received, routed, attempted, delivered,
-deferred, bounced), per refusal at the SMTP door (``refused``: the device never got a queue id), and
-per admin action (held, released, retried, deleted, with the admin's name in ``actor``: the audit log).
+deferred, bounced), per refusal at the SMTP door (``refused``: the device never got a queue id), per
+admin action (held, released, retried, deleted, with the admin's name in ``actor``: the audit log), and
+what Microsoft 365 did after it accepted the message (``m365_*``, written by relay365.tracing's
+follower from Exchange Online's message trace).
 
 The log is an observation, not the queue: losing the last events on power loss is acceptable, losing
 mail is not. So writers never wait for it (``record`` only appends to a batch; a backend writes batches
@@ -42,11 +44,19 @@ class EventKind(enum.StrEnum):
     RETRIED = "retried"
     DELETED = "deleted"
     ADMIN = "admin"  # any other console action (login, API token, doctor run)
+    # Microsoft 365's side, after it accepted the message (relay365.tracing's follower): ``reply`` is
+    # the message trace status (Delivered, FilteredAsSpam, Quarantined, Failed, ...), ``detail`` its
+    # reason, ``peer`` the IP address Microsoft saw (fromIP): Graph's exchangeMessageTrace and
+    # exchangeMessageTraceDetail (learn.microsoft.com/graph/api/resources/exchangemessagetrace).
+    M365_STATUS = "m365_status"  # a recipient's status in Microsoft's message trace (when it changes)
+    M365_EVENT = "m365_event"  # one event of it (Receive, Spam Diagnostics, Deliver...): ``reply`` = event
+    M365_UNRESOLVED = "m365_unresolved"  # no final status within the horizon ([tracing] horizon)
 
 
 ADMIN_KINDS = frozenset(
     {EventKind.HELD, EventKind.RELEASED, EventKind.RETRIED, EventKind.DELETED, EventKind.ADMIN}
 )
+M365_KINDS = frozenset({EventKind.M365_STATUS, EventKind.M365_EVENT, EventKind.M365_UNRESOLVED})
 
 
 def _clip(text: str) -> str:

@@ -34,6 +34,8 @@ from relay365.observability.tracking import (
     TrackingEvent,
     normalize_message_id,
 )
+from relay365.observability.tracking_schema import SCHEMA
+from relay365.spool.schema_version import check_version, migrate
 
 log = logging.getLogger(__name__)
 events_log = logging.getLogger("relay365.tracking")
@@ -55,31 +57,6 @@ _COLUMNS = (
     "actor",
     "detail",
 )
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY,
-    at REAL NOT NULL,
-    kind TEXT NOT NULL,
-    queue_id TEXT NOT NULL,
-    message_id TEXT NOT NULL,
-    subject TEXT NOT NULL,
-    sender TEXT NOT NULL,
-    recipient TEXT NOT NULL,
-    device TEXT NOT NULL,
-    peer TEXT NOT NULL,
-    listener TEXT NOT NULL,
-    transport TEXT NOT NULL,
-    reply TEXT NOT NULL,
-    actor TEXT NOT NULL,
-    detail TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS events_at ON events(at, kind);  -- covers the overview counts
-CREATE INDEX IF NOT EXISTS events_queue_id ON events(queue_id);
-CREATE INDEX IF NOT EXISTS events_message_id ON events(message_id);
-CREATE INDEX IF NOT EXISTS events_recipient ON events(recipient COLLATE NOCASE);
-CREATE INDEX IF NOT EXISTS events_sender ON events(sender COLLATE NOCASE);
-CREATE INDEX IF NOT EXISTS events_device ON events(device);
-"""
 _INSERT = f"INSERT INTO events ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"  # noqa: S608
 BACKLOG_LIMIT = 200_000  # events waiting for a stuck disk before the oldest are dropped (and counted)
 PURGE_CHUNK = 10_000  # rows per purge transaction, so the writer is never held long
@@ -173,6 +150,11 @@ class SqliteTrackingLog:
         self._full = False
         self._purger: asyncio.Task[None] | None = None
 
+    def configure(self, *, retention_days: float, log_events: bool) -> None:
+        """A reload: the retention (next purge) and the event log lines (next batch)."""
+        self.retention_days = retention_days
+        self._log_events = log_events
+
     # -- lifecycle -------------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -181,13 +163,19 @@ class SqliteTrackingLog:
 
     def _open_writer(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self.path.exists():
+            check_version(SCHEMA, self.path)  # before journal_mode: nothing is written to a newer one
         # Addresses and subjects are personal data: the file is for the service user only.
         os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
         conn = self._connect()
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.executescript(_SCHEMA)
-        self._last_id = int(conn.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0])
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            migrate(conn, SCHEMA, self.path)  # a tracking log of a newer relay365: SchemaVersionError
+            self._last_id = int(conn.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0])
+        except BaseException:
+            conn.close()
+            raise
         self._wconn = conn
 
     def _open_reader(self) -> None:
@@ -389,6 +377,9 @@ class SqliteTrackingLog:
             await asyncio.sleep(every)
 
 
+COLUMNS = _COLUMNS  # (the PostgreSQL log, tracking_pg.py, stores the same columns)
+
+
 def _log_event(e: TrackingEvent) -> None:
     """One structured line per event: the JSON log format shows the ``extra`` fields, the text
     format the Postfix-style pairs."""
@@ -409,3 +400,7 @@ def _log_event(e: TrackingEvent) -> None:
         if value:
             parts.append(f"{key}={value}")
     events_log.info(" ".join(parts), extra={"tracking": e.as_dict()})
+
+
+log_event = _log_event
+like_pattern = _like

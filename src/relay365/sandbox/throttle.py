@@ -32,6 +32,7 @@ class SubmissionThrottle:
         self._clock = clock
         self._lock = threading.Lock()
         self._slots: dict[str, set[int]] = {}
+        self._peak: dict[str, int] = {}  # the most slots held at once, per mailbox
         self._messages: dict[str, deque[float]] = {}
         self._recipients: dict[str, deque[tuple[float, int]]] = {}
 
@@ -47,12 +48,18 @@ class SubmissionThrottle:
             if len(holders) >= self._limits_of().smtp_connections_per_mailbox:
                 return False
             holders.add(session_id)
+            self._peak[key] = max(self._peak.get(key, 0), len(holders))
             return True
 
     def release_slot(self, mailbox: str, session_id: int) -> None:
         """Give the slot back (the connection closed)."""
         with self._lock:
             self._slots.get(mailbox.lower(), set()).discard(session_id)
+
+    def peak_slots(self, mailbox: str) -> int:
+        """The most sending slots the mailbox held at the same time so far."""
+        with self._lock:
+            return self._peak.get(mailbox.lower(), 0)
 
     def slots_in_use(self, mailbox: str) -> int:
         with self._lock:

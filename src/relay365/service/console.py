@@ -35,6 +35,7 @@ from relay365.settings import Settings
 from relay365.spool.contract import Spool
 from relay365.spool.model import QueueEntry, QueuePage, QueueQuery, QueueStats
 from relay365.spool.wire import Unstuffer, unstuff
+from relay365.tracing.follower import TraceFollower
 from relay365.transports.base import PacedTransport
 
 if TYPE_CHECKING:
@@ -59,6 +60,7 @@ class RelayParts:
     activity: DeviceActivity
     clock: Callable[[], float] = time.time
     explain: Callable[[str], str | None] = field(default=lambda reply: None)
+    follower: TraceFollower | None = None  # Microsoft 365's side ([tracing]); None when off
 
 
 class RelayStatus:
@@ -98,7 +100,7 @@ class RelayStatus:
                 token = TokenStatus(s.expires_at, s.last_refresh, s.last_error)
             pacing = None
             if isinstance(transport, PacedTransport):
-                h = r.delivery.headroom(transport)
+                h = await r.delivery.headroom(transport)
                 limits = transport.pacing
                 pacing = Headroom(
                     key=transport.pacing_key,
@@ -175,6 +177,7 @@ class DiagnosticsSetup:
         self._relay = relay
 
     async def doctor(self) -> list[CheckRow]:
+        from relay365.diagnostics.checks.trace_check import check_message_trace
         from relay365.diagnostics.doctor_config import (
             ConfigDoctorOptions,
             relay_checks,
@@ -189,6 +192,7 @@ class DiagnosticsSetup:
             jobs.append(transport_network(t, timeout_s=opts.timeout_s))
             if t.type in ("submission", "graph"):
                 jobs.append(transport_auth(t, timeout_s=opts.timeout_s))
+        jobs.append(check_message_trace(s, timeout_s=opts.timeout_s))
         batches = await asyncio.gather(*jobs)
         return [CheckRow(r.name, r.status.value, r.detail, r.fix) for batch in batches for r in batch]
 
@@ -258,4 +262,5 @@ def console_deps(relay: RelayParts, *, mailboxes: SandboxMailboxes | None = None
         setup=DiagnosticsSetup(relay),
         mailboxes=mailboxes,
         explain=relay.explain,
+        post_acceptance=relay.follower.store if relay.follower is not None else None,
     )

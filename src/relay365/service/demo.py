@@ -73,8 +73,11 @@ def demo_settings(sb: Sandbox, state: Path, *, port: int = DEMO_PORT) -> Setting
                 "client_secret_file": str(secret),
                 "authority": sb.base_url,
                 "authority_ca_file": str(sb.ca_path),
+                "graph_url": sb.graph_url,  # its app also reads the sandbox's message trace
             },
         ],
+        # Microsoft 365's side of each message (the sandbox's message trace), a minute after the 250.
+        "tracing": {"poll_interval": 60},
         "route": [
             {
                 "name": "internal",

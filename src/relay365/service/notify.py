@@ -8,6 +8,11 @@ abstract namespace"). Each message is one datagram of newline-separated ``VAR=VA
   accepts connections, so ``systemctl start`` returns only when devices can connect.
 - ``STATUS=...``: one line that ``systemctl status`` shows.
 - ``STOPPING=1``: shutdown has begun (sessions and deliveries in flight are being finished).
+- ``RELOADING=1`` with ``MONOTONIC_USEC=``: a reload (SIGHUP) has begun; ``READY=1`` follows when it is
+  over, applied or refused (sd_notify(3): "a service that sends this notification must also send a
+  READY=1 notification when it completed reloading its configuration"; ``MONOTONIC_USEC`` is
+  CLOCK_MONOTONIC in microseconds, which ``Type=notify-reload`` (systemd 253+) needs to tell this reload
+  from an earlier one and older versions ignore).
 - ``WATCHDOG=1``: the service is alive. With ``WatchdogSec=`` systemd passes ``WATCHDOG_USEC`` (and
   ``WATCHDOG_PID``, the process meant); without a ping within that time it kills and restarts the
   service. sd_watchdog_enabled(3) advises pinging every half interval; the pings come from a task on
@@ -23,6 +28,7 @@ import asyncio
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable, Mapping
 
 log = logging.getLogger(__name__)
@@ -96,6 +102,10 @@ class Notifier:
 
     async def status(self, status: str) -> bool:
         return await self.send(f"STATUS={status}")
+
+    async def reloading(self, status: str) -> bool:
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        return await self.send("RELOADING=1", f"MONOTONIC_USEC={usec}", f"STATUS={status}")
 
     async def stopping(self, status: str) -> bool:
         return await self.send("STOPPING=1", f"STATUS={status}")

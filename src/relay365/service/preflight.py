@@ -19,6 +19,10 @@ Checked, in config order:
   (``0.0.0.0`` covers every IPv4 address; ``::`` every IPv6 one, asyncio binds IPv6 with V6ONLY);
 * the spool directory exists and is writable, or can be created; ``[spool] url`` names a backend this
   build has (spool/factory.py), and a ``sqlite:`` spool elsewhere is checked like the directory;
+  a ``postgresql://`` spool: its password can be read, the server answers, is PostgreSQL 12 or newer
+  and holds the schema this build works with (else: run ``relay365 spool migrate``);
+* the queue (``queue.db``) and the tracking log (``tracking.db``), when they exist, were not written by
+  a newer relay365 (their schema version, read-only: ``spool/schema_version.py``);
 * every transport is built as serve builds it (its own checks run), and handed to serve.
 
 Warnings (serve starts anyway; both print them): a world-readable private key, an expired listener
@@ -30,6 +34,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import json
+import sqlite3
 import stat
 import tempfile
 from collections.abc import Callable, Mapping
@@ -41,8 +46,12 @@ from relay365.certfiles import Findings, check_ca, check_pair, is_rsa
 from relay365.credentials import load_secret
 from relay365.errors import ConfigError, PreflightError, Relay365Error
 from relay365.ingress.tls import self_signed_paths, self_signed_types, server_context
+from relay365.observability import tracking_schema
 from relay365.settings import ListenerSettings, Settings, TransportSettings
-from relay365.spool.factory import locate
+from relay365.spool import sqlite_schema
+from relay365.spool.factory import locate, pg_target
+from relay365.spool.pg_check import probe
+from relay365.spool.schema_version import Schema, check_version
 from relay365.transports.base import Transport
 from relay365.transports.registry import build_transport
 
@@ -73,6 +82,10 @@ async def preflight(
     _bindings(settings, out)
     _spool(settings.server.spool_dir, out)
     _spool_url(settings, out)
+    await _postgres(settings, out)
+    if settings.tracking.enabled:
+        tracking = settings.tracking.path or settings.server.spool_dir / "tracking.db"
+        _schema("tracking.path", tracking_schema.SCHEMA, tracking, out)
     report = PreflightReport(warnings=out.warnings)
     if not out.problems:
         for i, t in enumerate(settings.transports):
@@ -212,6 +225,22 @@ def _spool_url(settings: Settings, out: Findings) -> None:
         _spool(where.path, out, key="spool.url")
 
 
+async def _postgres(settings: Settings, out: Findings) -> None:
+    try:
+        where = locate(settings)
+    except ConfigError:
+        return  # reported by _spool_url
+    if where.scheme != "postgresql":
+        return
+    try:
+        target = pg_target(settings)
+        status = await probe(target)
+    except Relay365Error as e:
+        out.problems.append(str(e))
+        return
+    out.problems.extend(status.problems(target.shown()))
+
+
 def _spool(directory: Path, out: Findings, *, key: str = "server.spool_dir") -> None:
     base = directory
     while not base.exists() and base != base.parent:
@@ -234,6 +263,18 @@ def _spool(directory: Path, out: Findings, *, key: str = "server.spool_dir") -> 
                 pass
         except OSError as e:
             out.problems.append(f"{key}: cannot open the queue {db} for writing: {e.strerror}.")
+            return
+        _schema(key, sqlite_schema.SCHEMA, db, out)
+
+
+def _schema(key: str, schema: Schema, path: Path, out: Findings) -> None:
+    """A database this relay365 can read: not one of a newer release (read-only, nothing written)."""
+    try:
+        check_version(schema, path)
+    except Relay365Error as e:
+        out.problems.append(f"{key}: {e}")
+    except sqlite3.Error as e:
+        out.problems.append(f"{key}: {path} is not a database relay365 can read: {e}.")
 
 
 async def preflight_for(settings: Settings) -> PreflightReport:

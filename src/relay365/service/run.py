@@ -16,7 +16,8 @@ from relay365.errors import ConfigError, Relay365Error
 from relay365.logformats import LogFormat, make_formatter, resolve_format
 from relay365.logsetup import configure_logging
 from relay365.service.relay import Relay
-from relay365.service.serve import make_redactor, serve
+from relay365.service.reload import ReloadReport
+from relay365.service.serve import make_redactor, secrets_of, serve
 from relay365.settings import load_settings
 
 log = logging.getLogger("relay365.serve")
@@ -41,13 +42,25 @@ def serve_config(path: Path, *, log_format: LogFormat | None = None) -> int:
         report_error(str(e), log_format or "auto")
         return 2
     fmt = log_format or settings.server.log_format
-    configure_logging(settings.server.log_level, make_redactor(settings), fmt)
+    redactor = make_redactor(settings)
+    configure_logging(settings.server.log_level, redactor, fmt)
     # In a terminal the listening lines are plain; under the journal or as JSON they are log records.
     plain = resolve_format(fmt, stream=sys.stderr) == "text"
     err = Console(stderr=True)
 
+    def reloaded(relay: Relay, report: ReloadReport) -> None:
+        """The new secrets are masked in the log from now on (the old ones stay masked); the new
+        log level applies; listeners the reload opened are announced like those at start."""
+        for secret in secrets_of(relay.settings):
+            redactor.add(secret)
+        logging.getLogger().setLevel(relay.settings.server.log_level)
+        announce(relay, report.listeners_added)
+
     def ready(relay: Relay) -> None:
-        for listener in settings.listeners:
+        announce(relay, [x.name for x in relay.settings.listeners])
+
+    def announce(relay: Relay, names: list[str]) -> None:
+        for listener in (x for x in relay.settings.listeners if x.name in names):
             line = (
                 f"relay365 listening: {listener.name} on {listener.address}:{relay.ports.get(listener.name)}"
                 f" (tls={listener.tls})"
@@ -58,7 +71,7 @@ def serve_config(path: Path, *, log_format: LogFormat | None = None) -> int:
                 log.info("%s", line)
 
     try:
-        asyncio.run(serve(settings, ready=ready))
+        asyncio.run(serve(settings, ready=ready, reloaded=reloaded))
     except (Relay365Error, OSError) as e:  # never a secret: SecretError names only the key and file
         report_error(str(e), fmt)  # OSError: a listener address in use or not on this host
         return 2

@@ -1,5 +1,12 @@
 """``serve``: run the relay until SIGTERM/SIGINT, telling systemd how it goes (sd_notify: READY once
-every listener accepts, watchdog pings while delivery runs, STOPPING at shutdown)."""
+every listener accepts, watchdog pings while delivery runs, STOPPING at shutdown).
+
+SIGHUP (``systemctl reload``: ``ExecReload=/bin/kill -HUP $MAINPID``) reads the config file again and
+hands it to ``Relay.reload``: RELOADING=1 first, READY=1 when done. A config that does not load or
+pass the preflight, or whose listeners cannot be bound, is refused with ONE error line, and the relay
+keeps running as it was (a watchdog keeps pinging: a refused reload is not a failure of the service).
+Signals that arrive during a reload make one more reload after it (the file may have changed again).
+"""
 
 from __future__ import annotations
 
@@ -10,10 +17,12 @@ import signal
 from collections.abc import Callable
 
 from relay365.credentials import Redactor, load_secret
+from relay365.errors import Relay365Error
 from relay365.service.console import SandboxMailboxes
 from relay365.service.notify import Notifier
 from relay365.service.relay import Relay
-from relay365.settings import Settings
+from relay365.service.reload import ReloadReport
+from relay365.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +44,76 @@ async def serve(
     ready: Callable[[Relay], None] = lambda relay: None,
     mailboxes: SandboxMailboxes | None = None,
     notifier: Notifier | None = None,
+    load: Callable[[], Settings] | None = None,
+    reloaded: Callable[[Relay, ReloadReport], None] = lambda relay, report: None,
 ) -> None:
     """Run until SIGTERM/SIGINT. Under systemd (``NOTIFY_SOCKET``): READY=1 once the spool is recovered
-    and every listener accepts connections, watchdog pings, STOPPING=1 at shutdown."""
+    and every listener accepts connections, watchdog pings, STOPPING=1 at shutdown. SIGHUP: reload
+    with ``load()`` (default: ``settings.source`` read again); ``reloaded`` is told what changed."""
     notify = Notifier.from_environ() if notifier is None else notifier
+    source = settings.source
+    if load is None and source is not None:
+        load = lambda: load_settings(source)  # noqa: E731
+    reloader = Reloader(load=load, notify=notify, reloaded=reloaded)
     try:
-        await _serve(settings, ready, notify, mailboxes)
+        await _serve(settings, ready, notify, mailboxes, reloader)
     finally:
         notify.close()
+
+
+class Reloader:
+    """What SIGHUP does: one reload at a time, one more if signalled meanwhile (module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        load: Callable[[], Settings] | None,
+        notify: Notifier,
+        reloaded: Callable[[Relay, ReloadReport], None],
+    ) -> None:
+        self._load, self._notify, self._reloaded = load, notify, reloaded
+        self.wanted = asyncio.Event()  # set by the signal handler
+
+    async def run(self, relay: Relay) -> None:
+        """Reload each time ``wanted`` is set, until cancelled (a reload under way is finished first:
+        it is shielded, and ``serve`` waits for it before stopping the relay)."""
+        while True:
+            await self.wanted.wait()
+            self.wanted.clear()
+            task = asyncio.ensure_future(self.reload(relay))
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                await asyncio.gather(task, return_exceptions=True)
+                raise
+
+    async def reload(self, relay: Relay) -> bool:
+        """One reload; True when the new configuration runs."""
+        what = str(relay.settings.source or "the configuration")
+        log.info("reloading %s (SIGHUP)", what)
+        await self._notify.reloading(f"Reloading {what}")
+        try:
+            if self._load is None:
+                raise Relay365Error("no configuration file to read again (the demo runs without one)")
+            report = await relay.reload(self._load())
+        except Relay365Error as e:  # ConfigError, ReloadRefused: the running configuration is kept
+            log.error("reload refused, still running with the previous configuration: %s", e)
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            listening = relay.describe_listeners()
+            await self._notify.ready(f"Reload refused ({first}); accepting mail on {listening}")
+            return False
+        except Exception:  # a bug: said once, and the relay goes on (it was consistent before)
+            log.exception("reload failed unexpectedly; still running")
+            await self._notify.ready(f"Reload failed; accepting mail on {relay.describe_listeners()}")
+            return False
+        for line in report.restart_needed:
+            log.warning("reload: %s", line)
+        for warning in report.warnings:
+            log.warning("%s", warning)
+        self._reloaded(relay, report)
+        log.info("reloaded %s: %s", what, report.summary())
+        await self._notify.ready(f"Accepting mail on {relay.describe_listeners()}")
+        return True
 
 
 async def _serve(
@@ -50,33 +121,42 @@ async def _serve(
     ready: Callable[[Relay], None],
     notify: Notifier,
     mailboxes: SandboxMailboxes | None,
+    reloader: Reloader,
 ) -> None:
     relay = Relay(settings, mailboxes=mailboxes)
+    loop = asyncio.get_running_loop()
+    # SIGHUP from now on (its default would end the process): one that comes while the spool is being
+    # recovered makes a reload right after the start.
+    loop.add_signal_handler(signal.SIGHUP, reloader.wanted.set)
     await notify.status("Starting: recovering the spool, opening the listeners")
     try:
         await relay.start()
-    except Exception as e:
-        await notify.status(f"Failed to start: {make_redactor(settings).redact(str(e))}")
+    except BaseException as e:
+        loop.remove_signal_handler(signal.SIGHUP)
+        if isinstance(e, Exception):
+            await notify.status(f"Failed to start: {make_redactor(settings).redact(str(e))}")
         raise
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     ready(relay)
     await notify.ready(f"Accepting mail on {relay.describe_listeners()}")
     watchdog = asyncio.create_task(notify.watchdog(healthy=relay.healthy), name="watchdog")
+    reloads = asyncio.create_task(reloader.run(relay), name="reloader")
     try:
         await stop.wait()
         log.info("shutting down: no new connections, finishing in-flight messages")
         await notify.stopping("Stopping: no new connections, finishing in-flight messages")
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         # systemd stops watching after STOPPING=1. The relay stops last: once its spool is closed the loop
-        # must not run again, or a device session still open would reach the closed spool.
+        # must not run again, or a device session still open would reach the closed spool. A reload
+        # under way is finished first.
         watchdog.cancel()
-        await asyncio.gather(watchdog, return_exceptions=True)
-        await relay.stop(grace=settings.server.shutdown_grace)
+        reloads.cancel()
+        await asyncio.gather(watchdog, reloads, return_exceptions=True)
+        await relay.stop(grace=relay.settings.server.shutdown_grace)
 
 
 def make_redactor(settings: Settings) -> Redactor:

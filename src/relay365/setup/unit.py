@@ -87,6 +87,9 @@ Type=notify
 NotifyAccess=main
 WatchdogSec={WATCHDOG_SEC}s
 ExecStart={exec_line(o)}
+# systemctl reload: SIGHUP re-reads the config (devices, passwords, routes, transports, certificates)
+# without dropping sessions or mail; RELOADING=1, then READY=1. A broken file is refused and logged.
+ExecReload=/bin/kill -HUP $MAINPID
 Restart=on-failure
 RestartSec=5s
 # SIGTERM: stop accepting, finish the sessions and deliveries in flight (30s grace each).

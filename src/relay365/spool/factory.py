@@ -2,7 +2,8 @@
 
 - ``sqlite:PATH`` (the default, ``sqlite:`` + ``server.spool_dir``): the embedded spool (sqlite.py);
 - ``memory:``: the in-memory spool (memory.py), for tests: nothing survives the process;
-- ``postgresql://...``: not in this build yet (issue 10): a ``ConfigError`` says so.
+- ``postgresql://user@host:port/db``: the PostgreSQL spool (postgres.py), shared by several relays;
+  the password from ``[spool] password_env``/``password_file`` or libpq's ``PGPASSWORD``/``.pgpass``.
 
 ``service/relay.py`` (the server), ``cli.py`` (``relay365 queue``) and the diagnostics open the spool
 through here and only here. A new backend is one more entry in ``_BACKENDS``.
@@ -16,10 +17,12 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from relay365.credentials import load_secret
 from relay365.errors import ConfigError
-from relay365.settings import Settings
+from relay365.settings import Settings, redact_url
 from relay365.spool.contract import Spool
 from relay365.spool.memory import MemorySpool
+from relay365.spool.postgres import PgSpool, PgTarget
 from relay365.spool.sqlite import SqliteSpool
 
 KEY = "spool.url"
@@ -44,7 +47,7 @@ _SCHEMES = {
     "postgresql://": "postgresql",
     "postgres://": "postgresql",
 }
-_NAMES = {"postgresql": "The PostgreSQL spool"}
+_NAMES: dict[str, str] = {}
 
 
 def _sqlite(where: SpoolLocation, settings: Settings, clock: Callable[[], float]) -> Spool:
@@ -56,10 +59,22 @@ def _memory(where: SpoolLocation, settings: Settings, clock: Callable[[], float]
     return MemorySpool(clock=clock)
 
 
-# scheme -> how to make the spool; the PostgreSQL backend (issue 10) adds its line here.
+def pg_target(settings: Settings) -> PgTarget:
+    """Where a ``postgresql://`` spool is, with its password (``SecretError`` if it cannot be read)."""
+    s = settings.spool
+    password = load_secret(s.password) if s.password is not None else None
+    return PgTarget(url=s.url, password=password, pool_size=s.pool_size, connect_timeout=s.connect_timeout)
+
+
+def _postgres(where: SpoolLocation, settings: Settings, clock: Callable[[], float]) -> Spool:
+    return PgSpool(pg_target(settings), clock=clock)
+
+
+# scheme -> how to make the spool
 _BACKENDS: dict[str, Callable[[SpoolLocation, Settings, Callable[[], float]], Spool]] = {
     "sqlite": _sqlite,
     "memory": _memory,
+    "postgresql": _postgres,
 }
 
 
@@ -78,13 +93,7 @@ def locate(settings: Settings) -> SpoolLocation:
     return SpoolLocation(scheme, url)
 
 
-def _redact(url: str) -> str:
-    """A URL fit for an error message: a password in it (which belongs in PGPASSWORD) is masked."""
-    scheme, sep, rest = url.partition("://")
-    userinfo, at, host = rest.rpartition("@")
-    if sep and at and ":" in userinfo:
-        return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}"
-    return url
+_redact = redact_url
 
 
 def make_spool(settings: Settings, *, clock: Callable[[], float] = time.time) -> Spool:
@@ -99,7 +108,7 @@ def spool_exists(settings: Settings) -> bool:
     if where.scheme == "sqlite":
         assert where.path is not None
         return (where.path / "queue.db").exists()
-    return where.scheme == "memory"
+    return where.scheme in ("memory", "postgresql")  # (PostgreSQL: open() checks the schema)
 
 
 @asynccontextmanager

@@ -180,3 +180,18 @@ def _remove_stale_tmp(owners_dir: Path) -> None:
             pass
         finally:
             os.close(fd)
+
+
+def live_owners(owners_dir: Path) -> list[str]:
+    """Owners whose lock is held now (a relay365 process works on the spool)."""
+    if not owners_dir.is_dir():
+        return []
+    alive = []
+    for p in sorted(owners_dir.glob("*.lock")):
+        owner = p.name[: -len(".lock")]
+        is_dead, fd = _take_if_dead(owners_dir, owner)
+        if fd is not None:
+            os.close(fd)
+        if not is_dead:
+            alive.append(owner)
+    return alive

@@ -1,9 +1,19 @@
 """The SQLite spool's tables, and how an existing queue.db is brought up to date.
 
-The base tables are those of the first release; every column added since is listed in ``COLUMNS``
-and added with ``ALTER TABLE`` when missing, so a new and an upgraded database have the same columns
-in the same order, and a queue written by an older relay365 is delivered by this one. Code names its
-columns (``MESSAGE_COLUMNS``), never ``SELECT *``.
+Schema versions (``PRAGMA user_version``, ``spool/schema_version.py``)::
+
+    0  a new, empty file; or a queue written before versions were recorded (relay365 0.1.0): the first
+       release's tables (``_BASE``) with none, some or all of the columns in ``COLUMNS``
+    1  the first release's tables + every column in ``COLUMNS`` + the ``control`` table
+    2  + ``messages.stuffed``: 1 when the body is in wire form (dot-stuffed, ``spool/wire.py``), 0 for
+       the bodies spooled before it (the message itself; delivered as they were, stuffed on the way)
+
+The step from 0 creates what is missing: the base tables, each column of ``COLUMNS`` that is not there
+(``ALTER TABLE ... ADD COLUMN``, at the end, in this order), the ``control`` table; so a new and an
+upgraded queue have the same columns in the same order, and a queue written by any earlier relay365
+is delivered by this one. A later change adds a step (``_STEPS[1]`` to make version 2), never edits one.
+A queue with a version above ``SCHEMA.version`` is refused (``SchemaVersionError``), never misread.
+Code names its columns (``MESSAGE_COLUMNS``), never ``SELECT *``.
 """
 
 from __future__ import annotations
@@ -11,6 +21,8 @@ from __future__ import annotations
 import os
 import sqlite3
 from pathlib import Path
+
+from relay365.spool.schema_version import Schema, check_version, migrate
 
 _BASE = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -52,8 +64,6 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("messages", "message_id", "TEXT NOT NULL DEFAULT ''"),
     # the transport of each recipient's last attempt ('' before the first)
     ("recipients", "transport", "TEXT NOT NULL DEFAULT ''"),
-    # 1: the body is in wire form, dot-stuffed (spool/wire.py); 0: the message itself (before 3)
-    ("messages", "stuffed", "INTEGER NOT NULL DEFAULT 0"),
 )
 
 _AFTER_COLUMNS = """
@@ -75,7 +85,10 @@ INSERT_MESSAGE = (
 
 
 def connect(db_path: Path) -> sqlite3.Connection:
-    """Open (creating it 0600) and configure queue.db, and bring its schema up to date."""
+    """Open (creating it 0600) and configure queue.db, and bring its schema up to date; a queue of a
+    newer relay365 is refused (``SchemaVersionError``) before anything is written to it."""
+    if db_path.exists():
+        check_version(SCHEMA, db_path)  # not even journal_mode is set on a queue we cannot read
     # SQLite gives the -wal and -shm files the database file's mode, so create it 0600 first.
     os.close(os.open(db_path, os.O_RDWR | os.O_CREAT, 0o600))
     for suffix in ("", "-wal", "-shm"):
@@ -83,32 +96,45 @@ def connect(db_path: Path) -> sqlite3.Connection:
         if path.exists():
             os.chmod(path, 0o600)
     conn = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")
-    conn.execute("PRAGMA foreign_keys=ON")
-    conn.execute("PRAGMA busy_timeout=10000")
-    upgrade(conn)
+    try:
+        conn.execute("PRAGMA busy_timeout=10000")
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        migrate(conn, SCHEMA, db_path)
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 
-def upgrade(conn: sqlite3.Connection) -> None:
-    """Create what is missing, in one transaction (two processes opening a new spool at once are
-    serialised by the write lock; the loser finds everything there)."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        for statement in _statements(_BASE):
-            conn.execute(statement)
-        for table, column, decl in COLUMNS:
-            have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
-            if column not in have:
-                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
-        for statement in _statements(_AFTER_COLUMNS):
-            conn.execute(statement)
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
+def _v0_to_v1(conn: sqlite3.Connection) -> None:
+    """Inside the upgrade's transaction: create what is missing (a new file gets everything)."""
+    for statement in _statements(_BASE):
+        conn.execute(statement)
+    for table, column, decl in COLUMNS:
+        have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if column not in have:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+    for statement in _statements(_AFTER_COLUMNS):
+        conn.execute(statement)
+
+
+def _v1_to_v2(conn: sqlite3.Connection) -> None:
+    """The bodies already spooled hold the message itself (0); new ones are in wire form (1)."""
+    conn.execute("ALTER TABLE messages ADD COLUMN stuffed INTEGER NOT NULL DEFAULT 0")
+
+
+SCHEMA = Schema(
+    what="the queue",
+    version=2,
+    steps={0: _v0_to_v1, 1: _v1_to_v2},
+    history={
+        0: "a new file, or a queue from before schema versions",
+        1: "owners, claims, header facts",
+        2: "bodies in wire form",
+    },
+)
 
 
 def _statements(script: str) -> list[str]:

@@ -5,9 +5,19 @@
     model.py        TraceRecord / TraceDetail / TraceStatus (Graph's resources), TraceRequest, TraceResult
     plan.py         which queries answer a batch in the fewest requests (pure)
     budget.py       the client-side token bucket (a share of 100 requests per 5 minutes per tenant)
-    graph_trace.py  MessageTraceClient: lookup(), traces(), details(); 403 -> TracePermissionError
+    graph_trace.py  MessageTraceClient: lookup(), traces(), details(), probe(); 403 -> TracePermissionError
 
-Core: imports settings, errors and httpx only (never the sandbox or the diagnostics).
+    The follower (after Microsoft's 250, what became of each recipient; [tracing]):
+    follower.py     TraceFollower and start_follower(), the composition root's one call
+    apps.py         which transports are followed, with which app registration (one per tenant)
+    intake.py       delivered events of the tracking log -> rows to follow
+    work.py         FollowItem, the FollowStore contract, MemoryFollowStore; work_sqlite.py: in tracking.db
+    lookup.py       one pass of questions to one tenant's trace, within the request budget
+    decide.py       what one answer changes for one row, and the events it records (pure)
+    explain.py      reasons, relay365's advice (advice.toml), one timeline of both halves
+
+Core: imports settings, errors, oauth, observability, replies and httpx (never the sandbox or the
+diagnostics).
 """
 
 from relay365.tracing.budget import TokenBucket

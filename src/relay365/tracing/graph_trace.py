@@ -160,6 +160,15 @@ class MessageTraceClient:
         )  # fmt: skip
         return results
 
+    async def probe(self) -> None:
+        """One request that proves the app may read the trace (``doctor``): a query for a Message-ID
+        that cannot exist, in the last hour. Raises :class:`TracePermissionError` without the
+        permission, another :class:`~relay365.errors.TraceError` when the trace does not answer."""
+        now = self._wallclock()
+        query = TraceQuery(now - 3600, now - 60, message_id="relay365-permission-probe@invalid")
+        url = f"{self.graph_url}{TRACES_PATH}"
+        await self._get(url, {"$filter": query.filter(), "$top": "1"})
+
     async def traces(self, query: TraceQuery) -> list[TraceRecord]:
         """Every record one query matches, following ``@odata.nextLink``."""
         url = f"{self.graph_url}{TRACES_PATH}"

@@ -39,6 +39,11 @@ class TraceStatus(StrEnum):
         return cls.UNKNOWN_FUTURE_VALUE
 
     @property
+    def display(self) -> str:
+        """The name Exchange shows (Get-MessageTraceV2, the admin center): ``FilteredAsSpam``."""
+        return self.value[:1].upper() + self.value[1:]
+
+    @property
     def final(self) -> bool:
         """Will this recipient's status still change? gettingStatus ("waiting for status update") and
         pending ("delivery is underway or was deferred and is being retried") will."""

@@ -88,9 +88,10 @@ def _common(values: Sequence[str | None]) -> str | None:
     return None
 
 
-def plan(requests: Sequence[TraceRequest], *, now: float) -> Plan:
+def plan(requests: Sequence[TraceRequest], *, now: float, per_message_limit: int = PER_MESSAGE_LIMIT) -> Plan:
     """The queries that find ``requests`` as of ``now`` (a period ends a minute before it, in case the
-    service's clock is behind ours: mail of the last minute is found by the next lookup)."""
+    service's clock is behind ours: mail of the last minute is found by the next lookup).
+    ``per_message_limit=0``: windows only (for messages without a Message-ID, matched otherwise)."""
     oldest = now - MAX_AGE
     live = [r for r in requests if r.sent_at + LAG >= oldest]
     expired = tuple(r for r in requests if r.sent_at + LAG < oldest)
@@ -100,7 +101,7 @@ def plan(requests: Sequence[TraceRequest], *, now: float) -> Plan:
         end = min(max(r.sent_at for r in group) + LAG, latest)
         start = min(max(group[0].sent_at - LEAD, oldest), end)
         ids = list(dict.fromkeys(r.key[0] for r in group))
-        if len(ids) <= PER_MESSAGE_LIMIT:
+        if len(ids) <= per_message_limit:
             for wanted in ids:
                 original = next(r.message_id for r in group if r.key[0] == wanted)
                 queries.append(TraceQuery(start, end, message_id=original))

@@ -82,6 +82,17 @@ class PacedTransport(Transport, Protocol):
     pacing: PaceLimits
 
 
+@runtime_checkable
+class SessionHolder(Protocol):
+    """A transport that keeps idle upstream sessions open for the next message (SMTP). Where several
+    relays share a mailbox's session limit (pacing through PostgreSQL), the scheduler has it close
+    them after each message, so an idle session of one node never takes a slot another one needs
+    (Exchange Online counts connections, not messages: 432 4.3.2 past three)."""
+
+    async def release_idle(self) -> None:
+        """Close the sessions not in use now (QUIT); never raises."""
+
+
 RecipientRule = Callable[[str], bool]
 
 

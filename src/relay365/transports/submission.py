@@ -111,6 +111,9 @@ class SubmissionTransport:
     async def deliver(self, message: OutboundMessage) -> list[RecipientResult]:
         return await send_over(self._pool, message, upstream=f"{self.name} ({self.upstream})")
 
+    async def release_idle(self) -> None:
+        await self._pool.close()  # (only the idle sessions: the pool stays usable)
+
     async def close(self) -> None:
         await self._pool.close()
         if self._tokens is not None:

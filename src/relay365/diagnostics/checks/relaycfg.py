@@ -20,8 +20,9 @@ from relay365.diagnostics.checks.result import CheckResult, failed, passed, warn
 from relay365.errors import ConfigError, Relay365Error
 from relay365.replies import summary
 from relay365.settings import ListenerSettings, Settings, load_settings
-from relay365.spool.factory import open_spool, spool_exists
+from relay365.spool.factory import locate, open_spool, pg_target, spool_exists
 from relay365.spool.model import QueueEntry, RcptState
+from relay365.spool.pg_check import probe
 
 CERT_WARN_DAYS = 30
 SPOOL_WARN_BYTES = 1 << 30  # 1 GiB
@@ -147,10 +148,39 @@ def _oldest_deferred(entries: Sequence[QueueEntry]) -> tuple[QueueEntry, str, st
     return entry, rcpt, reply
 
 
+async def check_postgres(settings: Settings) -> list[CheckResult]:
+    """A PostgreSQL spool: the connection, the server's version and the schema's (nothing for SQLite)."""
+    try:
+        if locate(settings).scheme != "postgresql":
+            return []
+        target = pg_target(settings)
+    except Relay365Error as exc:
+        return [failed("PostgreSQL spool", str(exc), "Fix [spool] in the configuration")]
+    name = f"PostgreSQL spool {target.shown()}"
+    try:
+        status = await probe(target)
+    except Relay365Error as exc:
+        fix = "Check the server, the URL, the password (password_env/_file, PGPASSWORD, .pgpass), pg_hba.conf"
+        return [failed(name, str(exc), fix)]
+    detail = (
+        f"PostgreSQL {status.server}, schema version {status.schema_version}, round trip"
+        f" {status.round_trip_ms:.1f} ms (relay365 commits with synchronous_commit = on; the"
+        f" server's default is {status.server_synchronous_commit})"
+    )
+    problems = status.problems(target.shown())
+    if problems:
+        return [failed(name, "; ".join(problems), "Run 'relay365 spool migrate -c relay365.toml'")]
+    return [passed(name, detail)]
+
+
 async def check_queue(settings: Settings, *, now: float | None = None) -> list[CheckResult]:
     """Backlog (queue entries) and the oldest deferred recipient with its last reply explained."""
-    directory = settings.server.spool_dir
-    name = f"Queue backlog {directory}"
+    try:
+        where = locate(settings)
+        place = where.path if where.path is not None else where.url
+    except ConfigError:
+        place = settings.server.spool_dir
+    name = f"Queue backlog {place}"
     try:
         if not spool_exists(settings):
             return [passed(name, "no queue yet (the relay has not run with this spool)")]
