@@ -8,6 +8,7 @@ or ``*_file`` (a file readable only by the service user, mode 0600).
 from __future__ import annotations
 
 import ipaddress
+import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -52,6 +53,9 @@ class ServerSettings:
     # Free space kept for the queue's own bookkeeping (delivery outcomes, DSNs): below it devices
     # get 452 4.3.1 (Postfix: queue_minfree; RFC 1870 6.1 for an announced SIZE).
     spool_min_free: int = 64 * 1024 * 1024
+    # Ingress processes (service/workers.py): the supervisor itself and ``workers - 1`` more sharing its
+    # listening sockets. The config's default is the CPU count; 1 keeps one process.
+    workers: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -384,6 +388,7 @@ def _server(t: _Table) -> ServerSettings:
         auth_failure_delay=t.get("auth_failure_delay", float, 1.0),
         shutdown_grace=t.positive("shutdown_grace", float, _SERVER.shutdown_grace),
         spool_min_free=t.get("spool_min_free", int, _SERVER.spool_min_free),
+        workers=t.positive("workers", int, os.cpu_count() or 1),
     )
     if s.spool_min_free < 0:
         raise ConfigError(t.key("spool_min_free"), s.spool_min_free, "Must be 0 or more (bytes).")

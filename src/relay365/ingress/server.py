@@ -572,7 +572,7 @@ class RelaySMTP(CompatSMTP):
             self._note(f"spool: {e}", logging.ERROR)
             return _spool_reply(e)
         self.ctx.rates.accepted(device)
-        self.ctx.metrics.accepted.labels(self.listener.name, device.name).inc()
+        self.ctx.metrics.count_accepted(self.listener.name, device.name)
         detail = f"size={incoming.size} {self._protocol()} {observe.tls_version(self.transport)}".strip()
         observe.received(self.ctx.tracking, self.ctx.activity, queue_id, envelope, detail=detail)
         self.ctx.on_queued(queue_id)

@@ -1,0 +1,148 @@
+"""An ingress worker process: ``python -m relay365.service.worker --control FD --listen NAME=FD ...``.
+
+Started by the supervisor (service/workers.py), never by hand. It serves device sessions on the listening
+sockets it inherited and writes what it accepts to the spool under an owner id of its own (so a worker
+killed with SIGKILL leaves only its unfinished bodies, which the supervisor's ``recover`` removes once
+the worker's owner lock is gone). Everything that is done once, or that must be global, stays in the
+supervisor: preflight, recovery, certificates, delivery, the console, sd_notify, SIGHUP; the connection
+caps, AUTH counters, rates and metrics (ingress/shared.py).
+
+The first datagram on the control socket is the supervisor's ``Settings`` (pickled: the settings the
+supervisor runs with, reloads included, so no file is read again here). The worker says ``ready`` once
+it accepts connections. SIGTERM (or the supervisor's end of the control socket closing) stops it like
+``serve`` stops: no new connections, 421 4.3.2 to open sessions, a message in DATA finished within
+``shutdown_grace``. SIGINT and SIGHUP are the supervisor's to handle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import pickle
+import signal
+import socket
+import sys
+from typing import TYPE_CHECKING
+
+from relay365.credentials import Redactor
+from relay365.ingress.service import IngressService
+from relay365.ingress.shared import SharedActivity, SharedMetrics, SharedState, SupervisorGone
+from relay365.logsetup import configure_logging
+from relay365.observability.tracking import MemoryTrackingLog, TrackingLog
+from relay365.observability.tracking_sqlite import SqliteTrackingLog
+from relay365.service.sharing import tracking_log
+from relay365.settings import Settings
+from relay365.spool.factory import make_spool
+
+if TYPE_CHECKING:
+    from relay365.observability.tracking_pg import PgTrackingLog
+
+log = logging.getLogger("relay365.service.worker")  # (run as __main__)
+
+MAX_SETTINGS = 1 << 24  # the pickled settings: one datagram
+
+
+async def run_worker(
+    settings: Settings, state: SharedState, control: socket.socket, sockets: dict[str, socket.socket]
+) -> None:
+    """Serve device sessions until SIGTERM or until the supervisor is gone (module docstring)."""
+    spool = make_spool(settings)
+    await spool.open()
+    tracking = tracking_log(settings, spool)
+    opened = _to_open(tracking)
+    try:
+        if opened is not None:
+            await opened.open()
+
+        def route_reply(sender: str, rcpt: str, device: str) -> str | None:
+            try:
+                reply: str | None = state.call("route", sender, rcpt, device)
+            except SupervisorGone:
+                return "421 4.3.2 Service shutting down, try again later"
+            return reply
+
+        ingress = IngressService(
+            settings=settings,
+            spool=spool,
+            metrics=SharedMetrics(state),
+            tracking=tracking,
+            activity=SharedActivity(state, configured=tuple(d.name for d in settings.devices)),
+            on_queued=lambda queue_id: state.tell("queued", queue_id),
+            route_reply=route_reply,
+            shared=state,
+            sockets=sockets,
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+
+        def supervisor_gone() -> None:
+            # Readable between calls only when the supervisor's end is closed (every reply is read
+            # by the call that asked for it).
+            why = "closed"
+            try:
+                if control.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
+                    return
+            except BlockingIOError:
+                return
+            except OSError as e:
+                why = str(e)
+            log.warning("the supervisor is gone (%s): stopping", why)
+            state.gone = True
+            loop.remove_reader(control.fileno())
+            stop.set()
+
+        async with ingress:
+            loop.add_reader(control.fileno(), supervisor_gone)
+            state.tell("ready", os.getpid())
+            await stop.wait()
+            log.info("worker %d stopping: no new connections, finishing in-flight messages", os.getpid())
+        with contextlib.suppress(ValueError, OSError):
+            loop.remove_reader(control.fileno())
+    finally:
+        if opened is not None:
+            await opened.close()
+        await spool.close()
+
+
+def _to_open(tracking: TrackingLog) -> SqliteTrackingLog | PgTrackingLog | None:
+    """The tracking log to open and close (None: the memory one, when tracking is off)."""
+    if isinstance(tracking, SqliteTrackingLog | MemoryTrackingLog):
+        return tracking if isinstance(tracking, SqliteTrackingLog) else None
+    from relay365.observability.tracking_pg import PgTrackingLog  # (psycopg: a PostgreSQL spool only)
+
+    assert isinstance(tracking, PgTrackingLog), type(tracking)
+    return tracking
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="relay365-worker", description=__doc__)
+    parser.add_argument("--control", type=int, required=True)
+    parser.add_argument("--listen", action="append", default=[], help="NAME=FD")
+    args = parser.parse_args(argv)
+    # Ctrl-C in a terminal reaches the whole process group: the supervisor decides (it sends SIGTERM).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    control = socket.socket(fileno=args.control)
+    settings = pickle.loads(control.recv(MAX_SETTINGS))  # noqa: S301  # from our own supervisor
+    assert isinstance(settings, Settings)
+    configure_logging(settings.server.log_level, Redactor([]), settings.server.log_format)
+    sockets = {}
+    for item in args.listen:
+        name, _, fd = item.partition("=")
+        sockets[name] = socket.socket(fileno=int(fd))
+    state = SharedState(control)
+    try:
+        asyncio.run(run_worker(settings, state, control, sockets))
+    except SupervisorGone:
+        return 1
+    finally:
+        state.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
