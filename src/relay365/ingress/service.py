@@ -154,9 +154,15 @@ class IngressService:
             await asyncio.gather(*self.context.background, return_exceptions=True)
 
     # -- reload ----------------------------------------------------------------------------------------
-    async def prepare_reload(self, settings: Settings) -> ListenerChange:
+    async def prepare_reload(
+        self, settings: Settings, *, sockets: Mapping[str, socket.socket] | None = None
+    ) -> ListenerChange:
         """Build every listener's TLS context from ``settings`` and bind the new or moved listeners;
-        nothing else changes yet. Raises (``OSError``, ``ssl.SSLError``) with nothing changed."""
+        nothing else changes yet. Raises (``OSError``, ``ssl.SSLError``) with nothing changed.
+        ``sockets``: an ingress worker's, the supervisor's listening sockets after its reload (the new
+        and moved listeners are served on them rather than bound here)."""
+        if sockets is not None:
+            self._sockets = dict(sockets)
         endpoints = [self._endpoint(x, settings) for x in settings.listeners]
         return await self._listeners.prepare(endpoints)
 

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from relay365.credentials import Redactor, load_secret
 from relay365.errors import Relay365Error
 from relay365.ingress.service import IngressService
+from relay365.logformats import LogFormat
 from relay365.service.console import SandboxMailboxes
 from relay365.service.notify import Notifier
 from relay365.service.relay import Relay
@@ -48,17 +49,19 @@ async def serve(
     notifier: Notifier | None = None,
     load: Callable[[], Settings] | None = None,
     reloaded: Callable[[Relay, ReloadReport], None] = lambda relay, report: None,
+    log_format: LogFormat | None = None,
 ) -> None:
     """Run until SIGTERM/SIGINT. Under systemd (``NOTIFY_SOCKET``): READY=1 once the spool is recovered
     and every listener accepts connections, watchdog pings, STOPPING=1 at shutdown. SIGHUP: reload
-    with ``load()`` (default: ``settings.source`` read again); ``reloaded`` is told what changed."""
+    with ``load()`` (default: ``settings.source`` read again); ``reloaded`` is told what changed.
+    ``log_format``: the one the log is written in (``serve --log-format``), for the ingress workers."""
     notify = Notifier.from_environ() if notifier is None else notifier
     source = settings.source
     if load is None and source is not None:
         load = lambda: load_settings(source)  # noqa: E731
     reloader = Reloader(load=load, notify=notify, reloaded=reloaded)
     try:
-        await _serve(settings, ready, notify, mailboxes, reloader)
+        await _serve(settings, ready, notify, mailboxes, reloader, log_format)
     finally:
         notify.close()
 
@@ -128,6 +131,7 @@ async def _serve(
     notify: Notifier,
     mailboxes: SandboxMailboxes | None,
     reloader: Reloader,
+    log_format: LogFormat | None = None,
 ) -> None:
     relay = Relay(settings, mailboxes=mailboxes)
     loop = asyncio.get_running_loop()
@@ -145,14 +149,14 @@ async def _serve(
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    pool = worker_pool(relay)
+    pool = worker_pool(relay, log_format=log_format or settings.server.log_format)
     try:
         await pool.start()  # [server] workers - 1 more ingress processes (none for 1)
     except BaseException:
         await pool.stop(grace=0)
         await relay.stop(grace=0)
         raise
-    reloader.after = pool.replace
+    reloader.after = pool.reload
     ready(relay)
     await notify.ready(f"Accepting mail on {relay.describe_listeners()}")
     watchdog = asyncio.create_task(notify.watchdog(healthy=relay.healthy), name="watchdog")
@@ -174,7 +178,7 @@ async def _serve(
         await asyncio.gather(pool.stop(grace=grace), relay.stop(grace=grace))
 
 
-def worker_pool(relay: Relay) -> WorkerPool:
+def worker_pool(relay: Relay, *, log_format: LogFormat) -> WorkerPool:
     """The ingress workers of ``relay`` (service/workers.py), reading its current settings and parts."""
 
     def ingress() -> IngressService:
@@ -196,6 +200,7 @@ def worker_pool(relay: Relay) -> WorkerPool:
         wake=wake,
         route_reply=route_reply,
         recover=lambda: relay.spool.recover(relay.owner),
+        log_format=log_format,
     )
 
 

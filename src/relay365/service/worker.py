@@ -8,10 +8,12 @@ supervisor: preflight, recovery, certificates, delivery, the console, sd_notify,
 caps, AUTH counters, rates and metrics (ingress/shared.py).
 
 The first datagram on the control socket is the supervisor's ``Settings`` (pickled: the settings the
-supervisor runs with, reloads included, so no file is read again here). The worker says ``ready`` once
-it accepts connections. SIGTERM (or the supervisor's end of the control socket closing) stops it like
-``serve`` stops: no new connections, 421 4.3.2 to open sessions, a message in DATA finished within
-``shutdown_grace``. SIGINT and SIGHUP are the supervisor's to handle.
+supervisor runs with, so no file is read here). The worker says ``ready`` once it accepts connections.
+On the orders socket the supervisor sends each reload it applied (its settings and its listening
+sockets), which the worker applies the same way (``reload``). SIGTERM, or the orders socket closing
+(the supervisor is gone), stops it like ``serve`` stops: no new connections, 421 4.3.2 to open
+sessions, a message in DATA finished within ``shutdown_grace``. SIGINT and SIGHUP are the
+supervisor's to handle.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import TYPE_CHECKING
 from relay365.credentials import Redactor
 from relay365.ingress.service import IngressService
 from relay365.ingress.shared import SharedActivity, SharedMetrics, SharedState, SupervisorGone
+from relay365.logformats import LOG_FORMATS
 from relay365.logsetup import configure_logging
 from relay365.observability.tracking import MemoryTrackingLog, TrackingLog
 from relay365.observability.tracking_sqlite import SqliteTrackingLog
@@ -43,10 +46,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("relay365.service.worker")  # (run as __main__)
 
 MAX_SETTINGS = 1 << 24  # the pickled settings: one datagram
+MAX_FDS = 256  # listening sockets passed with a reload (one per listener)
 
 
 async def run_worker(
-    settings: Settings, state: SharedState, control: socket.socket, sockets: dict[str, socket.socket]
+    settings: Settings, state: SharedState, orders: socket.socket, sockets: dict[str, socket.socket]
 ) -> None:
     """Serve device sessions until SIGTERM or until the supervisor is gone (module docstring)."""
     spool = make_spool(settings)
@@ -79,33 +83,60 @@ async def run_worker(
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
 
-        def supervisor_gone() -> None:
-            # Readable between calls only when the supervisor's end is closed (every reply is read
-            # by the call that asked for it).
-            why = "closed"
+        reloads: set[asyncio.Task[None]] = set()
+
+        def order() -> None:
+            """The supervisor's orders: a reload (its settings and listening sockets), or the end of
+            the socket (the supervisor is gone: stop)."""
             try:
-                if control.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
-                    return
+                data, fds, _flags, _addr = socket.recv_fds(orders, MAX_SETTINGS, MAX_FDS, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 return
             except OSError as e:
-                why = str(e)
-            log.warning("the supervisor is gone (%s): stopping", why)
-            state.gone = True
-            loop.remove_reader(control.fileno())
-            stop.set()
+                log.warning("the supervisor's orders cannot be read (%s)", e)
+                data, fds = b"", []
+            if not data:
+                log.warning("the supervisor is gone: stopping")
+                state.gone = True
+                loop.remove_reader(orders.fileno())
+                stop.set()
+                return
+            new, names = pickle.loads(data)  # noqa: S301  # from our own supervisor
+            listening = {name: socket.socket(fileno=fd) for name, fd in zip(names, fds, strict=True)}
+            task = loop.create_task(reload(ingress, new, listening))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
 
         async with ingress:
-            loop.add_reader(control.fileno(), supervisor_gone)
+            loop.add_reader(orders.fileno(), order)
             state.tell("ready", os.getpid())
             await stop.wait()
             log.info("worker %d stopping: no new connections, finishing in-flight messages", os.getpid())
-        with contextlib.suppress(ValueError, OSError):
-            loop.remove_reader(control.fileno())
+            with contextlib.suppress(ValueError, OSError):
+                loop.remove_reader(orders.fileno())
+            if reloads:
+                await asyncio.gather(*reloads, return_exceptions=True)
     finally:
         if opened is not None:
             await opened.close()
         await spool.close()
+
+
+async def reload(ingress: IngressService, settings: Settings, sockets: dict[str, socket.socket]) -> None:
+    """Apply the supervisor's reloaded settings as ``Relay.reload`` does for its own ingress: open
+    sessions go on (and follow the new device table from their next MAIL); listeners the reload added
+    or moved are served on the sockets the supervisor bound, removed ones stop accepting here too."""
+    try:
+        change = await ingress.prepare_reload(settings, sockets=sockets)
+    except (OSError, ValueError) as e:  # the supervisor checked the same files a moment ago
+        log.error("worker %d: the reload cannot be applied (%s): stopping, to be replaced", os.getpid(), e)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    for name in change.kept:  # (the socket this worker serves already; the copy is not needed)
+        sockets.pop(name).close()
+    ingress.apply(settings, change)
+    logging.getLogger().setLevel(settings.server.log_level)
+    log.info("worker %d reloaded: %s", os.getpid(), change.describe())
 
 
 def _to_open(tracking: TrackingLog) -> SqliteTrackingLog | PgTrackingLog | None:
@@ -121,6 +152,10 @@ def _to_open(tracking: TrackingLog) -> SqliteTrackingLog | PgTrackingLog | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="relay365-worker", description=__doc__)
     parser.add_argument("--control", type=int, required=True)
+    parser.add_argument("--orders", type=int, required=True)
+    parser.add_argument(
+        "--log-format", choices=LOG_FORMATS, default=None, help="serve's (its flag or config)"
+    )
     parser.add_argument("--listen", action="append", default=[], help="NAME=FD")
     args = parser.parse_args(argv)
     # Ctrl-C in a terminal reaches the whole process group: the supervisor decides (it sends SIGTERM).
@@ -129,14 +164,16 @@ def main(argv: list[str] | None = None) -> int:
     control = socket.socket(fileno=args.control)
     settings = pickle.loads(control.recv(MAX_SETTINGS))  # noqa: S301  # from our own supervisor
     assert isinstance(settings, Settings)
-    configure_logging(settings.server.log_level, Redactor([]), settings.server.log_format)
+    configure_logging(settings.server.log_level, Redactor([]), args.log_format or settings.server.log_format)
     sockets = {}
     for item in args.listen:
         name, _, fd = item.partition("=")
         sockets[name] = socket.socket(fileno=int(fd))
     state = SharedState(control)
+    orders = socket.socket(fileno=args.orders)
+    orders.setblocking(False)
     try:
-        asyncio.run(run_worker(settings, state, control, sockets))
+        asyncio.run(run_worker(settings, state, orders, sockets))
     except SupervisorGone:
         return 1
     finally:

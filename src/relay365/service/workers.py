@@ -18,8 +18,13 @@ holds (connection slots, passwords being verified) to give it back when a worker
 * SIGTERM: every worker is told SIGTERM and drains as the supervisor does (421 4.3.2 to its sessions,
   a message in DATA finished within ``shutdown_grace``); one that is still running after the grace
   and a margin is killed.
-* A reload (SIGHUP) that succeeded replaces the workers: new ones start with the new settings and the
-  listening sockets as the reload left them, then the old ones drain as at SIGTERM.
+* A reload (SIGHUP) that succeeded is forwarded: each worker gets the new settings and the listening
+  sockets as the reload left them (over a second socket pair, the sockets as SCM_RIGHTS) and applies
+  them as the supervisor did: open sessions go on and follow the new device table from their next
+  MAIL, added listeners are served, removed ones stop accepting. A changed ``workers`` starts or
+  stops workers. (One thing a reload cannot do with workers: move a port between listeners on the
+  same address: the workers still hold the old socket, so the new bind fails and the reload is
+  refused, all or nothing; a restart does it.)
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from typing import Any
 
 from relay365.ingress.context import IngressContext
 from relay365.ingress.shared import MAX_MESSAGE
+from relay365.logformats import LogFormat
 from relay365.observability.activity import DeviceActivity
 from relay365.settings import DeviceSettings, Settings
 
@@ -56,7 +62,8 @@ RESTART_PAUSE = 1.0
 @dataclass
 class _Worker:
     proc: asyncio.subprocess.Process
-    sock: socket.socket
+    sock: socket.socket  # its requests (ingress/shared.py), answered
+    orders: socket.socket  # reloads, sent; closed: the worker stops (the supervisor is gone)
     started: float
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     stopping: bool = False
@@ -78,6 +85,7 @@ class WorkerPool:
         wake: Callable[[str], None],
         route_reply: Callable[[str, str, str], str | None],
         recover: Callable[[], Any],
+        log_format: LogFormat = "auto",
         command: tuple[str, ...] = (sys.executable, "-m", "relay365.service.worker"),
     ) -> None:
         """``settings``, ``context``, ``sockets``: the supervisor's current ones (reloads change them);
@@ -85,7 +93,7 @@ class WorkerPool:
         self._settings, self._context, self._sockets = settings, context, sockets
         self._activity = activity
         self._wake, self._route_reply, self._recover = wake, route_reply, recover
-        self._command = command
+        self._command = (*command, "--log-format", log_format)
         self._workers: list[_Worker] = []
         self._closing = False
 
@@ -99,12 +107,24 @@ class WorkerPool:
         started = [await self._spawn() for _ in range(count)]
         await asyncio.gather(*(self._until_ready(w) for w in started))
 
-    async def replace(self) -> None:
-        """After a reload: new workers with the new settings and sockets; once they accept connections
-        the old ones are told to drain (not awaited: ``stop`` waits for any still draining)."""
-        old = [w for w in self._workers if not w.stopping]
-        await self.start()
-        self._signal_stop(old)
+    async def reload(self) -> None:
+        """After the supervisor's reload: each worker gets the new settings and the listening sockets
+        as the reload left them, and applies them as the supervisor did (``worker.reload``: open
+        sessions go on). Then as many workers are started or stopped as the new ``workers`` asks."""
+        settings, listening = self._settings(), self._sockets()
+        payload = pickle.dumps((settings, list(listening)))
+        fds = [s.fileno() for s in listening.values()]
+        live = [w for w in self._workers if not w.stopping]
+        for w in live:
+            try:
+                socket.send_fds(w.orders, [payload], fds)
+            except OSError as e:  # it is exiting: replaced with the new settings
+                log.warning("ingress worker %d did not take the reload: %s", w.proc.pid, e)
+        want = settings.server.workers - 1
+        if len(live) > want:
+            self._signal_stop(live[want:])
+        started = [await self._spawn() for _ in range(want - len(live))]
+        await asyncio.gather(*(self._until_ready(w) for w in started))
 
     async def stop(self, *, grace: float) -> None:
         """SIGTERM to every worker; wait for them (killing one still there after ``grace`` + a margin)."""
@@ -114,17 +134,20 @@ class WorkerPool:
     # -- one worker ------------------------------------------------------------------------------------
     async def _spawn(self) -> _Worker:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        orders, their_orders = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         listening = self._sockets()
-        args = [*self._command, "--control", str(theirs.fileno())]
+        args = [*self._command, "--control", str(theirs.fileno()), "--orders", str(their_orders.fileno())]
         args += [f"--listen={name}={sock.fileno()}" for name, sock in listening.items()]
-        fds = [theirs.fileno(), *(s.fileno() for s in listening.values())]
+        fds = [theirs.fileno(), their_orders.fileno(), *(s.fileno() for s in listening.values())]
         try:
             proc = await asyncio.create_subprocess_exec(*args, pass_fds=fds, stdin=asyncio.subprocess.DEVNULL)
         finally:
             theirs.close()
+            their_orders.close()
         mine.setblocking(False)
         mine.send(pickle.dumps(self._settings()))
-        worker = _Worker(proc, mine, time.monotonic())
+        orders.setblocking(False)
+        worker = _Worker(proc, mine, orders, time.monotonic())
         self._workers.append(worker)
         worker.tasks = [
             asyncio.create_task(self._serve(worker), name=f"worker-{proc.pid}-requests"),
@@ -174,6 +197,7 @@ class WorkerPool:
         worker.held.clear()
         worker.verifying.clear()
         worker.sock.close()
+        worker.orders.close()
 
     @staticmethod
     def _signal_stop(workers: list[_Worker]) -> None:
