@@ -349,3 +349,31 @@ async def test_a_reload_reaches_the_workers_and_their_open_sessions_go_on(tmp_pa
         assert server.terminate() == 0
     finally:
         server.kill()
+
+
+async def test_a_supervisor_killed_takes_its_workers_with_it(tmp_path: Path) -> None:
+    """kill -9 of ``serve`` is a crash of the whole relay (a worker cannot commit without it): the worker
+    is killed too, so the next start recovers the spool as after any crash (test_durability's kill -9
+    test, which runs with the default workers, checks that nothing acknowledged is lost)."""
+    cfg = write_config(
+        tmp_path, listener=[PLAIN], transport=[smarthost_cfg(closed_port())], server={"workers": 2}
+    )
+    server = ServeProcess(cfg, tmp_path / "serve.log").start()
+    try:
+        worker = one_worker(server)
+        server.kill()
+
+        def gone() -> bool:
+            try:
+                os.kill(worker, 0)
+            except ProcessLookupError:
+                return True
+            try:
+                stat = Path(f"/proc/{worker}/stat").read_text(encoding="ascii", errors="replace")
+            except FileNotFoundError:
+                return True
+            return stat.rsplit(")", 1)[-1].split()[0] == "Z"  # (exited; its new parent reaps it)
+
+        await asyncio.to_thread(wait_for, gone, 30.0, "the worker to die with its supervisor")
+    finally:
+        server.kill()

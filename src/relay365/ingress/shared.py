@@ -20,14 +20,18 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import socket
+import struct
 from typing import Any
 
+from relay365.errors import SpoolIOError
 from relay365.ingress.identity import AuthGuard, ConnectionLimiter
 from relay365.ingress.policy import RateLimiter
 from relay365.observability.activity import DeviceActivity
 from relay365.observability.metrics import Metrics
 from relay365.settings import DeviceSettings, ServerSettings
+from relay365.spool.model import Envelope
 
 log = logging.getLogger(__name__)
 
@@ -188,3 +192,50 @@ class SharedActivity(DeviceActivity):
 
     def refused(self, device: str | None, *, address: str, reply: str) -> None:
         self._state.tell("device_refused", device, address, reply)
+
+
+_LENGTH = struct.Struct("!Q")
+
+
+class RemoteCommits:
+    """A worker's SQLite spool commits through the supervisor (``SqliteSpool.delegate_commits``): the
+    rows of one group commit, pickled, length-prefixed, over a stream socket pair used only by the
+    spool's database thread; the reply is empty once they are committed, else the error's text."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(True)
+        self._sock = sock
+
+    def __call__(self, rows: list[tuple[str, Envelope, int]], now: float, body_dir: str) -> None:
+        data = pickle.dumps((rows, now, body_dir))
+        try:
+            self._sock.sendall(_LENGTH.pack(len(data)) + data)
+            reply = self._read(self._read(_LENGTH.size, length=True))
+        except OSError as e:
+            raise SpoolIOError(f"the supervisor cannot commit the message: {e}") from e
+        if reply:
+            raise SpoolIOError(reply.decode(errors="replace"))
+
+    def _read(self, n: int, *, length: bool = False) -> Any:
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = self._sock.recv(n - len(buf))
+            if not chunk:
+                raise ConnectionResetError("the supervisor is gone")
+            buf += chunk
+        return _LENGTH.unpack(buf)[0] if length else bytes(buf)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def frame(data: bytes) -> bytes:
+    """``data`` with its length in front (the commits socket's framing)."""
+    return _LENGTH.pack(len(data)) + data
+
+
+LENGTH_SIZE = _LENGTH.size
+
+
+def length_of(header: bytes) -> int:
+    return int(_LENGTH.unpack(header)[0])

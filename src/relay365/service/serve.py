@@ -26,6 +26,7 @@ from relay365.service.relay import Relay
 from relay365.service.reload import ReloadReport
 from relay365.service.workers import WorkerPool
 from relay365.settings import Settings, load_settings
+from relay365.spool.sqlite import SqliteSpool
 
 log = logging.getLogger(__name__)
 
@@ -174,8 +175,12 @@ async def _serve(
         watchdog.cancel()
         reloads.cancel()
         await asyncio.gather(watchdog, reloads, return_exceptions=True)
+        # The workers drain while the relay does; the spool (which commits their messages) is closed
+        # only once they are gone.
         grace = relay.settings.server.shutdown_grace
-        await asyncio.gather(pool.stop(grace=grace), relay.stop(grace=grace))
+        pool.signal_stop()
+        relay.before_spool_close(lambda: pool.stop(grace=grace))
+        await relay.stop(grace=grace)
 
 
 def worker_pool(relay: Relay, *, log_format: LogFormat) -> WorkerPool:
@@ -200,6 +205,7 @@ def worker_pool(relay: Relay, *, log_format: LogFormat) -> WorkerPool:
         wake=wake,
         route_reply=route_reply,
         recover=lambda: relay.spool.recover(relay.owner),
+        commit=relay.spool.insert_delegated if isinstance(relay.spool, SqliteSpool) else None,
         log_format=log_format,
     )
 

@@ -10,10 +10,10 @@ caps, AUTH counters, rates and metrics (ingress/shared.py).
 The first datagram on the control socket is the supervisor's ``Settings`` (pickled: the settings the
 supervisor runs with, so no file is read here). The worker says ``ready`` once it accepts connections.
 On the orders socket the supervisor sends each reload it applied (its settings and its listening
-sockets), which the worker applies the same way (``reload``). SIGTERM, or the orders socket closing
-(the supervisor is gone), stops it like ``serve`` stops: no new connections, 421 4.3.2 to open
-sessions, a message in DATA finished within ``shutdown_grace``. SIGINT and SIGHUP are the
-supervisor's to handle.
+sockets), which the worker applies the same way (``reload``). SIGTERM, or the orders socket closing,
+stops it like ``serve`` stops: no new connections, 421 4.3.2 to open sessions, a message in DATA
+finished within ``shutdown_grace``. SIGINT and SIGHUP are the supervisor's to handle. A supervisor
+that dies takes its workers with it (``die_with``).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import pickle
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING
 
 from relay365.credentials import Redactor
 from relay365.ingress.service import IngressService
-from relay365.ingress.shared import SharedActivity, SharedMetrics, SharedState, SupervisorGone
+from relay365.ingress.shared import RemoteCommits, SharedActivity, SharedMetrics, SharedState, SupervisorGone
 from relay365.logformats import LOG_FORMATS
 from relay365.logsetup import configure_logging
 from relay365.observability.tracking import MemoryTrackingLog, TrackingLog
@@ -39,6 +40,7 @@ from relay365.observability.tracking_sqlite import SqliteTrackingLog
 from relay365.service.sharing import tracking_log
 from relay365.settings import Settings
 from relay365.spool.factory import make_spool
+from relay365.spool.sqlite import SqliteSpool
 
 if TYPE_CHECKING:
     from relay365.observability.tracking_pg import PgTrackingLog
@@ -50,10 +52,16 @@ MAX_FDS = 256  # listening sockets passed with a reload (one per listener)
 
 
 async def run_worker(
-    settings: Settings, state: SharedState, orders: socket.socket, sockets: dict[str, socket.socket]
+    settings: Settings,
+    state: SharedState,
+    orders: socket.socket,
+    sockets: dict[str, socket.socket],
+    commits: RemoteCommits,
 ) -> None:
     """Serve device sessions until SIGTERM or until the supervisor is gone (module docstring)."""
     spool = make_spool(settings)
+    if isinstance(spool, SqliteSpool):  # queue.db keeps one writer: the supervisor commits the rows
+        spool.delegate_commits(commits)
     await spool.open()
     tracking = tracking_log(settings, spool)
     opened = _to_open(tracking)
@@ -149,15 +157,32 @@ def _to_open(tracking: TrackingLog) -> SqliteTrackingLog | PgTrackingLog | None:
     return tracking
 
 
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent dies
+
+
+def die_with(supervisor: int) -> None:
+    """SIGKILL when the supervisor dies (prctl PR_SET_PDEATHSIG, Linux). A worker cannot commit a
+    message without its supervisor, and a supervisor killed with SIGKILL is a crash of the relay: its
+    workers go with it, and the next start recovers the spool as after any crash (their half-written
+    bodies are removed once their owner locks are gone)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != supervisor:  # it died before the prctl
+        os._exit(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="relay365-worker", description=__doc__)
     parser.add_argument("--control", type=int, required=True)
     parser.add_argument("--orders", type=int, required=True)
+    parser.add_argument("--commits", type=int, required=True)
+    parser.add_argument("--supervisor", type=int, required=True, help="its pid")
     parser.add_argument(
         "--log-format", choices=LOG_FORMATS, default=None, help="serve's (its flag or config)"
     )
     parser.add_argument("--listen", action="append", default=[], help="NAME=FD")
     args = parser.parse_args(argv)
+    die_with(args.supervisor)
     # Ctrl-C in a terminal reaches the whole process group: the supervisor decides (it sends SIGTERM).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -172,8 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     state = SharedState(control)
     orders = socket.socket(fileno=args.orders)
     orders.setblocking(False)
+    commits = RemoteCommits(socket.socket(fileno=args.commits))
     try:
-        asyncio.run(run_worker(settings, state, orders, sockets))
+        asyncio.run(run_worker(settings, state, orders, sockets, commits))
     except SupervisorGone:
         return 1
     finally:

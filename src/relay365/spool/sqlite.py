@@ -64,6 +64,7 @@ from relay365.spool.wire import stuff
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+Rows = list[tuple[str, Envelope, int]]  # queue id, envelope, size: messages to insert
 
 
 class SqliteSpool:
@@ -79,6 +80,7 @@ class SqliteSpool:
         self.db_path = directory / "queue.db"
         self._clock = clock
         self._db_thread = ThreadPoolExecutor(1, thread_name_prefix="spool-db")
+        self._delegate: Callable[[Rows, float, str], None] | None = None
         self._io = ThreadPoolExecutor(8, thread_name_prefix="spool-io")
         self._conn: sqlite3.Connection | None = None
         self._pending: list[tuple[str, Envelope, int, asyncio.Future[None]]] = []
@@ -211,6 +213,24 @@ class SqliteSpool:
         msg.write(stuff(body))
         return await msg.commit(envelope)
 
+    def delegate_commits(self, commit: Callable[[Rows, float, str], None]) -> None:
+        """An ingress worker's spool (service/worker.py): after the group commit's directory fsync, the
+        rows go to ``commit(rows, now, body_dir)`` (called from the spool's database thread; it returns
+        once they are committed, or raises ``SpoolError``), which has the supervisor write them with
+        ``insert_delegated``: queue.db keeps one writing process and no process waits on another's lock
+        (SQLite's busy handler sleeps in steps of milliseconds)."""
+        self._delegate = commit
+
+    async def insert_delegated(self, rows: Rows, now: float, body_dir: str) -> None:
+        """Commit the rows of messages another process (an ingress worker) spooled and fsynced under
+        ``messages/<body_dir>/``; returns once they are durable."""
+
+        def write(conn: sqlite3.Connection) -> None:
+            self._write_rows(conn, rows, now, body_dir)
+
+        await self._db(write)
+        self._notify()
+
     async def insert(self, queue_id: str, envelope: Envelope, size: int) -> None:
         """Group commit: every message waiting is made durable by one directory fsync + one commit."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -236,7 +256,11 @@ class SqliteSpool:
                 fsync_dir(self.messages_dir / body_dir)
                 assert self._conn is not None
                 now = self._clock()
-                self._write_rows(self._conn, [(q, e, s) for q, e, s, _ in batch], now, body_dir)
+                rows = [(q, e, s) for q, e, s, _ in batch]
+                if self._delegate is not None:
+                    self._delegate(rows, now, body_dir)
+                else:
+                    self._write_rows(self._conn, rows, now, body_dir)
             except (OSError, sqlite3.Error) as e:
                 error = spool_error(e)
             for *_, fut in batch:
