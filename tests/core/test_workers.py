@@ -27,8 +27,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import pytest
 
 from relay365.credentials import hash_password
+from relay365.errors import SpoolIOError
+from relay365.spool.model import Envelope
+from relay365.spool.sqlite import SqliteSpool
 from tests.core.helpers import (
     ServeProcess,
     SmtpSink,
@@ -377,3 +381,28 @@ async def test_a_supervisor_killed_takes_its_workers_with_it(tmp_path: Path) -> 
         await asyncio.to_thread(wait_for, gone, 30.0, "the worker to die with its supervisor")
     finally:
         server.kill()
+
+
+async def test_a_commit_the_supervisor_refuses_fails_that_message_only(tmp_path: Path) -> None:
+    """A worker's group commit that the supervisor cannot write (its spool full or gone) fails those
+    messages with the spool's error (the device gets 451 and sends again), and the next commit runs."""
+    spool = SqliteSpool(tmp_path / "spool")
+    await spool.open()
+    answers = [SpoolIOError("the supervisor cannot commit the message: its spool is closed"), None]
+    committed: list[str] = []
+
+    def commit(rows: list[tuple[str, Envelope, int]], now: float, body_dir: str) -> None:
+        answer = answers.pop(0)
+        if answer is not None:
+            raise answer
+        committed.extend(q for q, _, _ in rows)
+
+    spool.delegate_commits(commit)
+    env = Envelope("scan@contoso.com", ("bob@contoso.com",), device="local")
+    try:
+        with pytest.raises(SpoolIOError, match="spool is closed"):
+            await asyncio.wait_for(spool.enqueue(env, b"Subject: one\r\n\r\nx\r\n"), 30)
+        queue_id = await asyncio.wait_for(spool.enqueue(env, b"Subject: two\r\n\r\nx\r\n"), 30)
+        assert committed == [queue_id]
+    finally:
+        await spool.close()

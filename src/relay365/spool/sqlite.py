@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
-from relay365.errors import SpoolFullError
+from relay365.errors import SpoolError, SpoolFullError
 from relay365.spool import sqlite_rows as rows_sql
 from relay365.spool import sqlite_schema as schema
 from relay365.spool.contract import Recovery
@@ -261,7 +261,7 @@ class SqliteSpool:
                     self._delegate(rows, now, body_dir)
                 else:
                     self._write_rows(self._conn, rows, now, body_dir)
-            except (OSError, sqlite3.Error) as e:
+            except (OSError, sqlite3.Error, SpoolError) as e:  # (SpoolError: the delegate's)
                 error = spool_error(e)
             for *_, fut in batch:
                 fut.get_loop().call_soon_threadsafe(_settle, fut, error)
