@@ -8,12 +8,14 @@ controlled clock; wake-ups across handles wait with a bounded timeout.
 from __future__ import annotations
 
 import asyncio
+import functools
 
 import pytest
 
 from relay365.errors import LeaseLost, QueueEntryNotFound
 from relay365.spool.contract import Spool
 from relay365.spool.model import (
+    BodySource,
     Bounce,
     Envelope,
     PaceEvent,
@@ -22,6 +24,7 @@ from relay365.spool.model import (
     RcptState,
     RecipientUpdate,
 )
+from relay365.spool.wire import normalize, stuff
 from tests.contract.conftest import Backend
 from tests.support import T0
 
@@ -228,9 +231,11 @@ async def test_recover_cleans_up_after_dead_owners_only(backend: Backend) -> Non
 # -- bodies ------------------------------------------------------------------------------------------
 async def test_bodies_are_read_through_the_spool_in_chunks(backend: Backend) -> None:
     spool = await backend.open("node-a")
-    body = b"Subject: big\r\n\r\n" + bytes(range(256)) * 4096  # 1 MiB and a bit
-    qid = await spool.enqueue(ENV, body)
+    message = b"Subject: big\r\n\r\n" + bytes(range(256)) * 4096  # 1 MiB and a bit
+    body = stuff(message)  # spooled in wire form: CRLF line ends, dot-stuffed
+    qid = await spool.enqueue(ENV, message)
     entry = await spool.get(qid)
+    assert entry.stuffed
     async with spool.body(entry) as reader:
         assert reader.size == len(body) == entry.size
         fd = reader.fileno()
@@ -244,6 +249,22 @@ async def test_bodies_are_read_through_the_spool_in_chunks(backend: Backend) -> 
     [claimed] = await spool.claim(owner="node-a", now=T0, limit=1, lease=LEASE)
     async with spool.body(claimed) as reader:  # a claimed entry's body, as the scheduler reads it
         assert await reader.read_all() == body
+    source = BodySource(qid, claimed.size, functools.partial(spool.body, claimed), claimed.stuffed)
+    assert await source.read_all() == normalize(message)  # what Graph and the console read
+
+
+async def test_bodies_are_kept_byte_for_byte_in_wire_form(backend: Backend) -> None:
+    """What ingress writes is what delivery reads: the wire form, never stuffed or unstuffed again."""
+    spool = await backend.open("node-a")
+    wire = b"Subject: dots\r\n\r\n..a line that starts with a dot\r\nlast\r\n"
+    msg = spool.incoming()
+    msg.write(wire)
+    qid = await msg.commit(ENV)
+    entry = await spool.get(qid)
+    assert entry.stuffed and entry.size == len(wire)
+    assert await read_body(spool, qid) == wire
+    source = BodySource(qid, entry.size, functools.partial(spool.body, entry), entry.stuffed)
+    assert await source.read_all() == wire.replace(b"\r\n..", b"\r\n.")
 
 
 # -- recording outcomes ------------------------------------------------------------------------------

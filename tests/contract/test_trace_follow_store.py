@@ -3,7 +3,7 @@ claims with owner and lease, settle only while holding the claim, what survives 
 
 Two ``SqliteFollowStore`` objects on one file are two processes to SQLite (two connections), two
 ``PgFollowStore`` objects on one database two relay nodes on one PostgreSQL spool (two pools, a fresh
-database per test from tests/pgcluster.py): the claims are tested across them, as relays sharing a
+database per test from tests/support/pgcluster.py): the claims are tested across them, as relays sharing a
 spool would use them.
 """
 

@@ -6,20 +6,35 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay365.ingress.data import DataParser
+from relay365.spool.wire import unstuff
 
 
-def run(stream: bytes, cuts: list[int], mode: str = "reject") -> tuple[bytes, bytes | None, str | None]:
+def run_wire(
+    stream: bytes, cuts: list[int], mode: str = "reject"
+) -> tuple[bytes, bytes | None, str | None, int]:
+    """The parser's output as spooled (wire form), the leftover, the verdict and the stuffing dots."""
     parser = DataParser(bare_newlines=mode)  # type: ignore[arg-type]
-    out, pos = b"", 0
+    out, pos, dots = b"", 0, 0
     for cut in [*sorted(set(c % (len(stream) + 1) for c in cuts)), len(stream)]:
         if cut <= pos:
             continue
         result = parser.feed(stream[pos:cut])
         out += result.content
+        dots += result.dots
         pos = cut
         if result.leftover is not None:
-            return out, result.leftover + stream[pos:], parser.invalid
-    return out, None, parser.invalid
+            return out, result.leftover + stream[pos:], parser.invalid, dots
+    return out, None, parser.invalid, dots
+
+
+def run(stream: bytes, cuts: list[int], mode: str = "reject") -> tuple[bytes, bytes | None, str | None]:
+    """The message itself (the wire form unstuffed); checks what holds for every wire form: no line
+    that is a lone dot (it would end the data upstream), and the dots counted."""
+    wire, leftover, invalid, dots = run_wire(stream, cuts, mode)
+    assert b"\r\n.\r\n" not in b"\r\n" + wire
+    plain = unstuff(wire)
+    assert len(wire) - dots == len(plain)
+    return plain, leftover, invalid
 
 
 lines = st.lists(
@@ -63,7 +78,7 @@ def test_memory_is_bounded_by_the_chunk() -> None:
     parser = DataParser()
     for _ in range(200):  # 200 x 64 KiB of one endless line
         parser.feed(b"x" * 65536)
-        assert len(parser._buf) <= 8
+        assert len(parser._carry) <= 8
 
 
 def reference(stream: bytes, mode: str) -> tuple[bytes, bytes, str | None]:
@@ -93,3 +108,11 @@ def test_chunked_parser_matches_the_whole_stream_model(body: bytes, cuts: list[i
     assert (leftover, invalid) == (want_leftover, want_invalid)
     if invalid is None:  # an invalid message is discarded whole by the session, whatever came before
         assert content == want_content
+
+
+def test_clean_content_is_the_wire_form_as_sent() -> None:
+    """What the device sent is what is spooled: dot-stuffed lines stay stuffed (delivery sends the
+    file as it lies), and the dots are counted out of the message size."""
+    stream = b"Subject: dots\r\n\r\n..leading\r\n...two\r\nplain\r\n.\r\n"
+    wire, leftover, invalid, dots = run_wire(stream, [7, 30])
+    assert (wire, leftover, invalid, dots) == (stream[:-3], b"", None, 2)

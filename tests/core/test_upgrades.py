@@ -1,5 +1,5 @@
 """Upgrades: a queue.db and a tracking.db written by earlier relay365 releases are upgraded in place when
-the current relay opens them (schema version 0 -> 1, ``PRAGMA user_version``), and their mail is
+the current relay opens them (schema version 0 -> 2, ``PRAGMA user_version``), and their mail is
 delivered; a database written by a NEWER relay365 is refused with a clear error and left untouched."""
 
 from __future__ import annotations
@@ -89,8 +89,9 @@ def test_a_first_release_queue_is_upgraded_and_its_mail_delivered(tmp_path: Path
     assert "tracking log upgraded" not in log  # a new tracking.db is created, not "upgraded"
     assert listed.returncode == 0 and HELD_QID in listed.stdout and QID not in listed.stdout, listed
     with sqlite3.connect(db) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone() == (1,)
-        assert conn.execute("SELECT queue_id, held FROM messages").fetchall() == [(HELD_QID, 1)]
+        assert conn.execute("PRAGMA user_version").fetchone() == (2,)
+        # (its body is the message itself, as the first release wrote it: not in wire form)
+        assert conn.execute("SELECT queue_id, held, stuffed FROM messages").fetchall() == [(HELD_QID, 1, 0)]
         rows = conn.execute("SELECT rcpt, state FROM recipients").fetchall()
         assert rows == [("dave@contoso.com", "queued")]
     assert (spool_dir / "messages" / HELD_QID).read_bytes() == HELD
@@ -110,7 +111,7 @@ def newer(db: Path, version: int = 7) -> dict[str, str]:
 @pytest.mark.slow
 def test_a_queue_of_a_newer_relay365_is_refused_and_left_untouched(tmp_path: Path) -> None:
     db = first_release_spool(tmp_path / "spool")
-    asyncio.run(_open_close(tmp_path / "spool"))  # now a current queue (version 1)
+    asyncio.run(_open_close(tmp_path / "spool"))  # now a current queue (version 2)
     before = newer(db)
     config = write_config(tmp_path, transport=[smarthost_cfg(9)])
     for args in (("serve", "-c"), ("config", "check"), ("queue", "list", "-c")):
@@ -118,7 +119,7 @@ def test_a_queue_of_a_newer_relay365_is_refused_and_left_untouched(tmp_path: Pat
         text = " ".join((r.stdout + r.stderr).split())
         assert r.returncode != 0, (args, text)
         assert f"{db} was written by a newer relay365: the queue has schema version 7" in text, (args, text)
-        assert "knows versions up to 1" in text and "pipx upgrade relay365" in text, text
+        assert "knows versions up to 2" in text and "pipx upgrade relay365" in text, text
         assert "Traceback" not in text
     assert sha([db, db.with_name("queue.db-wal")]) == before
     assert not db.with_name("queue.db-wal").exists()
@@ -143,10 +144,10 @@ async def test_upgrading_twice_writes_once_and_a_newer_queue_is_refused_by_the_s
         assert [r.attempts for r in entry.recipients] == [0, 1, 1] and held.held
         await spool.close()
     assert len([r for r in caplog.records if "upgraded" in r.getMessage()]) == 1
-    newer(tmp_path / "spool" / "queue.db", 2)
+    newer(tmp_path / "spool" / "queue.db", 3)
     with pytest.raises(SchemaVersionError) as e:
         await SqliteSpool(tmp_path / "spool").open()
-    assert (e.value.found, e.value.supported) == (2, sqlite_schema.SCHEMA.version)
+    assert (e.value.found, e.value.supported) == (3, sqlite_schema.SCHEMA.version)
 
 
 def test_a_failing_upgrade_step_leaves_the_old_database_as_it_was(tmp_path: Path) -> None:

@@ -319,3 +319,48 @@ async def test_a_dead_nodes_claims_go_to_the_others_by_the_sweep(pg: PgDatabase)
     finally:
         await a.close()
         await b.close()
+
+
+async def test_a_version_1_schema_is_migrated_and_its_bodies_stay_as_they_were(
+    pg_cluster: PostgresCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Migration 2 adds ``messages.stuffed``: bodies of version 1 hold the message itself (false) and are
+    read as such; a message spooled after the migration is in wire form (true)."""
+    from relay365.spool import pg_schema
+
+    name = "t_v1_" + tmp_path.name[-12:].replace("-", "_").lower()
+    url = pg_cluster.create_database(name)
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(pg_schema, "MIGRATIONS", pg_schema.MIGRATIONS[:1])  # as relay365 with version 1
+            m.setattr(pg_schema, "CURRENT", 1)
+            assert migrate_url(url, password=pg_cluster.password) == (None, 1)
+        with pg_cluster.connect(name) as conn:
+            assert conn.execute("SELECT max(version) FROM relay365.schema_version").fetchone() == (1,)
+            conn.execute(
+                "INSERT INTO relay365.messages (queue_id, mail_from, device, peer, listener, smtputf8,"
+                " is_dsn, size, received_at, next_due)"
+                " VALUES ('OLD1', 'a@contoso.com', 'd', '', 'lan', false, false, 13, 0, 0)"
+            )
+            conn.execute("INSERT INTO relay365.bodies VALUES ('OLD1', 0, %s)", (b".dot line\r\n\r\n",))
+            conn.execute(
+                "INSERT INTO relay365.recipients (queue_id, pos, rcpt, state, next_attempt)"
+                " VALUES ('OLD1', 0, 'b@contoso.com', 'queued', 0)"
+            )
+        assert migrate_url(url, password=pg_cluster.password) == (1, 2)
+        spool = PgSpool(PgTarget(url=url, password=pg_cluster.password))
+        await spool.open()
+        try:
+            [old] = await spool.list()
+            assert not old.stuffed
+            new_id = await spool.enqueue(ENV, b".dot line\r\n\r\n")
+            new = await spool.get(new_id)
+            assert new.stuffed and new.size == len(b"..dot line\r\n\r\n")  # (the stored bytes)
+            async with spool.body(old) as reader:
+                assert await reader.read_all() == b".dot line\r\n\r\n"  # as version 1 stored it
+            async with spool.body(new) as reader:
+                assert await reader.read_all() == b"..dot line\r\n\r\n"  # the wire form
+        finally:
+            await spool.close()
+    finally:
+        pg_cluster.drop_database(name)

@@ -60,6 +60,7 @@ from relay365.spool.model import (
     RecipientUpdate,
     new_owner_id,
 )
+from relay365.spool.wire import stuff, unstuff
 from relay365.transports.base import (
     OutboundMessage,
     Outcome,
@@ -342,7 +343,9 @@ class Scheduler:
             queue_id=entry.queue_id,
             mail_from=entry.envelope.mail_from,
             rcpt_tos=tuple(rcpts),
-            body=BodySource(entry.queue_id, entry.size, functools.partial(self._spool.body, entry)),
+            body=BodySource(
+                entry.queue_id, entry.size, functools.partial(self._spool.body, entry), entry.stuffed
+            ),
             size=entry.size,
             smtputf8=entry.envelope.smtputf8,
         )
@@ -492,7 +495,8 @@ class Scheduler:
             return None
         try:
             async with self._spool.body(entry) as reader:
-                headers = original_headers(await reader.read(64 * 1024))
+                head = await reader.read(64 * 1024)
+            headers = original_headers(unstuff(head) if entry.stuffed else head)
         except SpoolError as e:
             log.warning("%s: the DSN goes without the original headers: %s", entry.queue_id, e)
             headers = b""
@@ -518,7 +522,8 @@ class Scheduler:
                 body = dsn(b"", lambda reply: None)
         log.info("%s: bounce to <%s> for %d recipient(s)", entry.queue_id, sender, len(failures))
         self._metrics.bounces.inc()
-        return Bounce(body, Envelope(mail_from="", rcpt_tos=(sender,), device="relay365", is_dsn=True))
+        envelope = Envelope(mail_from="", rcpt_tos=(sender,), device="relay365", is_dsn=True)
+        return Bounce(stuff(body), envelope)
 
 
 _OUTCOME_EVENTS = {

@@ -17,6 +17,8 @@ section streams past, it is checked, with memory bounded by the limits themselve
   default; the relay's own Received counts) is refused (552 5.3.4).
 
 The section is buffered only when the sender is rewritten, and never beyond ``max_header_size``.
+The bytes are the message's wire form (dot-stuffed, ``spool/wire.py``); every field the relay writes
+starts with a letter or a space, so none needs stuffing.
 """
 
 from __future__ import annotations
@@ -127,7 +129,7 @@ class HeaderEditor:
             if self._first and first_byte in (b" ", b"\t"):
                 raise MessageRefused(FOLDED_FIRST_LINE)
             self._first = False
-            if line_len - 2 > MAX_LINE:
+            if line_len - 2 - (first_byte == b".") > MAX_LINE:  # (wire form: a dot stuffed in front)
                 raise MessageRefused(LONG_HEADER_LINE)
         return -1
 

@@ -257,6 +257,12 @@ class AuthGuard:
         self._by_user.end(user, failed=False)
         self._by_user.clear(user)
 
+    def abandon(self, ip: str, username: str) -> None:
+        """End an attempt that never finished (its worker process died): neither a failure nor a
+        success; the counts stay as they were before ``begin``."""
+        self._by_address.end(address_key(ip), failed=False)
+        self._by_user.end(self._user(username), failed=False)
+
     def failure(self, ip: str, username: str) -> float:
         """Record a failure; return the delay before answering 535 (doubling, capped at 8 x base)."""
         count = max(

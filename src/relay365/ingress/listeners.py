@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import socket
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -42,6 +43,8 @@ class Endpoint:
 
     settings: ListenerSettings
     tls: ssl.SSLContext | None
+    # a listening socket bound already (an ingress worker's, inherited from the supervisor), or None
+    sock: socket.socket | None = None
 
 
 async def start_listener(ctx: IngressContext, endpoint: Endpoint) -> asyncio.Server:
@@ -59,9 +62,10 @@ async def start_listener(ctx: IngressContext, endpoint: Endpoint) -> asyncio.Ser
         return session()
 
     s = endpoint.settings
-    return await asyncio.get_running_loop().create_server(
-        accept, host=s.address, port=s.port, reuse_address=True, backlog=1024
-    )
+    loop = asyncio.get_running_loop()
+    if endpoint.sock is not None:
+        return await loop.create_server(accept, sock=endpoint.sock, backlog=1024)
+    return await loop.create_server(accept, host=s.address, port=s.port, reuse_address=True, backlog=1024)
 
 
 @dataclass
@@ -189,6 +193,14 @@ class Listeners:
                 log.error("listener %s could not be bound again after a refused reload: %s", name, e)
                 del self._bound[name]
         change.closed_first.clear()
+
+    def sockets(self) -> dict[str, socket.socket]:
+        """Listener name -> its listening socket (what ingress workers inherit, service/workers.py)."""
+        out: dict[str, socket.socket] = {}
+        for name, b in self._bound.items():
+            [sock, *_] = b.server.sockets  # one address: one socket
+            out[name] = sock
+        return out
 
     def close(self) -> list[asyncio.Server]:
         """Stop accepting on every listener; the servers (closed by reloads too), to wait for. The

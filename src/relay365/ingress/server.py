@@ -513,7 +513,7 @@ class RelaySMTP(CompatSMTP):
                 await self._close_with("421 4.4.2 Timeout during DATA, closing connection")
                 raise ConnectionResetError("DATA deadline exceeded")
             result = parser.feed(chunk)
-            size += len(result.content)
+            size += len(result.content) - result.dots  # the message's size, not its wire form's
             if failure is None and size > limit:
                 failure = "552 5.3.4 Message size exceeds fixed maximum message size"
             if failure is None and result.content:
@@ -572,7 +572,7 @@ class RelaySMTP(CompatSMTP):
             self._note(f"spool: {e}", logging.ERROR)
             return _spool_reply(e)
         self.ctx.rates.accepted(device)
-        self.ctx.metrics.accepted.labels(self.listener.name, device.name).inc()
+        self.ctx.metrics.count_accepted(self.listener.name, device.name)
         detail = f"size={incoming.size} {self._protocol()} {observe.tls_version(self.transport)}".strip()
         observe.received(self.ctx.tracking, self.ctx.activity, queue_id, envelope, detail=detail)
         self.ctx.on_queued(queue_id)

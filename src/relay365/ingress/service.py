@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Callable, Mapping
@@ -35,6 +36,7 @@ from relay365.ingress.handshake import HandshakeLog
 from relay365.ingress.identity import AuthGuard, ConnectionLimiter, DeviceDirectory
 from relay365.ingress.listeners import Endpoint, ListenerChange, Listeners
 from relay365.ingress.policy import RateLimiter
+from relay365.ingress.shared import SharedGuard, SharedLimiter, SharedRates, SharedState
 from relay365.ingress.tls import self_signed_chains, server_context
 from relay365.observability.activity import DeviceActivity
 from relay365.observability.metrics import Metrics
@@ -75,18 +77,29 @@ class IngressService:
         route_reply: Callable[[str, str, str], str | None] = lambda sender, rcpt, device: None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        shared: SharedState | None = None,
+        sockets: Mapping[str, socket.socket] | None = None,
     ) -> None:
-        """``on_queued(queue_id)``: a message was committed (delivery's wake-up); ``route_reply(sender,
+        """An ingress worker process (service/worker.py) passes ``shared``, its way to the supervisor's
+        connection caps, AUTH counters and rates (ingress/shared.py), and ``sockets``, the listening
+        sockets it inherited (listener name -> socket), which it serves instead of binding its own.
+
+        ``on_queued(queue_id)``: a message was committed (delivery's wake-up); ``route_reply(sender,
         rcpt, device)``: the reply refusing a null-sender recipient no route can carry, or None.
         ``clock``: wall time (TLS failure log windows); ``monotonic``: AUTH guard and rate limits."""
         s = settings
         self._settings = settings
+        self._sockets = dict(sockets or {})
         self.context = IngressContext(
             spool=spool,
             devices=DeviceDirectory(s.devices),
-            limiter=ConnectionLimiter(total=s.server.max_connections, per_ip=s.server.max_connections_per_ip),
-            guard=AuthGuard(s.server, clock=monotonic),
-            rates=RateLimiter(clock=monotonic),
+            limiter=(
+                SharedLimiter(shared)
+                if shared
+                else ConnectionLimiter(total=s.server.max_connections, per_ip=s.server.max_connections_per_ip)
+            ),
+            guard=SharedGuard(shared, s.server) if shared else AuthGuard(s.server, clock=monotonic),
+            rates=SharedRates(shared) if shared else RateLimiter(clock=monotonic),
             hostname=s.server.hostname,
             on_queued=on_queued,
             metrics=metrics,
@@ -114,7 +127,8 @@ class IngressService:
         await self._close()
 
     def _endpoint(self, listener: ListenerSettings, settings: Settings | None = None) -> Endpoint:
-        return Endpoint(listener, self._tls(listener, settings or self._settings))
+        tls = self._tls(listener, settings or self._settings)
+        return Endpoint(listener, tls, self._sockets.get(listener.name))
 
     @staticmethod
     def _tls(listener: ListenerSettings, settings: Settings) -> ssl.SSLContext | None:
@@ -140,9 +154,15 @@ class IngressService:
             await asyncio.gather(*self.context.background, return_exceptions=True)
 
     # -- reload ----------------------------------------------------------------------------------------
-    async def prepare_reload(self, settings: Settings) -> ListenerChange:
+    async def prepare_reload(
+        self, settings: Settings, *, sockets: Mapping[str, socket.socket] | None = None
+    ) -> ListenerChange:
         """Build every listener's TLS context from ``settings`` and bind the new or moved listeners;
-        nothing else changes yet. Raises (``OSError``, ``ssl.SSLError``) with nothing changed."""
+        nothing else changes yet. Raises (``OSError``, ``ssl.SSLError``) with nothing changed.
+        ``sockets``: an ingress worker's, the supervisor's listening sockets after its reload (the new
+        and moved listeners are served on them rather than bound here)."""
+        if sockets is not None:
+            self._sockets = dict(sockets)
         endpoints = [self._endpoint(x, settings) for x in settings.listeners]
         return await self._listeners.prepare(endpoints)
 
@@ -162,6 +182,10 @@ class IngressService:
     @property
     def ports(self) -> Mapping[str, int]:
         return self._listeners.ports
+
+    def sockets(self) -> dict[str, socket.socket]:
+        """Listener name -> listening socket (what the supervisor hands its ingress workers)."""
+        return self._listeners.sockets()
 
     def connections(self) -> int:
         return self.context.limiter.active

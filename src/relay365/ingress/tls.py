@@ -27,11 +27,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID
-
 from relay365.ingress.clienthello import SNIFF_LIMIT, describe, hello_length
 from relay365.settings import ListenerSettings
 
@@ -62,6 +57,12 @@ def self_signed(directory: Path, hostname: str, *, key_type: KeyType = "ecdsa") 
     if cert_path.is_file() and key_path.is_file():
         return cert_path, key_path
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # (imported here: only the first start needs them, and an ingress worker never does; ~6 MB)
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.x509.oid import NameOID
+
     key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
     if key_type == "rsa":
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)

@@ -90,6 +90,10 @@ class Metrics:
         if m:
             self.refused.labels(m.group(1), m.group(2) or "").inc()
 
+    def count_accepted(self, listener: str, device: str) -> None:
+        """A message acknowledged with 250."""
+        self.accepted.labels(listener, device).inc()
+
     def exposition(self) -> bytes:
         """The Prometheus text exposition of this registry (``/metrics``)."""
         return generate_latest(self.registry)

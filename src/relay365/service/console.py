@@ -34,6 +34,7 @@ from relay365.observability.tracking import EventKind, TraceQuery, TrackingLog
 from relay365.settings import Settings
 from relay365.spool.contract import Spool
 from relay365.spool.model import QueueEntry, QueuePage, QueueQuery, QueueStats
+from relay365.spool.wire import Unstuffer, unstuff
 from relay365.tracing.follower import TraceFollower
 from relay365.transports.base import PacedTransport
 
@@ -137,16 +138,18 @@ class SpoolQueueAdmin:
         entry = await self.get(queue_id)
         try:
             async with self._relay.spool.body(entry) as reader:
-                return await reader.read(HEAD_BYTES)
+                head = await reader.read(HEAD_BYTES)
+            return unstuff(head) if entry.stuffed else head
         except SpoolError:  # delivered and removed meanwhile, or unreadable: no headers to show
             return b""
 
     async def raw(self, queue_id: str) -> AsyncIterator[bytes]:
         entry = await self.get(queue_id)
         try:
+            plain = Unstuffer() if entry.stuffed else None  # the message itself, not its wire form
             async with self._relay.spool.body(entry) as reader:
                 async for chunk in reader.chunks(RAW_CHUNK):
-                    yield chunk
+                    yield plain.feed(chunk) if plain is not None else chunk
         except SpoolError:
             raise QueueEntryNotFound(queue_id) from None
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -126,6 +126,7 @@ class Relay:
         self._transport_prints: dict[str, str] = {}  # service/reload.py: what a reload compares
         self._admin_print = ""
         self._reloading = asyncio.Lock()
+        self._spool_users: list[Callable[[], Awaitable[None]]] = []  # before_spool_close
 
     async def __aenter__(self) -> Relay:
         await self.start()
@@ -147,6 +148,7 @@ class Relay:
             self._transport_prints = transport_fingerprints(s)
             await self.spool.open()
             stack.push_async_callback(self.spool.close)
+            stack.push_async_callback(self._spool_users_done)
             await self.spool.recover(self.owner)
             if isinstance(self.tracking, SqliteTrackingLog | PgTrackingLog):
                 await self.tracking.open()
@@ -223,6 +225,16 @@ class Relay:
         admin, self.admin = self.admin, None
         if admin is not None:
             await admin.__aexit__(None, None, None)
+
+    def before_spool_close(self, wait: Callable[[], Awaitable[None]]) -> None:
+        """At ``stop``, await ``wait()`` after the services stopped and before the spool is closed (the
+        ingress workers of service/workers.py: the supervisor's spool commits their messages)."""
+        self._spool_users.append(wait)
+
+    async def _spool_users_done(self) -> None:
+        users, self._spool_users = self._spool_users, []
+        for wait in users:
+            await wait()
 
     async def stop(self, *, grace: float | None = None) -> None:
         """Stop every service in reverse order (module docstring). ``grace``: how long open device

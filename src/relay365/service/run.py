@@ -71,7 +71,7 @@ def serve_config(path: Path, *, log_format: LogFormat | None = None) -> int:
                 log.info("%s", line)
 
     try:
-        asyncio.run(serve(settings, ready=ready, reloaded=reloaded))
+        asyncio.run(serve(settings, ready=ready, reloaded=reloaded, log_format=fmt))
     except (Relay365Error, OSError) as e:  # never a secret: SecretError names only the key and file
         report_error(str(e), fmt)  # OSError: a listener address in use or not on this host
         return 2

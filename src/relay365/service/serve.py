@@ -14,15 +14,19 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from relay365.credentials import Redactor, load_secret
 from relay365.errors import Relay365Error
+from relay365.ingress.service import IngressService
+from relay365.logformats import LogFormat
 from relay365.service.console import SandboxMailboxes
 from relay365.service.notify import Notifier
 from relay365.service.relay import Relay
 from relay365.service.reload import ReloadReport
+from relay365.service.workers import WorkerPool
 from relay365.settings import Settings, load_settings
+from relay365.spool.sqlite import SqliteSpool
 
 log = logging.getLogger(__name__)
 
@@ -46,17 +50,19 @@ async def serve(
     notifier: Notifier | None = None,
     load: Callable[[], Settings] | None = None,
     reloaded: Callable[[Relay, ReloadReport], None] = lambda relay, report: None,
+    log_format: LogFormat | None = None,
 ) -> None:
     """Run until SIGTERM/SIGINT. Under systemd (``NOTIFY_SOCKET``): READY=1 once the spool is recovered
     and every listener accepts connections, watchdog pings, STOPPING=1 at shutdown. SIGHUP: reload
-    with ``load()`` (default: ``settings.source`` read again); ``reloaded`` is told what changed."""
+    with ``load()`` (default: ``settings.source`` read again); ``reloaded`` is told what changed.
+    ``log_format``: the one the log is written in (``serve --log-format``), for the ingress workers."""
     notify = Notifier.from_environ() if notifier is None else notifier
     source = settings.source
     if load is None and source is not None:
         load = lambda: load_settings(source)  # noqa: E731
     reloader = Reloader(load=load, notify=notify, reloaded=reloaded)
     try:
-        await _serve(settings, ready, notify, mailboxes, reloader)
+        await _serve(settings, ready, notify, mailboxes, reloader, log_format)
     finally:
         notify.close()
 
@@ -73,6 +79,8 @@ class Reloader:
     ) -> None:
         self._load, self._notify, self._reloaded = load, notify, reloaded
         self.wanted = asyncio.Event()  # set by the signal handler
+        # after a reload that took effect: the ingress workers are replaced (service/workers.py)
+        self.after: Callable[[], Awaitable[None]] | None = None
 
     async def run(self, relay: Relay) -> None:
         """Reload each time ``wanted`` is set, until cancelled (a reload under way is finished first:
@@ -111,6 +119,8 @@ class Reloader:
         for warning in report.warnings:
             log.warning("%s", warning)
         self._reloaded(relay, report)
+        if self.after is not None:
+            await self.after()
         log.info("reloaded %s: %s", what, report.summary())
         await self._notify.ready(f"Accepting mail on {relay.describe_listeners()}")
         return True
@@ -122,6 +132,7 @@ async def _serve(
     notify: Notifier,
     mailboxes: SandboxMailboxes | None,
     reloader: Reloader,
+    log_format: LogFormat | None = None,
 ) -> None:
     relay = Relay(settings, mailboxes=mailboxes)
     loop = asyncio.get_running_loop()
@@ -139,6 +150,14 @@ async def _serve(
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    pool = worker_pool(relay, log_format=log_format or settings.server.log_format)
+    try:
+        await pool.start()  # [server] workers - 1 more ingress processes (none for 1)
+    except BaseException:
+        await pool.stop(grace=0)
+        await relay.stop(grace=0)
+        raise
+    reloader.after = pool.reload
     ready(relay)
     await notify.ready(f"Accepting mail on {relay.describe_listeners()}")
     watchdog = asyncio.create_task(notify.watchdog(healthy=relay.healthy), name="watchdog")
@@ -156,7 +175,39 @@ async def _serve(
         watchdog.cancel()
         reloads.cancel()
         await asyncio.gather(watchdog, reloads, return_exceptions=True)
-        await relay.stop(grace=relay.settings.server.shutdown_grace)
+        # The workers drain while the relay does; the spool (which commits their messages) is closed
+        # only once they are gone.
+        grace = relay.settings.server.shutdown_grace
+        pool.signal_stop()
+        relay.before_spool_close(lambda: pool.stop(grace=grace))
+        await relay.stop(grace=grace)
+
+
+def worker_pool(relay: Relay, *, log_format: LogFormat) -> WorkerPool:
+    """The ingress workers of ``relay`` (service/workers.py), reading its current settings and parts."""
+
+    def ingress() -> IngressService:
+        assert relay.ingress is not None, "the relay is not running"
+        return relay.ingress
+
+    def wake(queue_id: str) -> None:
+        if relay.delivery is not None:
+            relay.delivery.wake(queue_id)
+
+    def route_reply(sender: str, rcpt: str, device: str) -> str | None:
+        return relay.delivery.route_reply(sender, rcpt, device) if relay.delivery is not None else None
+
+    return WorkerPool(
+        settings=lambda: relay.settings,
+        context=lambda: ingress().context,
+        activity=lambda: relay.activity,
+        sockets=lambda: ingress().sockets(),
+        wake=wake,
+        route_reply=route_reply,
+        recover=lambda: relay.spool.recover(relay.owner),
+        commit=relay.spool.insert_delegated if isinstance(relay.spool, SqliteSpool) else None,
+        log_format=log_format,
+    )
 
 
 def make_redactor(settings: Settings) -> Redactor:

@@ -12,22 +12,22 @@ The composition root asks here and only here (``Relay``: ``delivery_shares``, ``
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
-from typing import TypedDict
+from typing import TYPE_CHECKING, TypedDict
 
 from relay365.delivery.holds import HoldBoard, NoBoard
-from relay365.delivery.holds_pg import PgHoldBoard
 from relay365.delivery.pacestore import LocalPaceStore, PaceStore
-from relay365.delivery.pacestore_pg import PgPaceStore
 from relay365.observability.tracking import MemoryTrackingLog, TrackingLog
-from relay365.observability.tracking_pg import PgTrackingLog
 from relay365.observability.tracking_sqlite import SqliteTrackingLog
 from relay365.settings import Settings
 from relay365.spool.contract import Spool
-from relay365.spool.postgres import PgSpool
 from relay365.tracing.work import FollowStore, MemoryFollowStore
 from relay365.tracing.work_sqlite import SqliteFollowStore
+
+if TYPE_CHECKING:
+    from relay365.spool.postgres import PgSpool
 
 
 class DeliveryShares(TypedDict):
@@ -37,9 +37,19 @@ class DeliveryShares(TypedDict):
     holds_board: HoldBoard
 
 
+def _postgres(spool: Spool) -> PgSpool | None:
+    """``spool`` if it is a PostgreSQL spool. (Its module, and psycopg, are imported only when such a
+    spool was made: a relay or ingress worker on SQLite never loads them.)"""
+    module = sys.modules.get("relay365.spool.postgres")
+    return spool if module is not None and isinstance(spool, module.PgSpool) else None
+
+
 def delivery_shares(spool: Spool, *, owner: str, clock: Callable[[], float] = time.time) -> DeliveryShares:
-    if isinstance(spool, PgSpool):
-        return {"pace": PgPaceStore(spool, owner=owner, clock=clock), "holds_board": PgHoldBoard(spool)}
+    if (pg := _postgres(spool)) is not None:
+        from relay365.delivery.holds_pg import PgHoldBoard
+        from relay365.delivery.pacestore_pg import PgPaceStore
+
+        return {"pace": PgPaceStore(pg, owner=owner, clock=clock), "holds_board": PgHoldBoard(pg)}
     return {"pace": LocalPaceStore(clock=clock), "holds_board": NoBoard()}
 
 
@@ -49,10 +59,10 @@ def tracking_log(settings: Settings, spool: Spool, *, clock: Callable[[], float]
     t = settings.tracking
     if not t.enabled:
         return MemoryTrackingLog(clock=clock)
-    if isinstance(spool, PgSpool):
-        return PgTrackingLog(
-            spool.target, retention_days=t.retention_days, clock=clock, log_events=t.log_events
-        )
+    if (pg := _postgres(spool)) is not None:
+        from relay365.observability.tracking_pg import PgTrackingLog
+
+        return PgTrackingLog(pg.target, retention_days=t.retention_days, clock=clock, log_events=t.log_events)
     return SqliteTrackingLog(
         t.path or settings.server.spool_dir / "tracking.db",
         retention_days=t.retention_days,
@@ -67,8 +77,8 @@ def follow_store(settings: Settings, spool: Spool) -> FollowStore:
     t = settings.tracking
     if not t.enabled:
         return MemoryFollowStore()
-    if isinstance(spool, PgSpool):
+    if (pg := _postgres(spool)) is not None:
         from relay365.tracing.work_pg import PgFollowStore  # psycopg: only for a PostgreSQL spool
 
-        return PgFollowStore(spool.target)
+        return PgFollowStore(pg.target)
     return SqliteFollowStore(t.path or settings.server.spool_dir / "tracking.db")

@@ -44,6 +44,9 @@ class ServerSettings:
     # Free space kept for the queue's own bookkeeping (delivery outcomes, DSNs): below it devices
     # get 452 4.3.1 (Postfix: queue_minfree; RFC 1870 6.1 for an announced SIZE).
     spool_min_free: int = 64 * 1024 * 1024
+    # Ingress processes (service/workers.py): the supervisor itself and ``workers - 1`` more sharing its
+    # listening sockets. The config's default is the CPU count; 1 keeps one process.
+    workers: int = 1
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,6 +5,7 @@ checks (``redact_url``, ``check_postgres_url``) that the spool reuses."""
 from __future__ import annotations
 
 import ipaddress
+import os
 from pathlib import Path
 from typing import Literal, cast
 from urllib.parse import parse_qsl, urlsplit
@@ -49,6 +50,7 @@ def server(t: Table) -> ServerSettings:
         auth_failure_delay=t.get("auth_failure_delay", float, 1.0),
         shutdown_grace=t.positive("shutdown_grace", float, _SERVER.shutdown_grace),
         spool_min_free=t.get("spool_min_free", int, _SERVER.spool_min_free),
+        workers=t.positive("workers", int, os.cpu_count() or 1),
     )
     if s.spool_min_free < 0:
         raise ConfigError(t.key("spool_min_free"), s.spool_min_free, "Must be 0 or more (bytes).")

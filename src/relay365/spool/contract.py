@@ -31,6 +31,10 @@ PostgreSQL: LISTEN/NOTIFY). ``flush_generation`` counts "retry now" requests (``
 retry``) so every process can lift the upstreams it holds back.
 
 Bodies are read through the spool (``body``), never by path: the backend decides where bytes live.
+A body is the message in wire form (dot-stuffed, ``spool/wire.py``), stored and read back byte for
+byte: SMTP delivery sends it as it lies. Ingress writes that form, ``Bounce.body`` arrives in it, and
+``enqueue`` makes it (``wire.stuff``) from the message it is given; entries report it in
+``QueueEntry.stuffed`` (False only for the SQLite entries of relay365 before it).
 """
 
 from __future__ import annotations
@@ -147,7 +151,8 @@ class Spool(QueueAdmin, Protocol):
         MAIL with the announced SIZE (RFC 1870 6.1)."""
 
     async def enqueue(self, envelope: Envelope, body: bytes) -> str:
-        """``incoming`` + ``write`` + ``commit`` for a body already in memory."""
+        """``incoming`` + ``write`` + ``commit`` for a message already in memory (the message itself:
+        it is stored in wire form, ``spool/wire.stuff``)."""
         ...
 
     # -- delivery ------------------------------------------------------------------------------------

@@ -16,14 +16,17 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from relay365.credentials import load_secret
 from relay365.errors import ConfigError
 from relay365.settings import Settings, redact_url
 from relay365.spool.contract import Spool
 from relay365.spool.memory import MemorySpool
-from relay365.spool.postgres import PgSpool, PgTarget
 from relay365.spool.sqlite import SqliteSpool
+
+if TYPE_CHECKING:
+    from relay365.spool.pg_connect import PgTarget
 
 KEY = "spool.url"
 
@@ -61,12 +64,16 @@ def _memory(where: SpoolLocation, settings: Settings, clock: Callable[[], float]
 
 def pg_target(settings: Settings) -> PgTarget:
     """Where a ``postgresql://`` spool is, with its password (``SecretError`` if it cannot be read)."""
+    from relay365.spool.pg_connect import PgTarget  # (psycopg: only for a PostgreSQL spool)
+
     s = settings.spool
     password = load_secret(s.password) if s.password is not None else None
     return PgTarget(url=s.url, password=password, pool_size=s.pool_size, connect_timeout=s.connect_timeout)
 
 
 def _postgres(where: SpoolLocation, settings: Settings, clock: Callable[[], float]) -> Spool:
+    from relay365.spool.postgres import PgSpool  # (psycopg and its pool: ~14 MB a process)
+
     return PgSpool(pg_target(settings), clock=clock)
 
 

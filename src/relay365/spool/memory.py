@@ -35,6 +35,7 @@ from relay365.spool.model import (
     new_owner_id,
     new_queue_id,
 )
+from relay365.spool.wire import stuff
 
 _OPEN = (RcptState.QUEUED, RcptState.DEFERRED)
 PACING_HISTORY = 86_400.0
@@ -205,7 +206,7 @@ class MemorySpool:
 
     async def enqueue(self, envelope: Envelope, body: bytes) -> str:
         msg = self.incoming()
-        msg.write(body)
+        msg.write(stuff(body))
         return await msg.commit(envelope)
 
     def _insert(self, queue_id: str, env: Envelope, body: bytes) -> None:

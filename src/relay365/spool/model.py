@@ -18,6 +18,8 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+from relay365.spool.wire import unstuff
+
 
 @dataclass(frozen=True, slots=True)
 class QueueStats:
@@ -140,6 +142,9 @@ class QueueEntry:
     body_ref: str = ""
     claimed_by: str = ""  # the owner delivering it now ("" when unclaimed), see Spool.claim
     claimed_until: float = 0.0
+    # The body is in wire form (dot-stuffed, spool/wire.py); False only for entries spooled by an
+    # earlier relay365, which holds the message itself.
+    stuffed: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,13 +201,14 @@ class RecipientUpdate:
 class Bounce:
     """A DSN to queue in the same transaction as the updates that caused it."""
 
-    body: bytes
+    body: bytes  # in wire form (``spool/wire.stuff``), spooled as it is
     envelope: Envelope
 
 
 class IncomingMessage(Protocol):
     """A message being received: bytes are streamed in, then committed or aborted (the contract
-    is in spool/contract.py, next to ``Spool.incoming``)."""
+    is in spool/contract.py, next to ``Spool.incoming``). The bytes are the message in wire form
+    (dot-stuffed, ``spool/wire.py``): stored and later read as they are."""
 
     queue_id: str
     size: int
@@ -227,7 +233,8 @@ class IncomingMessage(Protocol):
 
 
 class BodyReader(Protocol):
-    """An open message body (``Spool.body``): the spooled bytes, read in chunks or at once."""
+    """An open message body (``Spool.body``): the spooled bytes as stored (wire form, unless the
+    entry says otherwise: ``QueueEntry.stuffed``), read in chunks or at once."""
 
     size: int
 
@@ -251,21 +258,28 @@ class BodyReader(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class BodySource:
-    """A message body as a transport sees it: read through the spool, never a path."""
+    """A message body as a transport sees it: read through the spool, never a path.
+
+    ``open()`` gives the spooled bytes as they lie: the wire form when ``stuffed`` (an SMTP transport
+    sends them as they are, ``sendfile`` where the reader has a file); ``read_all`` and ``head`` give
+    the message itself (RFC 5322 bytes, unstuffed: Graph, the headers of a DSN)."""
 
     queue_id: str
     size: int
     opener: Callable[[], AbstractAsyncContextManager[BodyReader]]
+    stuffed: bool = True
 
     def open(self) -> AbstractAsyncContextManager[BodyReader]:
         return self.opener()
 
     async def read_all(self) -> bytes:
-        """The whole body; ``SpoolIOError`` when the spool cannot read it."""
+        """The whole message; ``SpoolIOError`` when the spool cannot read it."""
         async with self.opener() as reader:
-            return await reader.read_all()
+            data = await reader.read_all()
+        return unstuff(data) if self.stuffed else data
 
     async def head(self, n: int) -> bytes:
-        """The first ``n`` bytes (fewer for a shorter body)."""
+        """The first ``n`` bytes of the message, or a few less (fewer for a shorter body)."""
         async with self.opener() as reader:
-            return await reader.read(n)
+            data = await reader.read(n)
+        return unstuff(data) if self.stuffed else data

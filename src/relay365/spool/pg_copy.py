@@ -65,7 +65,9 @@ async def _copy_one(source: SqliteSpool, target: PgSpool, entry: QueueEntry) -> 
                 size += len(chunk)
         if size != entry.size:
             raise SpoolIOError(f"{entry.queue_id}: the body has {size} bytes, the queue says {entry.size}")
-        params = rows.insert_params(entry.queue_id, entry.envelope, entry.size, entry.received_at)
+        params = rows.insert_params(
+            entry.queue_id, entry.envelope, entry.size, entry.received_at, stuffed=entry.stuffed
+        )
         await conn.execute(rows.insert_sql(with_body=False, notify=None).encode(), params)
         async with conn.cursor() as cur:
             await cur.executemany(

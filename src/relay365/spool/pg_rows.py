@@ -37,7 +37,7 @@ CHANNEL = "relay365_spool"
 # message columns, then recipient columns (one row per recipient, in order)
 _MSG = (
     "m.queue_id, m.mail_from, m.device, m.peer, m.listener, m.smtputf8, m.is_dsn, m.size, m.received_at,"
-    " m.held, m.lease_owner, m.lease_until, m.subject, m.message_id"
+    " m.held, m.lease_owner, m.lease_until, m.subject, m.message_id, m.stuffed"
 )
 _RCPT = "r.rcpt, r.state, r.attempts, r.next_attempt, r.last_reply, r.transport"
 _NEXT_DUE = (
@@ -60,8 +60,8 @@ def entries(rows: Iterable[Sequence[Any]]) -> list[QueueEntry]:
         if current is None or row[0] != current[0]:
             flush()
             current, rcpts = row, []
-        if row[14] is not None:
-            rcpts.append(Recipient(row[14], RcptState(row[15]), row[16], row[17], row[18], row[19]))
+        if row[15] is not None:
+            rcpts.append(Recipient(row[15], RcptState(row[16]), row[17], row[18], row[19], row[20]))
     flush()
     return out
 
@@ -80,7 +80,16 @@ def _entry(row: Sequence[Any], recipients: list[Recipient]) -> QueueEntry:
         message_id=row[13],
     )
     return QueueEntry(
-        row[0], env, int(row[7]), row[8], row[9], rcpts, "", claimed_by=row[10], claimed_until=row[11]
+        row[0],
+        env,
+        int(row[7]),
+        row[8],
+        row[9],
+        rcpts,
+        "",
+        claimed_by=row[10],
+        claimed_until=row[11],
+        stuffed=row[14],
     )
 
 
@@ -107,9 +116,10 @@ def insert_sql(*, with_body: bool, notify: str | None) -> str:
         )
     parts.append(
         "m AS (INSERT INTO relay365.messages (queue_id, mail_from, device, peer, listener, smtputf8, is_dsn,"
-        " size, received_at, subject, message_id, next_due) VALUES (%(q)s, %(mail_from)s, %(device)s,"
-        " %(peer)s, %(listener)s, %(smtputf8)s, %(is_dsn)s, %(size)s, %(now)s, %(subject)s, %(message_id)s,"
-        " CASE WHEN cardinality(%(rcpts)s::text[]) > 0 THEN %(now)s END))"
+        " size, received_at, subject, message_id, stuffed, next_due)"
+        " VALUES (%(q)s, %(mail_from)s, %(device)s, %(peer)s, %(listener)s, %(smtputf8)s, %(is_dsn)s,"
+        " %(size)s, %(now)s, %(subject)s, %(message_id)s,"
+        " %(stuffed)s, CASE WHEN cardinality(%(rcpts)s::text[]) > 0 THEN %(now)s END))"
     )
     parts.append(
         "r AS (INSERT INTO relay365.recipients (queue_id, pos, rcpt, state, next_attempt)"
@@ -120,8 +130,12 @@ def insert_sql(*, with_body: bool, notify: str | None) -> str:
     return "WITH " + ", ".join(parts) + " " + tail
 
 
-def insert_params(queue_id: str, env: Envelope, size: int, now: float) -> dict[str, Any]:
+def insert_params(
+    queue_id: str, env: Envelope, size: int, now: float, *, stuffed: bool = True
+) -> dict[str, Any]:
+    """``stuffed``: the body is in wire form (``spool/wire.py``; False only for a copied old entry)."""
     return {
+        "stuffed": stuffed,
         "q": queue_id,
         "mail_from": env.mail_from,
         "device": env.device,

@@ -178,6 +178,14 @@ CREATE TABLE relay365.m365_follow_leader (
 );
 """,
     ),
+    # Version 3: bodies in wire form (dot-stuffed, spool/wire.py). Those written before hold the message
+    # itself (false): delivered as they were, stuffed on the way.
+    (
+        3,
+        """
+ALTER TABLE relay365.messages ADD COLUMN stuffed boolean NOT NULL DEFAULT false;
+""",
+    ),
 )
 CURRENT = MIGRATIONS[-1][0]
 MIN_SERVER_VERSION = 120000  # PostgreSQL 12 (FOR UPDATE SKIP LOCKED, DROP DATABASE ... FORCE is 13)

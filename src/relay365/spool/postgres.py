@@ -59,6 +59,7 @@ from relay365.spool.model import (
 from relay365.spool.pg_bodies import PgIncoming, insert_chunks_tx, open_body, split
 from relay365.spool.pg_connect import PgTarget, make_pool, mapped
 from relay365.spool.pg_control import LOCK_CLASS, Control
+from relay365.spool.wire import stuff
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -254,7 +255,7 @@ class PgSpool:
 
     async def enqueue(self, envelope: Envelope, body: bytes) -> str:
         msg = self.incoming()
-        msg.write(body)
+        msg.write(stuff(body))
         return await msg.commit(envelope)
 
     # -- delivery ----------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
-from relay365.errors import SpoolFullError
+from relay365.errors import SpoolError, SpoolFullError
 from relay365.spool import sqlite_rows as rows_sql
 from relay365.spool import sqlite_schema as schema
 from relay365.spool.contract import Recovery
@@ -60,9 +60,11 @@ from relay365.spool.sqlite_files import (
     spool_error,
 )
 from relay365.spool.sqlite_owners import OwnerLock, check_owner, recover_dead
+from relay365.spool.wire import stuff
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+Rows = list[tuple[str, Envelope, int]]  # queue id, envelope, size: messages to insert
 
 
 class SqliteSpool:
@@ -78,6 +80,7 @@ class SqliteSpool:
         self.db_path = directory / "queue.db"
         self._clock = clock
         self._db_thread = ThreadPoolExecutor(1, thread_name_prefix="spool-db")
+        self._delegate: Callable[[Rows, float, str], None] | None = None
         self._io = ThreadPoolExecutor(8, thread_name_prefix="spool-io")
         self._conn: sqlite3.Connection | None = None
         self._pending: list[tuple[str, Envelope, int, asyncio.Future[None]]] = []
@@ -207,8 +210,26 @@ class SqliteSpool:
 
     async def enqueue(self, envelope: Envelope, body: bytes) -> str:
         msg = self.incoming()
-        msg.write(body)
+        msg.write(stuff(body))
         return await msg.commit(envelope)
+
+    def delegate_commits(self, commit: Callable[[Rows, float, str], None]) -> None:
+        """An ingress worker's spool (service/worker.py): after the group commit's directory fsync, the
+        rows go to ``commit(rows, now, body_dir)`` (called from the spool's database thread; it returns
+        once they are committed, or raises ``SpoolError``), which has the supervisor write them with
+        ``insert_delegated``: queue.db keeps one writing process and no process waits on another's lock
+        (SQLite's busy handler sleeps in steps of milliseconds)."""
+        self._delegate = commit
+
+    async def insert_delegated(self, rows: Rows, now: float, body_dir: str) -> None:
+        """Commit the rows of messages another process (an ingress worker) spooled and fsynced under
+        ``messages/<body_dir>/``; returns once they are durable."""
+
+        def write(conn: sqlite3.Connection) -> None:
+            self._write_rows(conn, rows, now, body_dir)
+
+        await self._db(write)
+        self._notify()
 
     async def insert(self, queue_id: str, envelope: Envelope, size: int) -> None:
         """Group commit: every message waiting is made durable by one directory fsync + one commit."""
@@ -235,8 +256,12 @@ class SqliteSpool:
                 fsync_dir(self.messages_dir / body_dir)
                 assert self._conn is not None
                 now = self._clock()
-                self._write_rows(self._conn, [(q, e, s) for q, e, s, _ in batch], now, body_dir)
-            except (OSError, sqlite3.Error) as e:
+                rows = [(q, e, s) for q, e, s, _ in batch]
+                if self._delegate is not None:
+                    self._delegate(rows, now, body_dir)
+                else:
+                    self._write_rows(self._conn, rows, now, body_dir)
+            except (OSError, sqlite3.Error, SpoolError) as e:  # (SpoolError: the delegate's)
                 error = spool_error(e)
             for *_, fut in batch:
                 fut.get_loop().call_soon_threadsafe(_settle, fut, error)

@@ -76,7 +76,8 @@ def rollback(conn: sqlite3.Connection) -> None:
 def insert_rows(
     conn: sqlite3.Connection, rows: Sequence[tuple[str, Envelope, int]], now: float, body_dir: str = ""
 ) -> None:
-    """Inside a transaction: new queue entries (queue id, envelope, size), every recipient queued."""
+    """Inside a transaction: new queue entries (queue id, envelope, size), every recipient queued;
+    their bodies are in wire form."""
     for queue_id, env, size in rows:
         values = (queue_id, env.mail_from, env.device, env.peer, env.listener)
         facts = (env.subject, env.message_id)
@@ -104,7 +105,16 @@ def make_entry(row: Sequence[Any], recipients: Sequence[Recipient]) -> QueueEntr
         message_id=row[14],
     )
     return QueueEntry(
-        row[0], env, row[7], row[8], bool(row[9]), rcpts, row[10], claimed_by=row[11], claimed_until=row[12]
+        row[0],
+        env,
+        row[7],
+        row[8],
+        bool(row[9]),
+        rcpts,
+        row[10],
+        claimed_by=row[11],
+        claimed_until=row[12],
+        stuffed=bool(row[15]),
     )
 
 

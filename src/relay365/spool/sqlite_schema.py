@@ -5,6 +5,8 @@ Schema versions (``PRAGMA user_version``, ``spool/schema_version.py``)::
     0  a new, empty file; or a queue written before versions were recorded (relay365 0.1.0): the first
        release's tables (``_BASE``) with none, some or all of the columns in ``COLUMNS``
     1  the first release's tables + every column in ``COLUMNS`` + the ``control`` table
+    2  + ``messages.stuffed``: 1 when the body is in wire form (dot-stuffed, ``spool/wire.py``), 0 for
+       the bodies spooled before it (the message itself; delivered as they were, stuffed on the way)
 
 The step from 0 creates what is missing: the base tables, each column of ``COLUMNS`` that is not there
 (``ALTER TABLE ... ADD COLUMN``, at the end, in this order), the ``control`` table; so a new and an
@@ -72,12 +74,13 @@ INSERT OR IGNORE INTO control VALUES ('flush_generation', 0);
 
 MESSAGE_COLUMNS = (
     "m.queue_id, m.mail_from, m.device, m.peer, m.listener, m.smtputf8, m.is_dsn, m.size,"
-    " m.received_at, m.held, m.body_dir, m.lease_owner, m.lease_until, m.subject, m.message_id"
+    " m.received_at, m.held, m.body_dir, m.lease_owner, m.lease_until, m.subject, m.message_id,"
+    " m.stuffed"
 )
 RECIPIENT_COLUMNS = "rcpt, state, attempts, next_attempt, last_reply, transport"
 INSERT_MESSAGE = (
     "INSERT INTO messages (queue_id, mail_from, device, peer, listener, smtputf8, is_dsn, size,"
-    " received_at, body_dir, subject, message_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+    " received_at, body_dir, subject, message_id, stuffed) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,1)"
 )
 
 
@@ -117,11 +120,20 @@ def _v0_to_v1(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
+def _v1_to_v2(conn: sqlite3.Connection) -> None:
+    """The bodies already spooled hold the message itself (0); new ones are in wire form (1)."""
+    conn.execute("ALTER TABLE messages ADD COLUMN stuffed INTEGER NOT NULL DEFAULT 0")
+
+
 SCHEMA = Schema(
     what="the queue",
-    version=1,
-    steps={0: _v0_to_v1},
-    history={0: "a new file, or a queue from before schema versions", 1: "owners, claims, header facts"},
+    version=2,
+    steps={0: _v0_to_v1, 1: _v1_to_v2},
+    history={
+        0: "a new file, or a queue from before schema versions",
+        1: "owners, claims, header facts",
+        2: "bodies in wire form",
+    },
 )
 
 

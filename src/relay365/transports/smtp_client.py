@@ -25,6 +25,7 @@ from relay365.errors import (
 )
 from relay365.transports.base import OutboundMessage, Outcome, RecipientResult
 from relay365.transports.replies import is_transient_reply
+from relay365.transports.transaction import Progress, transaction
 
 log = logging.getLogger(__name__)
 IDLE_REUSE_SECONDS = 10.0  # Postfix smtp_connection_cache_time_limit is 2 s; Exchange idles out later
@@ -111,13 +112,14 @@ def _results(rcpts: tuple[str, ...], errors: dict[str, SMTPResponse], final: str
 async def send_over(pool: SessionPool, message: OutboundMessage, *, upstream: str) -> list[RecipientResult]:
     """Send one message through a pooled session, retrying once on a stale reused session.
 
-    The body is read only once the upstream has accepted a recipient: a delivery waiting for a pool
-    slot, or failing to connect, never holds the message in memory.
+    The transaction is ``transaction.transaction``: pipelined where the upstream offers it, the body
+    sent from the spool as it lies, only once the upstream has accepted a recipient (a delivery
+    waiting for a pool slot, or failing to connect, never reads the message).
     """
-    body: bytes | None = None
     whole = message
     for attempt in (1, 2):
-        data_started = connected = False
+        progress = Progress()
+        connected = False
         try:
             async with pool.session() as (smtp, reused):
                 connected = True
@@ -126,25 +128,31 @@ async def send_over(pool: SessionPool, message: OutboundMessage, *, upstream: st
                     return refused
                 options = ["SMTPUTF8"] if message.smtputf8 else []
                 try:
-                    errors = await _envelope(smtp, message, options)
-                    if len(errors) == len(message.rcpt_tos):
+                    await _ehlo_or_helo(smtp)
+                    sent = await transaction(
+                        smtp,
+                        mail_from=message.mail_from,
+                        rcpts=message.rcpt_tos,
+                        options=options,
+                        body=message.body,
+                        progress=progress,
+                    )
+                    if sent.reply is None:  # every recipient refused: nothing was sent
                         await _rset(smtp)
-                        return _results(message.rcpt_tos, errors, "") + refused
-                    if body is None:
-                        body = await message.read_body()
-                    data_started = True
-                    response = await smtp.data(body)
+                        return _results(message.rcpt_tos, sent.refused, "") + refused
                 except aiosmtplib.SMTPResponseException as e:
                     await _rset(smtp)
                     raise_for_reply(e.code, e.message)
                 except aiosmtplib.SMTPServerDisconnected:
-                    if reused and not data_started and attempt == 1:
+                    if reused and not progress.data_started and attempt == 1:
                         log.debug(
                             "%s: reused session to %s was closed; reconnecting", message.queue_id, upstream
                         )
                         continue
                     raise
-            return _results(message.rcpt_tos, errors, reply_text(response.code, response.message)) + refused
+            assert sent.reply is not None
+            final = reply_text(sent.reply.code, sent.reply.message)
+            return _results(message.rcpt_tos, sent.refused, final) + refused
         except aiosmtplib.SMTPAuthenticationError as e:
             # A credential or token problem is the admin's to fix; mail waits (reliability.md).
             log.critical("ALERT %s: authentication refused: %s", upstream, reply_text(e.code, e.message))
@@ -161,7 +169,7 @@ async def send_over(pool: SessionPool, message: OutboundMessage, *, upstream: st
         except (aiosmtplib.SMTPException, OSError, TimeoutError, ssl.SSLError) as e:
             if not connected:  # RFC 3463 X.4.1: no answer from host
                 raise UpstreamUnreachableError(f"451 4.4.1 {upstream}: {type(e).__name__}: {e}") from e
-            if data_started:
+            if progress.data_started:
                 log.warning(
                     "%s: %s lost after DATA began; the upstream may have it already, a retry"
                     " can duplicate it",
@@ -171,6 +179,18 @@ async def send_over(pool: SessionPool, message: OutboundMessage, *, upstream: st
             # RFC 3463 X.4.2: bad connection (established, then lost before the transaction ended)
             raise ConnectionLostError(f"451 4.4.2 {upstream}: {type(e).__name__}: {e}") from e
     raise ConnectionLostError(f"451 4.4.2 {upstream}: connection closed")
+
+
+async def _ehlo_or_helo(smtp: aiosmtplib.SMTP) -> None:
+    """EHLO (then HELO if EHLO is refused) unless the session has greeted already (RFC 5321 4.1.1.1)."""
+    if not smtp.is_ehlo_or_helo_needed:
+        return
+    try:
+        await smtp.ehlo()
+    except aiosmtplib.SMTPHeloError:
+        if not smtp.is_connected:
+            raise
+        await smtp.helo()
 
 
 async def _smtputf8_plan(
@@ -202,21 +222,6 @@ def _head_is_ascii(head: bytes) -> bool:
     """``head``: the first MiB, more than any header section the ingress accepts."""
     end = head.find(b"\r\n\r\n")
     return (head if end < 0 else head[:end]).isascii()
-
-
-async def _envelope(
-    smtp: aiosmtplib.SMTP, message: OutboundMessage, options: list[str]
-) -> dict[str, SMTPResponse]:
-    """MAIL FROM and every RCPT TO; returns the refused recipients (partial acceptance)."""
-    encoding = "utf-8" if message.smtputf8 else "ascii"
-    await smtp.mail(message.mail_from, options=options, encoding=encoding)
-    errors: dict[str, SMTPResponse] = {}
-    for rcpt in message.rcpt_tos:
-        try:
-            await smtp.rcpt(rcpt, encoding=encoding)
-        except aiosmtplib.SMTPRecipientRefused as e:
-            errors[rcpt] = SMTPResponse(e.code, e.message)
-    return errors
 
 
 async def _rset(smtp: aiosmtplib.SMTP) -> None:
