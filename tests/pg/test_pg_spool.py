@@ -151,10 +151,21 @@ async def test_a_version_1_database_is_upgraded_with_the_follow_tables_and_keeps
             old.setattr(pg_schema, "MIGRATIONS", pg_schema.MIGRATIONS[:1])
             old.setattr(pg_schema, "CURRENT", 1)
             assert migrate_url(url, password=pg_cluster.password) == (None, 1)
-            spool = PgSpool(PgTarget(url=url, password=pg_cluster.password))
-            await spool.open()
-            qid = await spool.enqueue(ENV, b"Subject: queued by version 1\r\n\r\nx\r\n")
-            await spool.close()
+        with pg_cluster.connect(name) as conn:  # a message queued by version 1 (its columns only)
+            qid = "V1QUEUED"
+            conn.execute(
+                "INSERT INTO relay365.messages (queue_id, mail_from, device, peer, listener, smtputf8,"
+                " is_dsn, size, received_at, next_due) VALUES (%s, %s, 'd', '', 'lan', false, false,"
+                " 3, 0, 0)",
+                (qid, ENV.mail_from),
+            )
+            conn.execute("INSERT INTO relay365.bodies VALUES (%s, 0, %s)", (qid, b"x\r\n"))
+            conn.execute(
+                "INSERT INTO relay365.recipients (queue_id, pos, rcpt, state, next_attempt)"
+                " VALUES (%s, 0, 'b@contoso.com', 'queued', 0)",
+                (qid,),
+            )
+        spool = PgSpool(PgTarget(url=url, password=pg_cluster.password))
         with pytest.raises(SpoolSchemaError, match=f"at version 1, this relay365 needs {CURRENT}"):
             await spool.open()
         env = {"PGPASSWORD": pg_cluster.password}
@@ -324,7 +335,7 @@ async def test_a_dead_nodes_claims_go_to_the_others_by_the_sweep(pg: PgDatabase)
 async def test_a_version_1_schema_is_migrated_and_its_bodies_stay_as_they_were(
     pg_cluster: PostgresCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Migration 2 adds ``messages.stuffed``: bodies of version 1 hold the message itself (false) and are
+    """Migration 3 adds ``messages.stuffed``: bodies of earlier versions hold the message itself (false) and are
     read as such; a message spooled after the migration is in wire form (true)."""
     from relay365.spool import pg_schema
 
@@ -347,7 +358,7 @@ async def test_a_version_1_schema_is_migrated_and_its_bodies_stay_as_they_were(
                 "INSERT INTO relay365.recipients (queue_id, pos, rcpt, state, next_attempt)"
                 " VALUES ('OLD1', 0, 'b@contoso.com', 'queued', 0)"
             )
-        assert migrate_url(url, password=pg_cluster.password) == (1, 2)
+        assert migrate_url(url, password=pg_cluster.password) == (1, CURRENT)
         spool = PgSpool(PgTarget(url=url, password=pg_cluster.password))
         await spool.open()
         try:
