@@ -335,8 +335,8 @@ async def test_a_dead_nodes_claims_go_to_the_others_by_the_sweep(pg: PgDatabase)
 async def test_a_version_1_schema_is_migrated_and_its_bodies_stay_as_they_were(
     pg_cluster: PostgresCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Migration 3 adds ``messages.stuffed``: bodies of earlier versions hold the message itself (false) and are
-    read as such; a message spooled after the migration is in wire form (true)."""
+    """Migration 3 adds ``messages.stuffed``: bodies of earlier versions hold the message itself
+    (false) and are read as such; a message spooled after the migration is in wire form (true)."""
     from relay365.spool import pg_schema
 
     name = "t_v1_" + tmp_path.name[-12:].replace("-", "_").lower()
