@@ -21,7 +21,7 @@ from relay365.spool import sqlite_schema
 from relay365.spool.schema_version import Schema, migrate, read_version
 from relay365.spool.sqlite import SqliteSpool
 from tests.core.old_databases import OldMessage, OldRecipient, first_release_queue, first_tracking_log
-from tests.support import run_cli, serving, smarthost_cfg, smtp_sink, write_config
+from tests.support import run_cli, serving, smarthost_cfg, smtp_sink, wait_for, write_config
 
 BODY = b"Subject: scan from before the upgrade\r\n\r\npage 1\r\n"
 HELD = b"Subject: held before the upgrade\r\n\r\nheld\r\n"
@@ -30,14 +30,6 @@ QID, HELD_QID = "0193A4F2C81D7B3E9A1", "0193A4F2C82AAAA0001"
 
 def sha(paths: list[Path]) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in paths if p.exists()}
-
-
-def wait_for(check: object, timeout: float = 30.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not check():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def first_release_spool(directory: Path) -> Path:

@@ -43,6 +43,7 @@ from tests.support import (
     free_port,
     smarthost_cfg,
     smtp_sink,
+    wait_for,
     write_config,
 )
 
@@ -55,14 +56,6 @@ def workers_of(server: ServeProcess) -> list[int]:
         ["ps", "--ppid", str(server.pid), "-o", "pid=,args="], capture_output=True, text=True
     )
     return [int(line.split()[0]) for line in out.stdout.splitlines() if "relay365.service.worker" in line]
-
-
-def wait_for(check: object, timeout: float = 30.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not check():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def one_worker(server: ServeProcess) -> int:

@@ -280,6 +280,15 @@ def send_message(
         return reply.split()[-1].decode()
 
 
+def wait_for(check: Callable[[], object], timeout: float = 30.0, what: str = "") -> None:
+    """Blocking: poll ``check`` until it is true (``TimeoutError`` after ``timeout`` seconds)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
 async def wait_until(check: Callable[[], Awaitable[bool]], timeout: float = 10.0, what: str = "") -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not await check():
