@@ -4,6 +4,7 @@ setup tools, registered from their own packages)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import getpass
 import json
 import sys
@@ -25,7 +26,7 @@ from relay365.spool.contract import QueueAdmin
 from relay365.spool.factory import locate, open_spool, spool_exists
 from relay365.spool.model import QueueEntry, QueueFilter, QueueState, entry_dict
 
-app = typer.Typer(
+_app = typer.Typer(  # the core commands; ``app`` (below) adds the tools'
     help="relay365: get mail from devices and applications into Microsoft 365.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -36,10 +37,10 @@ route_app = typer.Typer(help="Explain routing decisions.", no_args_is_help=True)
 queue_app = typer.Typer(
     help="Inspect and manage the queue (works while the server runs).", no_args_is_help=True
 )
-app.add_typer(config_app, name="config")
-app.add_typer(device_app, name="device")
-app.add_typer(queue_app, name="queue")
-app.add_typer(route_app, name="route")
+_app.add_typer(config_app, name="config")
+_app.add_typer(device_app, name="device")
+_app.add_typer(queue_app, name="queue")
+_app.add_typer(route_app, name="route")
 console = Console()
 err = Console(stderr=True)
 T = TypeVar("T")
@@ -54,7 +55,7 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
+@_app.callback()
 def _root(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
@@ -126,7 +127,7 @@ def device_passwd(
     typer.echo(f'# [[device]] name = "{name}"\npassword_hash = "{hashed}"')
 
 
-@app.command()
+@_app.command()
 def serve(
     config: Annotated[
         Path | None, typer.Option("--config", "-c", help="relay365.toml (default: ./relay365.toml)")
@@ -226,7 +227,7 @@ def route_test(
         raise typer.Exit(1)
 
 
-@app.command()
+@_app.command()
 def login(
     transport: Annotated[str, typer.Argument(help="name of a submission/graph transport")],
     config: ConfigOpt = DEFAULT_CONFIG,
@@ -426,7 +427,7 @@ def queue_delete(queue_id: str, config: ConfigOpt = DEFAULT_CONFIG) -> None:
     console.print(f"{queue_id} deleted")
 
 
-@app.command()
+@_app.command()
 def send(
     server: Annotated[str, typer.Option(help="host:port of the SMTP server to test")] = "127.0.0.1:2525",
     mail_from: Annotated[
@@ -478,16 +479,32 @@ def _register_subcommands() -> None:
     from relay365.setup.service_cli import register as register_service
     from relay365.spool_cli import register as register_spool
 
-    app.add_typer(sandbox_app, name="sandbox")
-    register_spool(app)
-    register(app)
-    register_console(app)
-    register_setup(app, config_app)
-    register_service(app)
+    _app.add_typer(sandbox_app, name="sandbox")
+    register_spool(_app)
+    register(_app)
+    register_console(_app)
+    register_setup(_app, config_app)
+    register_service(_app)
 
 
-_register_subcommands()
+@functools.cache
+def full_app() -> typer.Typer:
+    """The whole command line: the core commands and those the tools' packages bring (registered once:
+    importing those packages costs time and memory that ``serve`` and ``--version`` do without)."""
+    _register_subcommands()
+    return _app
+
+
+def __getattr__(name: str) -> typer.Typer:
+    """``relay365.cli.app``: the whole command line (tests invoke it with typer's CliRunner)."""
+    if name == "app":
+        return full_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def main() -> None:
-    app()
+    args = sys.argv[1:]
+    if args[:1] == ["serve"] or args == ["--version"]:
+        _app()  # a slim serve process: none of the tools' commands (nor their imports)
+    else:
+        full_app()()
