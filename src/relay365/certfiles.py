@@ -13,11 +13,10 @@ import datetime
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+if TYPE_CHECKING:  # cryptography is imported by the checks, when a certificate is configured (issue 11)
+    from cryptography import x509
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +47,8 @@ def _world_readable(label: str, path: Path, out: Findings) -> None:
 
 
 def _spki(public_key: object) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     assert hasattr(public_key, "public_bytes")
     der: bytes = public_key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -57,6 +58,10 @@ def _spki(public_key: object) -> bytes:
 
 def check_pair(label: str, cert_path: Path, key_path: Path | None, out: Findings) -> x509.Certificate | None:
     """The certificate (chain) and its private key parse and belong together; returns the leaf."""
+    from cryptography import x509
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+
     cert_pem = _read(label, cert_path, out)
     if cert_pem is None:
         return None
@@ -98,6 +103,8 @@ def check_pair(label: str, cert_path: Path, key_path: Path | None, out: Findings
 
 def check_ca(label: str, path: Path, out: Findings) -> None:
     """A CA bundle (or pinned certificates): at least one PEM certificate."""
+    from cryptography import x509
+
     pem = _read(label, path, out)
     if pem is None:
         return
@@ -108,4 +115,6 @@ def check_ca(label: str, path: Path, out: Findings) -> None:
 
 
 def is_rsa(cert: x509.Certificate) -> bool:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
     return isinstance(cert.public_key(), rsa.RSAPublicKey)

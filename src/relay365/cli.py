@@ -4,18 +4,16 @@ setup tools, registered from their own packages)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import getpass
 import json
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
 from relay365 import __version__
 from relay365.errors import ConfigError, QueueEntryNotFound, Relay365Error
@@ -25,7 +23,10 @@ from relay365.spool.contract import QueueAdmin
 from relay365.spool.factory import locate, open_spool, spool_exists
 from relay365.spool.model import QueueEntry, QueueFilter, QueueState, entry_dict
 
-app = typer.Typer(
+if TYPE_CHECKING:  # rich is imported when something is printed: serve prints through logging (issue 11)
+    from rich.console import Console
+
+_app = typer.Typer(  # the core commands; ``app`` (below) adds the tools'
     help="relay365: get mail from devices and applications into Microsoft 365.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -36,16 +37,21 @@ route_app = typer.Typer(help="Explain routing decisions.", no_args_is_help=True)
 queue_app = typer.Typer(
     help="Inspect and manage the queue (works while the server runs).", no_args_is_help=True
 )
-app.add_typer(config_app, name="config")
-app.add_typer(device_app, name="device")
-app.add_typer(queue_app, name="queue")
-app.add_typer(route_app, name="route")
-console = Console()
-err = Console(stderr=True)
+_app.add_typer(config_app, name="config")
+_app.add_typer(device_app, name="device")
+_app.add_typer(queue_app, name="queue")
+_app.add_typer(route_app, name="route")
 T = TypeVar("T")
 
 DEFAULT_CONFIG = Path("relay365.toml")
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="relay365.toml")]
+
+
+@functools.cache
+def _console(*, stderr: bool = False) -> Console:
+    from rich.console import Console
+
+    return Console(stderr=stderr)
 
 
 def _version(value: bool) -> None:
@@ -54,7 +60,7 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
+@_app.callback()
 def _root(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
@@ -64,7 +70,9 @@ def _root(
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[red]error:[/red] {escape(message)}", highlight=False)
+    from rich.markup import escape
+
+    _console(stderr=True).print(f"[red]error:[/red] {escape(message)}", highlight=False)
     return typer.Exit(code)
 
 
@@ -80,6 +88,8 @@ def config_check(file: Annotated[Path, typer.Argument(help="relay365.toml to val
     """Validate FILE and run serve's preflight (secrets, certificates, ports, spool): passes exactly
     when 'relay365 serve' would start. Prints a summary, or every problem with its key and file, and
     warns about senders Microsoft will refuse (5.7.60)."""
+    from rich.markup import escape
+
     from relay365.diagnostics.sendas import send_as_risks
     from relay365.service.preflight import preflight_for
 
@@ -95,14 +105,14 @@ def config_check(file: Annotated[Path, typer.Argument(help="relay365.toml to val
     except Relay365Error as e:
         raise _fail(str(e)) from None
     for warning in warnings:
-        err.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False)
-    console.print(
+        _console(stderr=True).print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False)
+    _console().print(
         f"[green]ok[/green] {file}: {len(s.listeners)} listener(s), {len(s.devices)} device(s),"
         f" {len(s.transports)} transport(s), {len(s.routes)} route(s)",
         highlight=False,
     )
     for risk in send_as_risks(s):  # valid, but Microsoft will refuse these senders (5.7.60)
-        console.print(f"[yellow]warning[/yellow] {risk.message}\n  fix: {risk.fix}", highlight=False)
+        _console().print(f"[yellow]warning[/yellow] {risk.message}\n  fix: {risk.fix}", highlight=False)
 
 
 @device_app.command("passwd")
@@ -126,7 +136,7 @@ def device_passwd(
     typer.echo(f'# [[device]] name = "{name}"\npassword_hash = "{hashed}"')
 
 
-@app.command()
+@_app.command()
 def serve(
     config: Annotated[
         Path | None, typer.Option("--config", "-c", help="relay365.toml (default: ./relay365.toml)")
@@ -162,7 +172,9 @@ def serve(
         from relay365.service.demo import SandboxPorts, run_demo
 
         configure_logging("INFO", Redactor(), log_format or "auto")
-        err.print("No relay365.toml here: starting the demo (relay365 + local Exchange Online sandbox).")
+        _console(stderr=True).print(
+            "No relay365.toml here: starting the demo (relay365 + local Exchange Online sandbox)."
+        )
         ports = SandboxPorts(submission=sandbox_submission_port, mx=sandbox_mx_port, http=sandbox_http_port)
         try:
             asyncio.run(run_demo(demo_dir.absolute(), port=port, sandbox_ports=ports))
@@ -190,6 +202,8 @@ def route_test(
     config: ConfigOpt = DEFAULT_CONFIG,
 ) -> None:
     """Explain which route and transport each recipient would take, and why."""
+    from rich.table import Table
+
     from relay365.delivery.router import NoRoute, Router
     from relay365.diagnostics.sendas import sender_risk
     from relay365.transports.registry import null_sender_transports, recipient_rules
@@ -219,14 +233,14 @@ def route_test(
         except NoRoute as e:
             unroutable = True
             table.add_row(rcpt, "-", "-", f"[red]bounced at once[/red]: {e}")
-    console.print(table)
+    _console().print(table)
     for warning in sorted(warnings):
-        console.print(f"[yellow]warning[/yellow] {warning}", highlight=False)
+        _console().print(f"[yellow]warning[/yellow] {warning}", highlight=False)
     if unroutable:
         raise typer.Exit(1)
 
 
-@app.command()
+@_app.command()
 def login(
     transport: Annotated[str, typer.Argument(help="name of a submission/graph transport")],
     config: ConfigOpt = DEFAULT_CONFIG,
@@ -245,12 +259,12 @@ def login(
     if not source.delegated:
         raise _fail(f"transport {transport} uses an app secret/certificate: no sign-in needed")
     try:
-        user = source.login_device_flow(lambda text: console.print(text, highlight=False))
+        user = source.login_device_flow(lambda text: _console().print(text, highlight=False))
     except Relay365Error as e:
         raise _fail(str(e)) from None
     finally:
         source.close()
-    console.print(f"[green]signed in[/green] as {user}; token cache: {t.m365.token_cache}")
+    _console().print(f"[green]signed in[/green] as {user}; token cache: {t.m365.token_cache}")
 
 
 def _with_spool(config: Path, fn: Callable[[QueueAdmin], Awaitable[T]]) -> T:
@@ -300,6 +314,8 @@ def queue_list(
     config: ConfigOpt = DEFAULT_CONFIG,
 ) -> None:
     """One row per queued message, oldest first; filters combine (all must hold)."""
+    from rich.table import Table
+
     where = QueueFilter(state=state, device=device, sender=sender, recipient=recipient)
     page = _with_spool(config, lambda spool: spool.query(where, limit=limit or None))
     if as_json:
@@ -326,11 +342,13 @@ def queue_list(
             ("HOLD " if e.held else "") + ",".join(states),
             last,
         )
-    console.print(table)
+    _console().print(table)
 
 
 def _show(e: QueueEntry) -> None:
-    console.print(
+    from rich.table import Table
+
+    _console().print(
         f"[bold]{e.queue_id}[/bold] from=<{e.envelope.mail_from}> device={e.envelope.device}"
         f" peer={e.envelope.peer} size={e.size} held={e.held}",
         highlight=False,
@@ -341,7 +359,7 @@ def _show(e: QueueEntry) -> None:
     for r in e.recipients:
         nxt = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.next_attempt))
         table.add_row(r.rcpt, r.state.value, str(r.attempts), nxt, r.last_reply)
-    console.print(table)
+    _console().print(table)
 
 
 @queue_app.command("show")
@@ -352,6 +370,9 @@ def queue_show(
 ) -> None:
     """Envelope and per-recipient state of one message, and for the recipients Microsoft 365 already
     accepted what its message trace says happened to them (from the tracking log)."""
+    from rich.markup import escape
+    from rich.table import Table
+
     from relay365.console_cli import microsoft_side
 
     entry = _with_spool(config, lambda spool: spool.get(queue_id))
@@ -367,21 +388,21 @@ def queue_show(
         for row in microsoft:
             cells = (row.get(k) or "" for k in ("recipient", "status", "reason", "advice"))
             table.add_row(*(escape(str(c)) for c in cells))
-        console.print(table)
+        _console().print(table)
 
 
 @queue_app.command("hold")
 def queue_hold(queue_id: str, config: ConfigOpt = DEFAULT_CONFIG) -> None:
     """Keep a message in the queue without delivering it."""
     _with_spool(config, lambda spool: spool.hold(queue_id, True))
-    console.print(f"{queue_id} held")
+    _console().print(f"{queue_id} held")
 
 
 @queue_app.command("release")
 def queue_release(queue_id: str, config: ConfigOpt = DEFAULT_CONFIG) -> None:
     """Release a held message."""
     _with_spool(config, lambda spool: spool.hold(queue_id, False))
-    console.print(f"{queue_id} released")
+    _console().print(f"{queue_id} released")
 
 
 @queue_app.command("retry")
@@ -413,20 +434,20 @@ def queue_retry(
 
         _with_spool(config, each)
         for qid in ids:
-            console.print(f"{qid} scheduled for delivery now")
+            _console().print(f"{qid} scheduled for delivery now")
         return
     count = _with_spool(config, lambda spool: spool.retry_matching(where, now))
-    console.print(f"{count} message(s) scheduled for delivery now")
+    _console().print(f"{count} message(s) scheduled for delivery now")
 
 
 @queue_app.command("delete")
 def queue_delete(queue_id: str, config: ConfigOpt = DEFAULT_CONFIG) -> None:
     """Remove a message from the queue without a bounce."""
     _with_spool(config, lambda spool: spool.delete(queue_id))
-    console.print(f"{queue_id} deleted")
+    _console().print(f"{queue_id} deleted")
 
 
-@app.command()
+@_app.command()
 def send(
     server: Annotated[str, typer.Option(help="host:port of the SMTP server to test")] = "127.0.0.1:2525",
     mail_from: Annotated[
@@ -466,7 +487,7 @@ def send(
         reply = asyncio.run(send_test(opts))
     except Relay365Error as e:
         raise _fail(str(e), code=1) from None
-    console.print(f"[green]accepted[/green]: {reply}", highlight=False)
+    _console().print(f"[green]accepted[/green]: {reply}", highlight=False)
 
 
 def _register_subcommands() -> None:
@@ -478,16 +499,32 @@ def _register_subcommands() -> None:
     from relay365.setup.service_cli import register as register_service
     from relay365.spool_cli import register as register_spool
 
-    app.add_typer(sandbox_app, name="sandbox")
-    register_spool(app)
-    register(app)
-    register_console(app)
-    register_setup(app, config_app)
-    register_service(app)
+    _app.add_typer(sandbox_app, name="sandbox")
+    register_spool(_app)
+    register(_app)
+    register_console(_app)
+    register_setup(_app, config_app)
+    register_service(_app)
 
 
-_register_subcommands()
+@functools.cache
+def full_app() -> typer.Typer:
+    """The whole command line: the core commands and those the tools' packages bring (registered once:
+    importing those packages costs time and memory that ``serve`` and ``--version`` do without)."""
+    _register_subcommands()
+    return _app
+
+
+def __getattr__(name: str) -> typer.Typer:
+    """``relay365.cli.app``: the whole command line (tests invoke it with typer's CliRunner)."""
+    if name == "app":
+        return full_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def main() -> None:
-    app()
+    args = sys.argv[1:]
+    if args[:1] == ["serve"] or args == ["--version"]:
+        _app()  # a slim serve process: none of the tools' commands (nor their imports)
+    else:
+        full_app()()

@@ -11,23 +11,15 @@ import json
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from relay365.admin.accounts import AccountError, AccountStore, Role
-from relay365.admin.views import BadRequest, trace_query, when
 from relay365.errors import ConfigError, Relay365Error
-from relay365.observability.tracking import M365_KINDS, TraceQuery, TrackingEvent
-from relay365.observability.tracking_pg import PgTrackingLog
-from relay365.observability.tracking_sqlite import SqliteTrackingLog
-from relay365.service.sharing import tracking_log
 from relay365.settings import Settings, load_settings
-from relay365.spool.factory import make_spool
-from relay365.tracing.explain import event_advice, event_dict, microsoft_half, side, timeline
 
 admin_app = typer.Typer(help="Console accounts (Argon2id) and API tokens.", no_args_is_help=True)
 token_app = typer.Typer(help="API tokens for automation (stored hashed).", no_args_is_help=True)
@@ -36,6 +28,12 @@ out = Console()
 err = Console(stderr=True)
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="relay365.toml")]
 DEFAULT_CONFIG = Path("relay365.toml")
+
+if TYPE_CHECKING:
+    from relay365.admin.accounts import AccountStore, Role
+    from relay365.observability.tracking import TraceQuery, TrackingEvent
+    from relay365.observability.tracking_pg import PgTrackingLog
+    from relay365.observability.tracking_sqlite import SqliteTrackingLog
 
 
 def _fail(message: str) -> typer.Exit:
@@ -51,11 +49,15 @@ def _settings(config: Path) -> Settings:
 
 
 def _store(config: Path) -> AccountStore:
+    from relay365.admin.accounts import AccountStore
+
     s = _settings(config)
     return AccountStore(s.admin.users_file or s.server.spool_dir / "admin-users.json")
 
 
 def _role(value: str) -> Role:
+    from relay365.admin.accounts import Role
+
     if value not in set(Role):
         raise _fail(f"role must be viewer or operator, not {value!r}")
     return Role(value)
@@ -69,6 +71,8 @@ def admin_passwd(
     config: ConfigOpt = DEFAULT_CONFIG,
 ) -> None:
     """Create a console account or set its password and role (Argon2id hash in the accounts file)."""
+    from relay365.admin.accounts import AccountError
+
     store = _store(config)
     if password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
@@ -88,6 +92,8 @@ def admin_passwd(
 @admin_app.command("remove")
 def admin_remove(name: str, config: ConfigOpt = DEFAULT_CONFIG) -> None:
     """Remove a console account (its sessions end at their next request)."""
+    from relay365.admin.accounts import AccountError
+
     try:
         _store(config).remove(name)
     except AccountError as e:
@@ -98,6 +104,9 @@ def admin_remove(name: str, config: ConfigOpt = DEFAULT_CONFIG) -> None:
 @admin_app.command("list")
 def admin_list(config: ConfigOpt = DEFAULT_CONFIG) -> None:
     """Console accounts and API tokens (never their secrets)."""
+    from relay365.admin.accounts import AccountError
+    from relay365.admin.views import when
+
     store = _store(config)
     try:
         users, tokens = store.users(), store.tokens()
@@ -122,6 +131,8 @@ def token_create(
     config: ConfigOpt = DEFAULT_CONFIG,
 ) -> None:
     """Make an API token; it is shown once (send it as 'Authorization: Bearer TOKEN')."""
+    from relay365.admin.accounts import AccountError
+
     try:
         token = _store(config).create_token(name, _role(role))
     except (AccountError, OSError) as e:
@@ -135,6 +146,8 @@ def token_revoke(
     config: ConfigOpt = DEFAULT_CONFIG,
 ) -> None:
     """Revoke an API token at once."""
+    from relay365.admin.accounts import AccountError
+
     try:
         _store(config).revoke_token(token_id)
     except AccountError as e:
@@ -145,6 +158,11 @@ def token_revoke(
 def _open_log(s: Settings) -> SqliteTrackingLog | PgTrackingLog:
     """The tracking log where the spool keeps it (beside a SQLite queue, or in the PostgreSQL spool's
     database); refused when it is switched off or the relay has not written one yet."""
+    from relay365.observability.tracking_pg import PgTrackingLog
+    from relay365.observability.tracking_sqlite import SqliteTrackingLog
+    from relay365.service.sharing import tracking_log
+    from relay365.spool.factory import make_spool
+
     path = s.tracking.path or s.server.spool_dir / "tracking.db"
     try:
         log = tracking_log(s, make_spool(s))
@@ -176,6 +194,9 @@ def trace(
 ) -> None:
     """Search the tracking log: what happened to a message, on the relay and inside Microsoft 365
     (Exchange Online's status, its reason and what to do), newest first (works while serving)."""
+    from relay365.admin.views import BadRequest, trace_query, when
+    from relay365.tracing.explain import event_dict, side, timeline
+
     s = _settings(config)
     log = _open_log(s)
     raw = {"sender": sender, "recipient": recipient, "subject": subject, "message_id": message_id,
@@ -212,6 +233,8 @@ def trace(
 
 def _outcome(e: TrackingEvent) -> str:
     """The reply (or Microsoft's status) with its detail, and relay365's advice for Microsoft's status."""
+    from relay365.tracing.explain import event_advice, side
+
     if side(e) == "relay":
         return e.reply or e.detail
     text = f"{e.reply}: {e.detail}" if e.detail else e.reply
@@ -222,6 +245,13 @@ def _outcome(e: TrackingEvent) -> str:
 def microsoft_side(settings: Settings, queue_id: str) -> list[dict[str, object]]:
     """Per recipient of one message: Microsoft 365's status, reason, advice and events, as the tracking
     log has them (``relay365 queue show``); empty without a tracking log."""
+    from relay365.observability.tracking import M365_KINDS, TraceQuery
+    from relay365.observability.tracking_pg import PgTrackingLog
+    from relay365.observability.tracking_sqlite import SqliteTrackingLog
+    from relay365.service.sharing import tracking_log
+    from relay365.spool.factory import make_spool
+    from relay365.tracing.explain import microsoft_half
+
     path = settings.tracking.path or settings.server.spool_dir / "tracking.db"
     if not settings.tracking.enabled:
         return []
@@ -235,6 +265,7 @@ def microsoft_side(settings: Settings, queue_id: str) -> list[dict[str, object]]
 
 
 async def _search(log: SqliteTrackingLog | PgTrackingLog, query: TraceQuery) -> list[TrackingEvent]:
+
     await log.open(purge_every=None)
     try:
         events: list[TrackingEvent] = []

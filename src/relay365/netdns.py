@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
-from typing import TypeVar
-
-import dns.asyncresolver
-import dns.resolver
+from typing import TYPE_CHECKING, TypeVar
 
 from relay365.errors import ConfigError
 
+if TYPE_CHECKING:  # dnspython is imported when a resolver is made (the settings only parse addresses)
+    import dns.asyncresolver
+    import dns.resolver
+
 DEFAULT_TIMEOUT = 3.0
-R = TypeVar("R", dns.resolver.Resolver, dns.asyncresolver.Resolver)
+R = TypeVar("R", "dns.resolver.Resolver", "dns.asyncresolver.Resolver")
 
 
 def parse_nameserver(value: str, *, key: str = "nameserver") -> tuple[str, int]:
@@ -65,6 +66,8 @@ def make_resolver(
     nameservers: Sequence[str] | str | None = None, *, timeout: float = DEFAULT_TIMEOUT
 ) -> dns.resolver.Resolver:
     """A synchronous resolver: the system's, or one for ``nameservers``."""
+    import dns.resolver
+
     servers = _servers(nameservers)
     return _configure(dns.resolver.Resolver(configure=not servers), servers, timeout)
 
@@ -73,5 +76,7 @@ def make_async_resolver(
     nameservers: Sequence[str] | str | None = None, *, timeout: float = DEFAULT_TIMEOUT
 ) -> dns.asyncresolver.Resolver:
     """The asyncio twin of :func:`make_resolver`."""
+    import dns.asyncresolver
+
     servers = _servers(nameservers)
     return _configure(dns.asyncresolver.Resolver(configure=not servers), servers, timeout)

@@ -14,27 +14,23 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import psycopg
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from relay365.credentials import load_secret
 from relay365.errors import ConfigError, Relay365Error
 from relay365.settings import check_postgres_url, load_settings, redact_url
-from relay365.spool.pg_connect import PgTarget
-from relay365.spool.pg_copy import copy_sqlite_to_pg
-from relay365.spool.pg_schema import CURRENT, migrate_url
-from relay365.spool.postgres import PgSpool
-from relay365.spool.sqlite import SqliteSpool
 
 spool_app = typer.Typer(
     help="Create or upgrade the PostgreSQL spool; move a queue into it.", no_args_is_help=True
 )
 out = Console()
 err = Console(stderr=True)
+
+if TYPE_CHECKING:
+    from relay365.spool.pg_connect import PgTarget
 
 
 def _fail(message: str) -> typer.Exit:
@@ -44,6 +40,9 @@ def _fail(message: str) -> typer.Exit:
 
 def _target(url: str | None, config: Path | None) -> PgTarget:
     """The PostgreSQL spool from ``--url`` or the config; the config's password setting if given."""
+    from relay365.credentials import load_secret
+    from relay365.spool.pg_connect import PgTarget
+
     password = None
     try:
         if config is not None:
@@ -67,6 +66,10 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="relay365
 @spool_app.command("migrate")
 def migrate(url: UrlOpt = None, config: ConfigOpt = None) -> None:
     """Create the PostgreSQL spool's schema, or upgrade it to this relay365's version."""
+    import psycopg
+
+    from relay365.spool.pg_schema import migrate_url
+
     target = _target(url, config)
     try:
         before, after = migrate_url(target.url, password=target.password)
@@ -91,6 +94,10 @@ def copy(
 ) -> None:
     """Copy a SQLite spool's queue (messages, recipients' states, pacing windows) into PostgreSQL.
     Stop relay365 on the SQLite spool first; migrate the database first."""
+    from relay365.spool.pg_copy import copy_sqlite_to_pg
+    from relay365.spool.postgres import PgSpool
+    from relay365.spool.sqlite import SqliteSpool
+
     if not source.startswith("sqlite:") or not source.removeprefix("sqlite:").strip():
         raise _fail(f"--from {source!r}: give sqlite:PATH, the old spool directory")
     directory = Path(source.removeprefix("sqlite:").removeprefix("//")).expanduser()
@@ -128,4 +135,4 @@ def register(app: typer.Typer) -> None:
     app.add_typer(spool_app, name="spool")
 
 
-__all__ = ["CURRENT", "register"]
+__all__ = ["register"]

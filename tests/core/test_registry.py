@@ -23,6 +23,8 @@ from tests.support import make_settings
 
 def test_every_configurable_type_has_a_kind() -> None:
     assert set(KINDS) == set(settings_module._TYPE_DEFAULTS)
+    for name, load in KINDS.items():  # each module is imported on first use, and declares its own type
+        assert load().type == name
 
 
 def _transports(tmp_path: Path) -> list[dict[str, object]]:

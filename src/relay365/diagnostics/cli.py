@@ -13,15 +13,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from relay365.diagnostics import advisor, advisor_output, doctor
-from relay365.diagnostics import explain as explain_mod
-from relay365.diagnostics import spf as spf_mod
-from relay365.diagnostics.checks import CheckResult, Status
-from relay365.diagnostics.doctor_config import ConfigDoctorOptions, run_config_doctor
-from relay365.diagnostics.render import render_spf
-from relay365.diagnostics.sendcheck import SendTestOptions
 from relay365.errors import ConfigError
-from relay365.netdns import make_resolver
 
 
 def _print_json(data: Any) -> None:
@@ -33,6 +25,8 @@ def explain_command(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Explain an Exchange Online reply code or NDR line: meaning, fix, and retry or bounce."""
+    from relay365.diagnostics import explain as explain_mod
+
     explanation = explain_mod.explain(code_or_text)
     if as_json:
         _print_json(explanation.to_dict())
@@ -58,6 +52,10 @@ def spf_command(
 ) -> None:
     """Print the SPF record Microsoft recommends for Direct Send / connector relay, merged with the
     domain's existing record."""
+    from relay365.diagnostics import spf as spf_mod
+    from relay365.diagnostics.render import render_spf
+    from relay365.netdns import make_resolver
+
     try:
         resolver = make_resolver(nameserver) if domain else None
         report = spf_mod.build_report(ip, domain, resolver)
@@ -113,6 +111,8 @@ def advise_command(
     force: Annotated[bool, typer.Option("--force", help="With --write: replace an existing file.")] = False,
 ) -> None:
     """Recommend how a device or application should send through Microsoft 365 (the article's table)."""
+    from relay365.diagnostics import advisor, advisor_output
+
     if write is not None and write.exists() and not force:
         raise typer.BadParameter(f"--write {write}: the file exists (add --force to replace it)")
     given: dict[str, Any] = {}
@@ -155,6 +155,8 @@ def advise_command(
 
 def _ask_missing(given: dict[str, Any], *, no_input: bool) -> None:
     from rich.prompt import Confirm, IntPrompt
+
+    from relay365.diagnostics import advisor
 
     missing = [k for k in (*advisor.BOOL_QUESTIONS, *advisor.INT_QUESTIONS) if k not in given]
     if missing and no_input:
@@ -228,6 +230,11 @@ def doctor_command(
 ) -> None:
     """Check a relay365 config (--config) and/or DNS (MX, SPF), network reach, TLS and EHLO: pass / warn /
     fail with fixes. --send-test sends a tracked message through the running relay."""
+    from relay365.diagnostics import doctor
+    from relay365.diagnostics.checks import CheckResult, Status
+    from relay365.diagnostics.doctor_config import ConfigDoctorOptions, run_config_doctor
+    from relay365.diagnostics.sendcheck import SendTestOptions
+
     if send_test is not None and config is None:
         raise typer.BadParameter("--send-test needs --config (the relay's listener)")
     send_opts = None

@@ -21,16 +21,13 @@ import json
 import logging
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from relay365.errors import ConfigError, Relay365Error
-from relay365.sandbox.runner import Sandbox
-from relay365.sandbox.store import MailStore, MessageNotFound
-from relay365.sandbox.tenant import Tenant, example_tenant, load_tenant
 
 DEFAULT_STATE_DIR = Path(".relay365-sandbox")
 
@@ -39,6 +36,10 @@ mail_app = typer.Typer(help="Messages the sandbox accepted.")
 app.add_typer(mail_app, name="mail")
 
 StateDir = Annotated[Path, typer.Option("--state-dir", help="Where mailboxes and TLS material live.")]
+
+if TYPE_CHECKING:
+    from relay365.sandbox.runner import Sandbox
+    from relay365.sandbox.tenant import Tenant
 
 
 def _console() -> Console:
@@ -146,6 +147,8 @@ def settings_tables(sandbox: Sandbox, tenant: Tenant) -> list[Table]:
 
 
 async def _serve(tenant: Tenant, state_dir: Path, console: Console) -> None:
+    from relay365.sandbox.runner import Sandbox
+
     async with Sandbox(tenant, state_dir=state_dir) as sandbox:
         console.print(f"[bold]relay365 sandbox[/bold] for {tenant.name} ({tenant.tenant_id})")
         for table in settings_tables(sandbox, tenant):
@@ -174,6 +177,8 @@ def sandbox(
     ] = None,
 ) -> None:
     """Run the sandbox (all endpoints) until Ctrl-C."""
+    from relay365.sandbox.tenant import example_tenant, load_tenant
+
     if ctx.invoked_subcommand is not None:
         return
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
@@ -213,6 +218,8 @@ def mail_list(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """List stored messages, oldest first."""
+    from relay365.sandbox.store import MailStore
+
     messages = MailStore(state_dir / "mail").list(mailbox=mailbox, folder=folder)
     if as_json:
         typer.echo(json.dumps([m.to_json() for m in messages], indent=1))
@@ -236,6 +243,8 @@ def mail_show(
     raw: Annotated[bool, typer.Option("--raw", help="Only the message as received.")] = False,
 ) -> None:
     """Show one message: envelope, endpoint, identity, headers and content."""
+    from relay365.sandbox.store import MailStore, MessageNotFound
+
     store = MailStore(state_dir / "mail")
     try:
         meta = store.get(message_id)
@@ -260,6 +269,8 @@ def rejections(
     state_dir: StateDir = DEFAULT_STATE_DIR, as_json: Annotated[bool, typer.Option("--json")] = False
 ) -> None:
     """Counters of every rejection, by endpoint and reply code."""
+    from relay365.sandbox.store import MailStore
+
     counters = MailStore(state_dir / "mail").rejections()
     if as_json:
         typer.echo(json.dumps(counters, indent=1, sort_keys=True))

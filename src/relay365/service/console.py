@@ -35,11 +35,11 @@ from relay365.settings import Settings
 from relay365.spool.contract import Spool
 from relay365.spool.model import QueueEntry, QueuePage, QueueQuery, QueueStats
 from relay365.spool.wire import Unstuffer, unstuff
-from relay365.tracing.follower import TraceFollower
 from relay365.transports.base import PacedTransport
 
 if TYPE_CHECKING:
     from relay365.sandbox.store import MailStore, StoredMessage
+    from relay365.tracing.follower import TraceFollower
 
 HEAD_BYTES = 64 * 1024
 RAW_CHUNK = 64 * 1024

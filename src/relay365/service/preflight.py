@@ -50,7 +50,6 @@ from relay365.observability import tracking_schema
 from relay365.settings import ListenerSettings, Settings, TransportSettings
 from relay365.spool import sqlite_schema
 from relay365.spool.factory import locate, pg_target
-from relay365.spool.pg_check import probe
 from relay365.spool.schema_version import Schema, check_version
 from relay365.transports.base import Transport
 from relay365.transports.registry import build_transport
@@ -233,6 +232,8 @@ async def _postgres(settings: Settings, out: Findings) -> None:
     if where.scheme != "postgresql":
         return
     try:
+        from relay365.spool.pg_check import probe  # psycopg: only for a PostgreSQL spool
+
         target = pg_target(settings)
         status = await probe(target)
     except Relay365Error as e:

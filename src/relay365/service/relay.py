@@ -32,23 +32,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from relay365.admin.accounts import AccountStore
-from relay365.admin.console import Console
-from relay365.admin.service import AdminService
 from relay365.delivery.scheduler import Scheduler
 from relay365.delivery.service import DeliveryService
 from relay365.errors import Relay365Error, ReloadRefused
 from relay365.ingress.service import IngressService
-from relay365.ingress.tls import self_signed
 from relay365.observability.activity import DeviceActivity
 from relay365.observability.metrics import Metrics
 from relay365.observability.tracking import TrackingLog
-from relay365.observability.tracking_pg import PgTrackingLog
 from relay365.observability.tracking_sqlite import SqliteTrackingLog
 from relay365.replies import classify
 from relay365.service.console import RelayParts, SandboxMailboxes, console_deps
@@ -64,8 +61,16 @@ from relay365.settings import Settings
 from relay365.spool.contract import Spool
 from relay365.spool.factory import make_spool
 from relay365.spool.model import new_owner_id
-from relay365.tracing.follower import TraceFollower, start_follower
+from relay365.tracing.apps import follow_plan
+from relay365.tracing.work import FollowStore
 from relay365.transports.base import Transport
+
+if TYPE_CHECKING:  # imported where used: a relay without a console or [tracing] never loads them (issue 11)
+    from relay365.admin.accounts import AccountStore
+    from relay365.admin.console import Console
+    from relay365.admin.service import AdminService
+    from relay365.observability.tracking_pg import PgTrackingLog
+    from relay365.tracing.follower import TraceFollower
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +89,8 @@ def open_tracking(settings: Settings, spool: Spool, *, clock: Callable[[], float
 
 
 def admin_accounts(settings: Settings) -> AccountStore:
+    from relay365.admin.accounts import AccountStore
+
     return AccountStore(settings.admin.users_file or settings.server.spool_dir / "admin-users.json")
 
 
@@ -94,7 +101,40 @@ def admin_certificate(settings: Settings) -> tuple[Path, Path] | None:
         return None
     if s.admin.cert_file and s.admin.key_file:
         return s.admin.cert_file, s.admin.key_file
+    from relay365.ingress.tls import self_signed  # cryptography: only when a certificate must be made
+
     return self_signed(s.server.spool_dir / "tls", s.server.hostname)
+
+
+def stored_tracking(tracking: TrackingLog) -> SqliteTrackingLog | PgTrackingLog | None:
+    """``tracking`` if it is kept in a database (opened and closed with the relay). (tracking_pg, and
+    psycopg, are imported only when sharing.py made a PostgreSQL log.)"""
+    if isinstance(tracking, SqliteTrackingLog):
+        return tracking
+    module = sys.modules.get("relay365.observability.tracking_pg")
+    if module is not None and isinstance(tracking, module.PgTrackingLog):
+        pg: PgTrackingLog = tracking
+        return pg
+    return None
+
+
+async def follow(
+    settings: Settings,
+    *,
+    tracking: TrackingLog,
+    store: FollowStore,
+    metrics: Metrics,
+    clock: Callable[[], float],
+) -> TraceFollower | None:
+    """The trace follower ([tracing]), or None when nothing is followed: its package (the Graph client,
+    msal, httpx) is imported only then."""
+    if not settings.tracing.enabled:
+        return None
+    if settings.tracking.enabled and not (plan := follow_plan(settings)).transports and not plan.skipped:
+        return None  # no Microsoft 365 transport with an app: nothing to follow, nothing to log
+    from relay365.tracing.follower import start_follower
+
+    return await start_follower(settings, tracking=tracking, store=store, metrics=metrics, clock=clock)
 
 
 class Relay:
@@ -150,9 +190,9 @@ class Relay:
             stack.push_async_callback(self.spool.close)
             stack.push_async_callback(self._spool_users_done)
             await self.spool.recover(self.owner)
-            if isinstance(self.tracking, SqliteTrackingLog | PgTrackingLog):
-                await self.tracking.open()
-                stack.push_async_callback(self.tracking.close)
+            if (stored := stored_tracking(self.tracking)) is not None:
+                await stored.open()
+                stack.push_async_callback(stored.close)
             self.delivery = await stack.enter_async_context(
                 DeliveryService(
                     settings=s,
@@ -180,7 +220,7 @@ class Relay:
                 )
             )
             # Microsoft 365's side of each delivered message ([tracing]); None when nothing to follow
-            self.follower = await start_follower(
+            self.follower = await follow(
                 s,
                 tracking=self.tracking,
                 store=follow_store(s, self.spool),
@@ -211,6 +251,8 @@ class Relay:
         if settings.admin.port is None:
             return
         assert self._parts is not None
+        from relay365.admin.service import AdminService  # starlette, uvicorn, jinja2: only for a console
+
         admin = AdminService(
             deps=console_deps(self._parts, mailboxes=self._mailboxes),
             settings=settings.admin,

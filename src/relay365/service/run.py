@@ -9,9 +9,6 @@ import logging
 import sys
 from pathlib import Path
 
-from rich.console import Console
-from rich.markup import escape
-
 from relay365.errors import ConfigError, Relay365Error
 from relay365.logformats import LogFormat, make_formatter, resolve_format
 from relay365.logsetup import configure_logging
@@ -26,6 +23,9 @@ log = logging.getLogger("relay365.serve")
 def report_error(message: str, log_format: LogFormat) -> None:
     """One error line on stderr, formatted like the log (also before logging is set up)."""
     if resolve_format(log_format, stream=sys.stderr) == "text":
+        from rich.console import Console  # imported to print: a relay run by systemd logs instead
+        from rich.markup import escape
+
         Console(stderr=True).print(f"[red]error:[/red] {escape(message)}", highlight=False)
         return
     record = logging.LogRecord(log.name, logging.ERROR, __file__, 0, "error: %s", (message,), None)
@@ -46,7 +46,6 @@ def serve_config(path: Path, *, log_format: LogFormat | None = None) -> int:
     configure_logging(settings.server.log_level, redactor, fmt)
     # In a terminal the listening lines are plain; under the journal or as JSON they are log records.
     plain = resolve_format(fmt, stream=sys.stderr) == "text"
-    err = Console(stderr=True)
 
     def reloaded(relay: Relay, report: ReloadReport) -> None:
         """The new secrets are masked in the log from now on (the old ones stay masked); the new
@@ -66,7 +65,7 @@ def serve_config(path: Path, *, log_format: LogFormat | None = None) -> int:
                 f" (tls={listener.tls})"
             )
             if plain:
-                err.print(line, highlight=False)
+                print(line, file=sys.stderr, flush=True)
             else:
                 log.info("%s", line)
 

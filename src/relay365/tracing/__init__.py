@@ -21,10 +21,27 @@ Core: imports settings, errors, oauth, observability, replies and httpx (never t
 diagnostics).
 """
 
+from typing import TYPE_CHECKING, Any
+
 from relay365.tracing.budget import TokenBucket
-from relay365.tracing.graph_trace import MessageTraceClient, TokenProvider, needs_details
 from relay365.tracing.model import TraceDetail, TraceRecord, TraceRequest, TraceResult, TraceStatus
 from relay365.tracing.plan import TraceQuery, plan
+
+if TYPE_CHECKING:
+    from relay365.tracing.graph_trace import MessageTraceClient, TokenProvider, needs_details
+
+_CLIENT = frozenset({"MessageTraceClient", "TokenProvider", "needs_details"})
+
+
+def __getattr__(name: str) -> Any:
+    """The Graph client (and httpx) is imported on first use: the console and the follower's store
+    import this package in every relay, which follows nothing unless [tracing] says so (issue 11)."""
+    if name in _CLIENT:
+        from relay365.tracing import graph_trace
+
+        return getattr(graph_trace, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "MessageTraceClient",

@@ -6,25 +6,63 @@ transports and routing rules from here, never from a hard-coded table of their o
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from relay365.errors import ConfigError
 from relay365.settings import Settings, TransportSettings
-from relay365.transports import connector, direct_send, graph, smarthost, submission
 from relay365.transports.base import RecipientRule, Transport, TransportKind
 
-KINDS: Mapping[str, TransportKind] = {
-    k.type: k for k in (smarthost.KIND, submission.KIND, direct_send.KIND, connector.KIND, graph.KIND)
+# Each transport type's module is imported when a transport of that type is built or checked (issue 11:
+# a relay that only uses a smarthost never loads msal/httpx for OAuth and Graph).
+
+
+def _smarthost() -> TransportKind:
+    from relay365.transports import smarthost
+
+    return smarthost.KIND
+
+
+def _submission() -> TransportKind:
+    from relay365.transports import submission
+
+    return submission.KIND
+
+
+def _direct_send() -> TransportKind:
+    from relay365.transports import direct_send
+
+    return direct_send.KIND
+
+
+def _connector() -> TransportKind:
+    from relay365.transports import connector
+
+    return connector.KIND
+
+
+def _graph() -> TransportKind:
+    from relay365.transports import graph
+
+    return graph.KIND
+
+
+KINDS: Mapping[str, Callable[[], TransportKind]] = {
+    "smarthost": _smarthost,
+    "submission": _submission,
+    "direct_send": _direct_send,
+    "connector": _connector,
+    "graph": _graph,
 }
 
 
 def kind_of(settings: TransportSettings) -> TransportKind:
     try:
-        return KINDS[settings.type]
+        load = KINDS[settings.type]
     except KeyError:
         raise ConfigError(
             f"transport {settings.name}.type", settings.type, "This transport type is not available."
         ) from None
+    return load()
 
 
 def build_transport(settings: TransportSettings, *, hostname: str) -> Transport:
