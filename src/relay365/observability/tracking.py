@@ -232,3 +232,61 @@ class MemoryTrackingLog:
                 if e.at >= since:
                     out[e.kind] += 1
         return out
+
+
+class Backlog:
+    """Events recorded but not yet written, shared by the threads that record them and the one writer
+    of a tracking log (SQLite, PostgreSQL). Bounded: past ``limit`` the oldest are dropped and counted,
+    so a stuck disk or database never holds the relay's memory. ``scheduled``: a writer runs or is
+    about to, so a burst of events starts one writer, not one per event."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._lock = threading.Lock()
+        self._events: list[TrackingEvent] = []
+        self._dropped = 0
+        self._scheduled = False
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._events)
+
+    def add(self, event: TrackingEvent) -> bool:
+        """Queue ``event``; True when the caller must start a writer (none is scheduled)."""
+        with self._lock:
+            self._events.append(event)
+            if len(self._events) > self._limit:
+                del self._events[: len(self._events) - self._limit]
+                self._dropped += 1
+            if self._scheduled:
+                return False
+            self._scheduled = True
+            return True
+
+    def wake(self) -> bool:
+        """For a flush: True when events wait (a writer is then scheduled)."""
+        with self._lock:
+            waiting = bool(self._events)
+            self._scheduled = self._scheduled or waiting
+            return waiting
+
+    def unschedule(self) -> None:
+        """The writer could not be started (the log is closed)."""
+        with self._lock:
+            self._scheduled = False
+
+    def take(self) -> tuple[list[TrackingEvent], int] | None:
+        """The writer's next batch and how many were dropped since the last; None when there is
+        nothing left (the writer stops and the next event schedules a new one)."""
+        with self._lock:
+            batch, self._events = self._events, []
+            dropped, self._dropped = self._dropped, 0
+            if not batch:
+                self._scheduled = False
+                return None
+            return batch, dropped
+
+    def put_back(self, batch: list[TrackingEvent]) -> None:
+        """A batch that could not be written goes first again."""
+        with self._lock:
+            self._events[:0] = batch

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -25,6 +24,7 @@ import psycopg_pool
 from relay365.observability.tracking import (
     DEFAULT_RETENTION_DAYS,
     MAX_PAGE,
+    Backlog,
     EventKind,
     TracePage,
     TraceQuery,
@@ -112,10 +112,7 @@ class PgTrackingLog:
         self._clock = clock
         self._log_events = log_events
         self._pool: psycopg_pool.AsyncConnectionPool | None = None
-        self._pending: list[TrackingEvent] = []
-        self._lock = threading.Lock()
-        self._dropped = 0
-        self._scheduled = False  # a writer is running or about to
+        self._pending = Backlog(BACKLOG_LIMIT)
         self._last_id = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._writer: asyncio.Task[None] | None = None
@@ -148,22 +145,15 @@ class PgTrackingLog:
 
     # -- writing -----------------------------------------------------------------------------------
     def record(self, event: TrackingEvent) -> None:
-        with self._lock:
-            self._pending.append(event)
-            if len(self._pending) > BACKLOG_LIMIT:
-                del self._pending[: len(self._pending) - BACKLOG_LIMIT]
-                self._dropped += 1
-            if self._scheduled:
-                return
-            self._scheduled = True
+        if not self._pending.add(event):
+            return
         loop = self._loop
         try:
             if loop is None or loop.is_closed():
                 raise RuntimeError("no loop")
             loop.call_soon_threadsafe(self._kick)
         except RuntimeError:  # not open, or closing: nothing will write it any more
-            with self._lock:
-                self._scheduled = False
+            self._pending.unschedule()
 
     def _kick(self) -> None:
         if self._pool is not None and (self._writer is None or self._writer.done()):
@@ -172,21 +162,15 @@ class PgTrackingLog:
             )
 
     async def _write_pending(self) -> None:
-        while True:
-            with self._lock:
-                batch, self._pending = self._pending, []
-                dropped, self._dropped = self._dropped, 0
-                if not batch:
-                    self._scheduled = False
-                    return
+        while (taken := self._pending.take()) is not None:
+            batch, dropped = taken
             if dropped:
                 log.warning("tracking log: dropped %d event(s) while the database was out of reach", dropped)
             try:
                 await self._insert(batch)
             except (psycopg.Error, psycopg_pool.PoolTimeout, OSError) as e:
                 log.error("tracking log: could not write %d event(s), retrying: %s", len(batch), e)
-                with self._lock:
-                    self._pending[:0] = batch
+                self._pending.put_back(batch)
                 await asyncio.sleep(RETRY)
 
     async def _insert(self, batch: list[TrackingEvent]) -> None:
@@ -207,10 +191,7 @@ class PgTrackingLog:
 
     async def flush(self) -> None:
         """Wait until every event recorded so far is written."""
-        with self._lock:
-            waiting = bool(self._pending)
-            self._scheduled = self._scheduled or waiting
-        if waiting:
+        if self._pending.wake():
             self._kick()
         writer = self._writer
         if writer is not None and not writer.done():

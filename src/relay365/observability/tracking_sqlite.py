@@ -17,7 +17,6 @@ import asyncio
 import logging
 import os
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +27,7 @@ from typing import Any, TypeVar
 from relay365.observability.tracking import (
     DEFAULT_RETENTION_DAYS,
     MAX_PAGE,
+    Backlog,
     EventKind,
     TracePage,
     TraceQuery,
@@ -142,10 +142,7 @@ class SqliteTrackingLog:
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="tracking-read")
         self._wconn: sqlite3.Connection | None = None
         self._rconn: sqlite3.Connection | None = None
-        self._pending: list[TrackingEvent] = []
-        self._lock = threading.Lock()
-        self._scheduled = False
-        self._dropped = 0
+        self._pending = Backlog(BACKLOG_LIMIT)
         self._last_id = 0
         self._full = False
         self._purger: asyncio.Task[None] | None = None
@@ -219,28 +216,16 @@ class SqliteTrackingLog:
 
     # -- writing -----------------------------------------------------------------------------------
     def record(self, event: TrackingEvent) -> None:
-        with self._lock:
-            self._pending.append(event)
-            if len(self._pending) > BACKLOG_LIMIT:
-                del self._pending[: len(self._pending) - BACKLOG_LIMIT]
-                self._dropped += 1
-            if self._scheduled:
-                return
-            self._scheduled = True
+        if not self._pending.add(event):
+            return
         try:
             self._writer.submit(self._write_pending)
         except RuntimeError:  # closed: nothing will write it any more
-            with self._lock:
-                self._scheduled = False
+            self._pending.unschedule()
 
     def _write_pending(self) -> None:
-        while True:
-            with self._lock:
-                batch, self._pending = self._pending, []
-                dropped, self._dropped = self._dropped, 0
-                if not batch:
-                    self._scheduled = False
-                    return
+        while (taken := self._pending.take()) is not None:
+            batch, dropped = taken
             if dropped:
                 log.warning("tracking log: dropped %d event(s) while the disk was too slow", dropped)
             if not self._room():
