@@ -9,6 +9,7 @@ import re
 import signal
 import ssl
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import aiosmtplib
@@ -68,6 +69,21 @@ async def _read_until(stream: asyncio.StreamReader, marker: str, timeout: float 
     return text
 
 
+async def _stop(proc: asyncio.subprocess.Process, sig: signal.Signals) -> tuple[int, str]:
+    """Send ``sig``; the exit code and the rest of the output. A process still running after 20 s is
+    killed (no sandbox left behind by a failing test) and the test fails with what it printed."""
+    assert proc.stdout is not None
+    proc.send_signal(sig)
+    try:
+        async with asyncio.timeout(20):
+            rest = (await proc.stdout.read()).decode()
+            return await proc.wait(), rest
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise AssertionError(f"still running 20 s after {sig.name}") from None
+
+
 async def test_sandbox_command_runs_the_example_tenant_end_to_end(tmp_path: Path) -> None:
     """``python -m relay365.sandbox.cli``: settings printed, a real token from the HTTPS token
     endpoint used for XOAUTH2 on the submission port, Direct Send on the MX port, then Ctrl-C."""
@@ -119,10 +135,7 @@ async def test_sandbox_command_runs_the_example_tenant_end_to_end(tmp_path: Path
         await client.sendmail(SCANNER, [ALICE], message(SCANNER, ALICE, "via direct send").as_bytes())
         await client.quit()
     finally:
-        proc.send_signal(signal.SIGINT)
-        async with asyncio.timeout(20):
-            rest = (await proc.stdout.read()).decode()
-            code = await proc.wait()
+        code, rest = await _stop(proc, signal.SIGINT)
     assert code == 0, rest
     assert "Stopped." in rest
     listed = CliRunner().invoke(app, ["mail", "list", "--state-dir", str(state), "--json"])
@@ -132,6 +145,45 @@ async def test_sandbox_command_runs_the_example_tenant_end_to_end(tmp_path: Path
         ("Inbox", "via submission"),
         ("SentItems", "via submission"),
     ]
+
+
+def _as_a_background_job() -> None:
+    """What a shell does to a command started with ``&`` (no job control): SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize(
+    ("sig", "started"),
+    [(signal.SIGINT, None), (signal.SIGINT, _as_a_background_job), (signal.SIGTERM, None)],
+    ids=["ctrl-c", "ctrl-c-background-job", "sigterm"],
+)
+async def test_the_sandbox_stops_whole_on_sigint_and_sigterm(
+    tmp_path: Path, sig: signal.Signals, started: Callable[[], None] | None
+) -> None:
+    """Every endpoint stops and the process ends with 0. uvicorn, left to itself, takes SIGINT and
+    SIGTERM for its HTTPS endpoint alone: it stopped that endpoint, raised the signal again and, when
+    SIGINT was ignored (a job started in the background), the process went on without it."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "relay365.sandbox.cli", "--state-dir", str(tmp_path / "state"),
+        "--submission-port", "0", "--mx-port", "0", "--http-port", "0",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "COLUMNS": "160", "PYTHONUNBUFFERED": "1"}, preexec_fn=started,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    try:
+        banner = await _read_until(proc.stdout, "Press Ctrl-C to stop.")
+        submission_port, mx_port, _, http_port = (int(p) for p in re.findall(r"Port\s*\W\s*(\d+)", banner))
+        for port in (submission_port, mx_port, http_port):
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            await writer.wait_closed()
+    finally:
+        code, rest = await _stop(proc, sig)
+    assert code == 0, rest
+    assert rest.strip().endswith("Stopped."), rest
+    for port in (submission_port, mx_port, http_port):
+        with pytest.raises(ConnectionRefusedError):
+            await asyncio.open_connection("127.0.0.1", port)
 
 
 def test_a_bad_tenant_file_names_the_key_and_value(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from relay365.errors import ConfigError
-from relay365.sandbox.clock import Clock
+from relay365.sandbox.clock import Clock, ManualClock
 from relay365.sandbox.faults import Fault, FaultError, Faults
 from relay365.sandbox.runner import Sandbox
 from relay365.sandbox.store import MailStore, MessageNotFound
@@ -52,6 +52,27 @@ def test_store_files_each_copy_and_reads_it_back(tmp_path: Path) -> None:
     assert [m.id for m in other.list(mailbox=ALICE.upper(), folder="Inbox")] == [inbox.id]
     with pytest.raises(MessageNotFound):
         other.get("../etc/passwd")
+
+
+def test_copies_stored_in_one_millisecond_list_in_the_order_they_were_stored(tmp_path: Path) -> None:
+    """Ids sort by millisecond, then by the store's sequence: with a clock that stands still every
+    copy has the same millisecond, and ``list`` (oldest first) is still the order of storing; with a
+    random part alone it was any order (seen: the copies of one delivery listed out of order)."""
+    store = MailStore(tmp_path, clock=ManualClock(start=1_800_000_000.0))
+    added = [
+        store.add(
+            folder="Inbox",
+            mailbox=ALICE,
+            endpoint="mx",
+            mail_from=SCANNER,
+            rcpt_tos=[ALICE],
+            authenticated_as=None,
+            content=RAW.replace(b"<1@x>", f"<{n}@x>".encode()),
+        ).id
+        for n in range(200)
+    ]
+    assert [m.id for m in store.list()] == added
+    assert [m.id for m in MailStore(tmp_path).list()] == added
 
 
 def test_rejection_counters_are_thread_safe_and_persisted(tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from relay365.admin.accounts import AccountStore
 from relay365.admin.api import api_routes
 from relay365.admin.auth import Forbidden, Guard, NotLoggedIn
 from relay365.admin.console import Console
+from relay365.admin.embedded import embedded_server
 from relay365.admin.pages import environment, page_routes
 from relay365.admin.ports import ConsoleDeps
 from relay365.admin.security import SecurityMiddleware
@@ -112,7 +113,7 @@ class AdminServer:
         )
         config.load()
         config.ssl = ssl_context
-        self._server = uvicorn.Server(config)
+        self._server = embedded_server(config)  # `relay365 serve` owns SIGTERM and SIGINT
         self._task: asyncio.Task[None] | None = None
         self._address = address
         self._port = port

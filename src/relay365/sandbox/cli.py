@@ -19,6 +19,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import signal
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -149,6 +150,12 @@ def settings_tables(sandbox: Sandbox, tenant: Tenant) -> list[Table]:
 async def _serve(tenant: Tenant, state_dir: Path, console: Console) -> None:
     from relay365.sandbox.runner import Sandbox
 
+    # Ctrl-C and SIGTERM (a service manager, `kill`) stop it the same way, also when the shell that
+    # started it in the background made it ignore SIGINT.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     async with Sandbox(tenant, state_dir=state_dir) as sandbox:
         console.print(f"[bold]relay365 sandbox[/bold] for {tenant.name} ({tenant.tenant_id})")
         for table in settings_tables(sandbox, tenant):
@@ -159,7 +166,7 @@ async def _serve(tenant: Tenant, state_dir: Path, console: Console) -> None:
             f"quarantine: relay365 sandbox mail list --state-dir {state_dir} --folder JunkEmail|Quarantine"
         )
         console.print("Running. Press Ctrl-C to stop.")
-        await asyncio.Event().wait()
+        await stop.wait()
 
 
 @app.callback(invoke_without_command=True)
@@ -196,7 +203,8 @@ def sandbox(
             http_port=model.http_port if http_port is None else http_port,
         )
         asyncio.run(_serve(model, state_dir, console))
-    except KeyboardInterrupt:
+        console.print("Stopped.")
+    except KeyboardInterrupt:  # Ctrl-C before the handlers were in place
         console.print("Stopped.")
     except (ConfigError, Relay365Error) as exc:
         console.print(f"[red]{exc}[/red]")

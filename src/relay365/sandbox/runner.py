@@ -19,6 +19,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from relay365.admin.embedded import embedded_server
 from relay365.errors import Relay365Error
 from relay365.sandbox.clock import Clock
 from relay365.sandbox.context import SandboxContext, create_context
@@ -169,7 +170,7 @@ class Sandbox:
         )
         config.load()
         config.ssl = ctx.tls.server_context()  # TLS 1.2 minimum, as Microsoft's endpoints
-        server = uvicorn.Server(config)
+        server = embedded_server(config)  # the program running the sandbox owns the signals
         self._http_server = server
         self._http_task = asyncio.create_task(server.serve(sockets=[self._http_sock]))
         loop = asyncio.get_running_loop()

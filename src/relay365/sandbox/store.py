@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -39,6 +40,7 @@ logger = logging.getLogger(__name__)
 # (not a mailbox folder: an admin releases from it, https://security.microsoft.com/quarantine).
 FOLDERS = frozenset({"Inbox", "SentItems", "Internet", "Drafts", "JunkEmail", "Quarantine"})
 _REJECTIONS_FILE = "rejections.json"
+_SEQUENCE = itertools.count()  # see MailStore.add: the order of ids stored in one millisecond
 
 
 class MessageNotFound(Relay365Error):
@@ -145,7 +147,9 @@ class MailStore:
         headers = parse_headers(content)
         subject = next((v for k, v in headers if k.lower() == "subject"), "")
         received_at = self._now()
-        message_id = f"{int(received_at * 1000):013d}-{secrets.token_hex(6)}"
+        # Milliseconds, then this process's sequence: copies stored in one millisecond (the copies of
+        # one delivery, a frozen sandbox clock) still list in the order they were stored.
+        message_id = f"{int(received_at * 1000):013d}-{next(_SEQUENCE):08x}{secrets.token_hex(3)}"
         message = StoredMessage(
             id=message_id,
             folder=folder,
