@@ -269,6 +269,59 @@ async def test_sigterm_drains_every_worker(tmp_path: Path) -> None:
         server.kill()
 
 
+def barrage(pid: int, until: threading.Event) -> int:
+    """SIGTERM to ``pid`` every 2 ms until ``until`` or the process is gone; how many were sent."""
+    sent = 0
+    while not until.is_set():
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            break
+        sent += 1
+        time.sleep(0.002)
+    return sent
+
+
+async def test_a_stopping_worker_ignores_more_sigterms_and_exits_cleanly(tmp_path: Path) -> None:
+    """SIGTERM after SIGTERM while a worker drains (an admin's ``kill``, or the supervisor, which used
+    to send two) changes nothing: the message in DATA is still queued, the worker exits 0 and nothing but
+    log lines reach the log. Before, one arriving while the worker's loop closed printed a traceback
+    ("Exception ignored ... signal wakeup fd ... Bad file descriptor") into the log, or killed it (-15)."""
+    cfg = write_config(
+        tmp_path,
+        listener=[{"name": "lan", "port": 0, "tls": "none"}],
+        transport=[smarthost_cfg(closed_port())],
+        server={"workers": 2, "shutdown_grace": 30.0},
+    )
+    log_path = tmp_path / "serve.log"
+    server = ServeProcess(cfg, log_path).start()
+    try:
+        port, worker = server.ports["lan"], one_worker(server)
+        c = await connect_to(port, worker, stop=server.pid)
+        await begin_data(c)
+        os.kill(server.pid, signal.SIGTERM)
+        stopping = f"worker {worker} stopping"
+        await asyncio.to_thread(
+            wait_for, lambda: stopping in log_path.read_text(), 30.0, "the worker to stop"
+        )
+        done = threading.Event()
+        sending = asyncio.create_task(asyncio.to_thread(barrage, worker, done))
+        await asyncio.sleep(0.2)  # signals while it drains, then while it finishes
+        await c.send(b"second half\r\n.\r\n")
+        lines = (await rest(c)).splitlines()
+        assert lines[0].startswith("250 2.0.0 Ok: queued as "), lines
+        assert await asyncio.to_thread(server.proc.wait, 60) == 0  # type: ignore[union-attr]
+        done.set()
+        assert await sending > 50
+        await c.close()
+    finally:
+        server.kill()
+    log = log_path.read_text()
+    assert f"ingress worker {worker} stopped (exit status 0)" in log, log
+    assert "Traceback" not in log and "Exception ignored" not in log, log
+    assert await queued_ids(tmp_path / "spool") == [lines[0].split()[-1]]
+
+
 async def send_on(c: RawSMTP, subject: str) -> str:
     assert (await c.cmd("MAIL FROM:<scan@contoso.com>")).startswith("250")
     assert (await c.cmd("RCPT TO:<bob@contoso.com>")).startswith("250")

@@ -119,6 +119,7 @@ async def run_worker(
             loop.add_reader(orders.fileno(), order)
             state.tell("ready", os.getpid())
             await stop.wait()
+            ignore_further_sigterm(loop)
             log.info("worker %d stopping: no new connections, finishing in-flight messages", os.getpid())
             with contextlib.suppress(ValueError, OSError):
                 loop.remove_reader(orders.fileno())
@@ -145,6 +146,20 @@ async def reload(ingress: IngressService, settings: Settings, sockets: dict[str,
     ingress.apply(settings, change)
     logging.getLogger().setLevel(settings.server.log_level)
     log.info("worker %d reloaded: %s", os.getpid(), change.describe())
+
+
+def ignore_further_sigterm(loop: asyncio.AbstractEventLoop) -> None:
+    """The stop is under way (the supervisor kills a worker that does not finish in time): another
+    SIGTERM changes nothing. Left to asyncio, one that came while the loop was closing was written to
+    its closed wake-up pipe ("Exception ignored ... Bad file descriptor" on stderr, in the middle of the
+    journal or JSON log) or, once the loop had put the default action back, ended the worker with -15.
+    Blocked while asyncio's handler gives way to SIG_IGN, so none falls between the two."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        loop.remove_signal_handler(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 
 def _to_open(tracking: TrackingLog) -> SqliteTrackingLog | PgTrackingLog | None:

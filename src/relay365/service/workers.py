@@ -223,7 +223,10 @@ class WorkerPool:
 
     @staticmethod
     def _signal_stop(workers: list[_Worker]) -> None:
+        """SIGTERM, once, to each worker not yet told (``signal_stop`` then ``stop`` tell each once)."""
         for w in workers:
+            if w.stopping:
+                continue
             w.stopping = True
             if w.proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
