@@ -87,6 +87,13 @@ class SpoolIOError(SpoolError):
     """Any other I/O error of the spool (EIO, permission, corrupt database)."""
 
 
+class SpoolCommitUnknown(SpoolIOError):
+    """A commit whose outcome is not known: an ingress worker's supervisor went away after it was sent
+    the rows and before it answered. The rows may be in the queue, so the bodies stay: the device gets a
+    4xx (it may send the message once more), and the spool's recovery keeps the bodies that have a row and
+    removes the others once their owner is gone."""
+
+
 class SpoolSchemaError(SpoolIOError):
     """The PostgreSQL spool's database has no relay365 schema, or one this build does not work with
     (older: ``relay365 spool migrate``; newer: upgrade this node), or the server is too old."""

@@ -18,8 +18,10 @@ import asyncio
 import base64
 import contextlib
 import os
+import pickle
 import signal
 import smtplib
+import socket
 import subprocess
 import threading
 import time
@@ -30,8 +32,9 @@ import httpx
 import pytest
 
 from relay365.credentials import hash_password
-from relay365.errors import SpoolIOError
-from relay365.spool.model import Envelope
+from relay365.errors import SpoolCommitUnknown, SpoolIOError
+from relay365.ingress.shared import LENGTH_SIZE, RemoteCommits, length_of
+from relay365.spool.model import Envelope, new_owner_id
 from relay365.spool.sqlite import SqliteSpool
 from tests.core.test_admin import samples
 from tests.core.test_shutdown import GOODBYE, queued_ids, rest
@@ -39,6 +42,8 @@ from tests.support import (
     RawSMTP,
     ServeProcess,
     SmtpSink,
+    body_files,
+    body_of,
     closed_port,
     free_port,
     smarthost_cfg,
@@ -450,5 +455,58 @@ async def test_a_commit_the_supervisor_refuses_fails_that_message_only(tmp_path:
             await asyncio.wait_for(spool.enqueue(env, b"Subject: one\r\n\r\nx\r\n"), 30)
         queue_id = await asyncio.wait_for(spool.enqueue(env, b"Subject: two\r\n\r\nx\r\n"), 30)
         assert committed == [queue_id]
+    finally:
+        await spool.close()
+
+
+@pytest.mark.parametrize("commits", [True, False], ids=["committed", "not-committed"])
+async def test_a_supervisor_gone_mid_commit_leaves_the_body_to_recovery(
+    tmp_path: Path, commits: bool
+) -> None:
+    """The supervisor had a worker's rows and went away before it answered (kill -9), having committed
+    them or not: the worker cannot know. It used to remove the bodies, so a committed row could be left
+    without its body ("cannot read message file", seen once in the kill -9 durability test). Now the
+    device gets the spool's error (451), the body stays, and recovery, once the worker is gone too, keeps
+    the body of a committed row and removes the one that has no row."""
+    supervisor, worker = SqliteSpool(tmp_path / "spool"), SqliteSpool(tmp_path / "spool")
+    await supervisor.open()
+    await worker.open()
+    theirs, mine = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    worker.delegate_commits(RemoteCommits(theirs))
+    body = b"Subject: half way\r\n\r\nx\r\n"
+
+    async def dies_mid_commit() -> None:
+        reader, writer = await asyncio.open_unix_connection(sock=mine)
+        rows, now, body_dir = pickle.loads(
+            await reader.readexactly(length_of(await reader.readexactly(LENGTH_SIZE)))
+        )
+        if commits:
+            await supervisor.insert_delegated(rows, now, body_dir)
+        writer.close()  # gone without an answer
+        await writer.wait_closed()
+
+    peer = asyncio.create_task(dies_mid_commit())
+    env = Envelope("scan@contoso.com", ("bob@contoso.com",), device="local")
+    try:
+        with pytest.raises(SpoolCommitUnknown, match="went away while committing"):
+            await asyncio.wait_for(worker.enqueue(env, body), 30)
+        await peer
+        [left] = body_files(tmp_path / "spool" / "messages")  # kept: its row may be there
+    finally:
+        await worker.close()  # the worker's end: its owner lock goes with it
+        await supervisor.close()
+        theirs.close()
+    spool = SqliteSpool(tmp_path / "spool")
+    await spool.open()
+    try:
+        await spool.recover(new_owner_id())
+        entries = await spool.list()
+        if commits:
+            assert [e.queue_id for e in entries] == [left]
+            assert (await body_of(spool, entries[0])).endswith(body)
+            assert body_files(tmp_path / "spool" / "messages") == [left]
+        else:
+            assert entries == []
+            assert body_files(tmp_path / "spool" / "messages") == []
     finally:
         await spool.close()

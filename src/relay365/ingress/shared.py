@@ -25,7 +25,7 @@ import socket
 import struct
 from typing import Any
 
-from relay365.errors import SpoolIOError
+from relay365.errors import SpoolCommitUnknown, SpoolIOError
 from relay365.ingress.identity import AuthGuard, ConnectionLimiter
 from relay365.ingress.policy import RateLimiter
 from relay365.observability.activity import DeviceActivity
@@ -210,9 +210,12 @@ class RemoteCommits:
         data = pickle.dumps((rows, now, body_dir))
         try:
             self._sock.sendall(_LENGTH.pack(len(data)) + data)
-            reply = self._read(self._read(_LENGTH.size, length=True))
-        except OSError as e:
+        except OSError as e:  # not the whole frame: the supervisor commits nothing of it
             raise SpoolIOError(f"the supervisor cannot commit the message: {e}") from e
+        try:
+            reply = self._read(self._read(_LENGTH.size, length=True))
+        except OSError as e:  # it had the rows: committed or not, nobody here knows
+            raise SpoolCommitUnknown(f"the supervisor went away while committing the message: {e}") from e
         if reply:
             raise SpoolIOError(reply.decode(errors="replace"))
 

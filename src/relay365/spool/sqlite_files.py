@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from relay365.errors import SpoolError, SpoolFullError, SpoolIOError
+from relay365.errors import SpoolCommitUnknown, SpoolError, SpoolFullError, SpoolIOError
 from relay365.spool.model import Envelope, new_queue_id
 
 log = logging.getLogger(__name__)
@@ -144,6 +144,11 @@ class SqliteIncoming:
         try:
             await self._spool.run_io(self.sync)
             await self._spool.insert(self.queue_id, envelope, self.size)
+        except SpoolCommitUnknown:
+            # Its row may be in the queue: the body stays for that row (recovery removes it once this
+            # owner is gone, if the row is not there).
+            log.warning("message %s: committed or not is unknown; its file is kept", self.queue_id)
+            raise
         except BaseException:
             await self.abort()
             raise
